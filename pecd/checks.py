@@ -1,0 +1,46 @@
+"""The access point's formal checks (RFC 6109 §3.1.1), pure: headers and SMTP envelope in,
+a refusal reason out. A failed check does not refuse the SMTP transaction; it turns into a
+signed non-acceptance notice, so the sender holds proof of why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.message import Message
+
+from pecd import headers
+
+
+class FormalCheckFailed(Exception):
+    """The submitted message breaks a PEC rule; the text goes into the non-acceptance notice."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int
+    max_recipients: int
+
+
+def formal_checks(msg: Message, mail_from: str, rcpts: tuple[str, ...], size: int,
+                  limits: Limits) -> None:
+    froms = headers.addresses(msg, "From")
+    if len(froms) != 1:
+        raise FormalCheckFailed("the From header must hold exactly one address")
+    if not headers.same_address(froms[0], mail_from):
+        raise FormalCheckFailed("the From address differs from the SMTP sender (MAIL FROM)")
+    if msg.get_all("Bcc"):
+        raise FormalCheckFailed("Bcc recipients are not allowed in certified mail")
+    to = headers.addresses(msg, "To")
+    if not to:
+        raise FormalCheckFailed("the To header must hold at least one address")
+    visible = {a.lower() for a in to + headers.addresses(msg, "Cc")}
+    for rcpt in rcpts:
+        if rcpt.lower() not in visible:
+            raise FormalCheckFailed(f"recipient {rcpt} is in neither To nor Cc")
+    if len(rcpts) > limits.max_recipients:
+        raise FormalCheckFailed(f"too many recipients ({len(rcpts)} > {limits.max_recipients})")
+    if size * len(rcpts) > limits.max_message_size:
+        raise FormalCheckFailed(
+            f"message size times recipients ({size * len(rcpts)} bytes) exceeds the limit of"
+            f" {limits.max_message_size} bytes"
+        )

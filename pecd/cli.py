@@ -1,0 +1,341 @@
+"""The operator's command line: a thin click layer over the library. Domain errors become one-line
+messages and a non-zero exit; nothing here holds logic another caller would need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pecd import config as config_mod
+from pecd import db as db_mod
+from pecd import index as index_mod
+from pecd import ledger, pki, smime, users
+from pecd.cms import SignatureInvalid
+from pecd.config import Config, ConfigError, Listen
+
+
+class Context:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = config_mod.load(self.config_path)
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from None
+        return self._config
+
+    def connect(self) -> sqlite3.Connection:
+        return db_mod.open_database(self.config.paths.database)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group()
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path),
+              default=lambda: os.environ.get("PECD_CONFIG", "pecd.toml"), show_default="pecd.toml",
+              help="Provider configuration file (or $PECD_CONFIG).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
+    """pecd: certified mail (PEC, RFC 6109) gateway."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    ctx.obj = Context(config_path)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--domain", required=True, help="Mail domain this provider manages.")
+@click.option("--name", default=None, help="Provider name (default: 'PEC <domain>').")
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), default=None,
+              help="Dev CA directory, created when missing; share it between local providers.")
+@click.option("--data-dir", default="data", show_default=True, help="Data directory (relative to DIRECTORY).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
+@click.option("--submission-port", default=10587, show_default=True, type=int)
+@click.option("--smtps-port", default=10465, show_default=True, type=int)
+@click.option("--inbound-port", default=10025, show_default=True, type=int)
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
+def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
+         host: str, submission_port: int, smtps_port: int, inbound_port: int,
+         key_type: str) -> None:
+    """Create a provider: config, keys and certificates from a dev CA, database."""
+    domain = domain.lower()
+    name = name or f"PEC {domain}"
+    conf_path = directory / "pecd.toml"
+    if conf_path.exists():
+        raise click.ClickException(f"{conf_path} exists; refusing to overwrite")
+    keys = directory / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    ca_dir = ca_dir or directory / "ca"
+    ca = pki.CertAuthority.load_or_create(ca_dir)
+    kind: Any = key_type
+    service_address = f"posta-certificata@{domain}"
+    signing_key = pki.new_key(kind)
+    pki.write_key(keys / "signing.key", signing_key)
+    pki.write_cert(keys / "signing.pem",
+                   ca.issue_signing_cert(signing_key, name, service_address))
+    tls_key = pki.new_key(kind)
+    pki.write_key(keys / "tls.key", tls_key)
+    pki.write_cert(keys / "tls.pem", ca.issue_tls_cert(tls_key, ["localhost", domain]))
+    tsa_key = pki.new_key(kind)
+    pki.write_key(keys / "tsa.key", tsa_key)
+    pki.write_cert(keys / "tsa.pem", ca.issue_tsa_cert(tsa_key, f"{name} TSA"))
+    shutil.copyfile(ca_dir / "ca.pem", keys / "ca.pem")
+    listen = Listen(host, submission_port, smtps_port, inbound_port)
+    conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
+                                           listen=listen, ca_certs="keys/ca.pem"))
+    cfg = config_mod.load(conf_path)
+    conn = db_mod.open_database(cfg.paths.database)
+    with conn:
+        index_mod.store(conn, own_card(cfg))
+    conn.close()
+    click.echo(f"created provider {name} ({domain}) in {directory}")
+
+
+def own_card(cfg: Config) -> index_mod.Provider:
+    return index_mod.Provider(
+        name=cfg.name, domains=cfg.domains, host=cfg.listen.host, port=cfg.listen.inbound_port,
+        service_address=cfg.service_address,
+        cert_pem=index_mod.cert_pem(pki.load_cert(cfg.paths.signing_cert)),
+    )
+
+
+@main.command()
+@pass_ctx
+def serve(ctx: Context) -> None:
+    """Run every listener and stage until SIGTERM."""
+    from pecd.service import serve as run
+
+    asyncio.run(run(ctx.config))
+
+
+# --- users ------------------------------------------------------------------------------------
+
+@main.group()
+def user() -> None:
+    """Mailbox accounts."""
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+def _users_call(ctx: Context, fn: Any, *args: Any) -> Any:
+    conn = ctx.connect()
+    try:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            return fn(conn, *args)
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        conn.close()
+
+
+@user.command("add")
+@click.argument("address")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@pass_ctx
+def user_add(ctx: Context, address: str, password_stdin: bool) -> None:
+    """Create a mailbox account."""
+    if not ctx.config.is_local(address):
+        raise click.ClickException(f"{address} is not in a domain of this provider")
+    _users_call(ctx, users.add, address, _read_password(password_stdin))
+    click.echo(f"added {address}")
+
+
+@user.command("passwd")
+@click.argument("address")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@pass_ctx
+def user_passwd(ctx: Context, address: str, password_stdin: bool) -> None:
+    """Change a password (also clears failed-login counts)."""
+    _users_call(ctx, users.set_password, address, _read_password(password_stdin))
+    click.echo(f"password changed for {address}")
+
+
+@user.command("disable")
+@click.argument("address")
+@pass_ctx
+def user_disable(ctx: Context, address: str) -> None:
+    """Stop an account from logging in and receiving."""
+    _users_call(ctx, users.set_disabled, address, True)
+    click.echo(f"disabled {address}")
+
+
+@user.command("enable")
+@click.argument("address")
+@pass_ctx
+def user_enable(ctx: Context, address: str) -> None:
+    """Re-enable (and unlock) an account."""
+    _users_call(ctx, users.set_disabled, address, False)
+    click.echo(f"enabled {address}")
+
+
+@user.command("list")
+@pass_ctx
+def user_list(ctx: Context) -> None:
+    """List accounts."""
+    for address, disabled in _users_call(ctx, users.listing):
+        click.echo(f"{address}{'  (disabled)' if disabled else ''}")
+
+
+# --- provider index ---------------------------------------------------------------------------
+
+@main.group("index")
+def index_group() -> None:
+    """The provider index: which peers are trusted, for which domains."""
+
+
+@index_group.command("export")
+@pass_ctx
+def index_export(ctx: Context) -> None:
+    """Print this provider's card for other operators to import."""
+    click.echo(own_card(ctx.config).card(), nl=False)
+
+
+@index_group.command("import")
+@click.argument("card", type=click.File("r"))
+@pass_ctx
+def index_import(ctx: Context, card: Any) -> None:
+    """Trust a peer provider's card (its domains, address and signing certificate)."""
+    try:
+        provider = index_mod.parse_card(card.read())
+    except index_mod.IndexError_ as exc:
+        raise click.ClickException(str(exc)) from None
+    conn = ctx.connect()
+    with conn:
+        index_mod.store(conn, provider)
+    conn.close()
+    click.echo(f"imported {provider.name} ({', '.join(provider.domains)}) {provider.fingerprint}")
+
+
+@index_group.command("list")
+@pass_ctx
+def index_list(ctx: Context) -> None:
+    """List trusted providers."""
+    conn = ctx.connect()
+    for p in index_mod.load_all(conn):
+        click.echo(f"{p.fingerprint[:16]}  {p.name}  {','.join(p.domains)}  {p.host}:{p.port}"
+                   f"  {p.service_address}")
+    conn.close()
+
+
+@index_group.command("remove")
+@click.argument("fingerprint")
+@pass_ctx
+def index_remove(ctx: Context, fingerprint: str) -> None:
+    """Stop trusting a certificate (full SHA-256 fingerprint as `index list --full` shows)."""
+    conn = ctx.connect()
+    with conn:
+        matches = [p.fingerprint for p in index_mod.load_all(conn)
+                   if p.fingerprint.startswith(fingerprint.lower())]
+        if len(matches) != 1:
+            raise click.ClickException(f"{len(matches)} entries match {fingerprint}")
+        index_mod.remove(conn, matches[0])
+    conn.close()
+    click.echo(f"removed {matches[0]}")
+
+
+# --- evidence ---------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--ca", "ca_file", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Trusted CA certificates (default: the configuration's).")
+@click.option("--no-timestamp", is_flag=True, help="Do not require an RFC 3161 timestamp.")
+@pass_ctx
+def verify(ctx: Context, file: Path, ca_file: Path | None, no_timestamp: bool) -> None:
+    """Verify a receipt or envelope: signature, chain to the CA, timestamp."""
+    from pecd import pec
+
+    roots = pki.load_certs(ca_file or ctx.config.paths.ca_certs)
+    data = file.read_bytes()
+    try:
+        _signed, info = smime.verify_message(data, roots, require_timestamp=not no_timestamp)
+    except (SignatureInvalid, smime.NotSigned) as exc:
+        raise click.ClickException(f"NOT VALID: {exc}") from None
+    click.echo("signature: valid")
+    click.echo(f"signer: {info.signer.subject.rfc4514_string()}")
+    if info.signing_time:
+        click.echo(f"signing time: {info.signing_time.isoformat()}")
+    if info.timestamp_time:
+        click.echo(f"timestamp: {info.timestamp_time.isoformat()} (RFC 3161, verified)")
+    try:
+        parsed = pec.parse(data)
+    except pec.NotPec as exc:
+        click.echo(f"PEC structure: {exc}")
+        return
+    if parsed.certdata is not None:
+        cd = parsed.certdata
+        click.echo(f"type: {cd.type} (error: {cd.error})")
+        click.echo(f"identifier: {cd.identifier}")
+        click.echo(f"sender: {cd.sender}")
+        for r in cd.recipients:
+            click.echo(f"recipient: {r.address} ({r.kind})")
+        click.echo(f"issuer: {cd.issuer}")
+        click.echo(f"time: {cd.time.isoformat()}")
+
+
+@main.command()
+@click.argument("message_id")
+@pass_ctx
+def status(ctx: Context, message_id: str) -> None:
+    """The ledger events of one message (PEC identifier or original Message-ID)."""
+    conn = ctx.connect()
+    rows = ledger.events_for(conn, message_id.strip().strip("<>")) or \
+        ledger.events_for(conn, message_id.strip())
+    conn.close()
+    if not rows:
+        raise click.ClickException(f"no ledger events for {message_id}")
+    for row in rows:
+        click.echo(json.dumps(row, sort_keys=True, default=str))
+
+
+@main.group("ledger")
+def ledger_group() -> None:
+    """The append-only, hash-chained event ledger."""
+
+
+@ledger_group.command("verify")
+@pass_ctx
+def ledger_verify(ctx: Context) -> None:
+    """Recompute the hash chain and checkpoints; name the first bad row."""
+    from pecd import tsa
+
+    roots = pki.load_certs(ctx.config.paths.ca_certs)
+
+    def check_token(token: bytes, data: bytes) -> None:
+        tsa.verify_token(token, data, roots)
+
+    conn = ctx.connect()
+    report = ledger.verify(conn, token_verifier=check_token)
+    conn.close()
+    if not report.ok:
+        raise click.ClickException(
+            f"ledger BROKEN at row {report.first_bad_seq}: {report.reason}")
+    click.echo(f"ledger ok: {report.rows} rows, {report.checkpoints} checkpoints")
+
+
+if __name__ == "__main__":
+    main()

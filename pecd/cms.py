@@ -1,0 +1,757 @@
+"""CMS SignedData (RFC 5652) with CAdES-T timestamps: how pecd signs, and checks signatures.
+
+Signing receives our own key and certificate. Verification receives bytes from anyone and trusts
+only the roots the caller passes: ``trust_roots`` for the signer, ``tsa_roots`` for timestamps.
+cryptography has no CMS verification and cannot add unsigned attributes, so the structures are
+built and parsed with asn1crypto and only the raw signatures are made and checked by cryptography.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from asn1crypto import cms, core, tsp
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from pecd.clock import Clock
+from pecd.pki import PrivateKey
+
+if TYPE_CHECKING:
+    from pecd.tsa import Timestamper
+
+ID_SHA256 = "2.16.840.1.101.3.4.2.1"
+ID_DATA = "1.2.840.113549.1.7.1"
+ID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+ID_CT_TST_INFO = "1.2.840.113549.1.9.16.1.4"
+ID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+ID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+ID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+ID_AA_SIGNING_CERTIFICATE = "1.2.840.113549.1.9.16.2.12"
+ID_AA_SIGNING_CERTIFICATE_V2 = "1.2.840.113549.1.9.16.2.47"
+ID_AA_SIGNATURE_TIME_STAMP_TOKEN = "1.2.840.113549.1.9.16.2.14"
+
+# Digests accepted in signatures we verify. SHA-1 is out: collisions are practical.
+HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+_RSA_SIG_OIDS: dict[str, str | None] = {
+    "1.2.840.113549.1.1.1": None,  # rsaEncryption: the hash is the SignerInfo's digestAlgorithm
+    "1.2.840.113549.1.1.14": "sha224",
+    "1.2.840.113549.1.1.11": "sha256",
+    "1.2.840.113549.1.1.12": "sha384",
+    "1.2.840.113549.1.1.13": "sha512",
+}
+_EC_SIG_OIDS: dict[str, str | None] = {
+    "1.2.840.10045.2.1": None,  # id-ecPublicKey, as some producers write it
+    "1.2.840.10045.4": None,
+    "1.2.840.10045.4.3.1": "sha224",
+    "1.2.840.10045.4.3.2": "sha256",
+    "1.2.840.10045.4.3.3": "sha384",
+    "1.2.840.10045.4.3.4": "sha512",
+}
+_MAX_CHAIN = 8
+
+Purpose = Literal["smime", "timestamping", "any"]
+
+
+class SignatureInvalid(Exception):
+    """The signature does not verify; the message says why."""
+
+
+class CertificateUntrusted(SignatureInvalid):
+    """The signature is intact but its certificate does not lead to a trusted root at that time."""
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    """What a verified signature proves.
+
+    ``certificates`` is the validated path, signer first, trusted root last.
+    ``signing_time`` is the signer's own claim; ``timestamp_time`` comes from a verified TSA token.
+    """
+
+    signer: x509.Certificate
+    signing_time: datetime | None
+    timestamp_time: datetime | None
+    certificates: tuple[x509.Certificate, ...]
+
+
+# --------------------------------------------------------------------------- DER helpers
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _der_tlv(tag: int, contents: bytes) -> bytes:
+    return bytes([tag]) + _der_len(len(contents)) + contents
+
+
+def _oid(dotted: str) -> bytes:
+    return bytes(core.ObjectIdentifier(dotted).dump())
+
+
+_OID_DER = {
+    oid: _oid(oid)
+    for oid in (
+        ID_DATA,
+        ID_SIGNED_DATA,
+        ID_CT_TST_INFO,
+        ID_CONTENT_TYPE,
+        ID_MESSAGE_DIGEST,
+        ID_SIGNING_TIME,
+        ID_AA_SIGNING_CERTIFICATE_V2,
+        ID_AA_SIGNATURE_TIME_STAMP_TOKEN,
+    )
+}
+_INT_1 = b"\x02\x01\x01"
+_INT_3 = b"\x02\x01\x03"
+
+
+def der_attribute(oid: str, value_der: bytes) -> bytes:
+    """Attribute ::= SEQUENCE { attrType OID, attrValues SET OF ANY } with a single value."""
+    oid_der = _OID_DER.get(oid) or _oid(oid)
+    return _der_tlv(0x30, oid_der + _der_tlv(0x31, value_der))
+
+
+def der_time(when: datetime) -> bytes:
+    """RFC 5652 §11.3: UTCTime for 1950-2049, GeneralizedTime otherwise; whole seconds."""
+    when = when.astimezone(UTC).replace(microsecond=0)
+    if 1950 <= when.year < 2050:
+        return bytes(core.UTCTime(when).dump())
+    return bytes(core.GeneralizedTime(when).dump())
+
+
+# --------------------------------------------------------------------------- signing
+
+
+class _SignerCore:
+    """Everything about one key and certificate that stays the same from one signature to the next.
+
+    Shared by ``Signer`` and the local TSA. The fixed parts are encoded once with asn1crypto;
+    each signature then only joins byte strings: building asn1crypto objects per message cost
+    ~10 ms, most of it re-serialising the same certificate names.
+    """
+
+    def __init__(
+        self, key: PrivateKey, cert: x509.Certificate, chain: Sequence[x509.Certificate] = ()
+    ) -> None:
+        if key.public_key() != cert.public_key():
+            raise ValueError("the private key does not belong to the certificate")
+        self.key = key
+        self.cert = cert
+        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
+        tbs = asn1_x509.Certificate.load(self.cert_der)["tbs_certificate"]
+        cert_ders = [self.cert_der] + [
+            c.public_bytes(serialization.Encoding.DER) for c in chain if c != cert
+        ]
+        # certificates [0] IMPLICIT CertificateSet: a DER SET OF, so sorted
+        self._certs_der = _der_tlv(0xA0, b"".join(sorted(cert_ders)))
+        self._sid_der = bytes(
+            cms.SignerIdentifier(
+                name="issuer_and_serial_number",
+                value=cms.IssuerAndSerialNumber(
+                    {"issuer": tbs["issuer"], "serial_number": tbs["serial_number"]}
+                ),
+            ).dump()
+        )
+        # RFC 5754 §2: generate SHA-2 AlgorithmIdentifiers with absent parameters
+        self._digest_alg_der = _der_tlv(0x30, _oid(ID_SHA256))
+        self._digest_algs_der = _der_tlv(0x31, self._digest_alg_der)
+        self._rsa = isinstance(key, rsa.RSAPrivateKey)
+        if self._rsa:
+            sig_alg = cms.SignedDigestAlgorithm(
+                {"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()}
+            )
+        else:
+            sig_alg = cms.SignedDigestAlgorithm({"algorithm": "sha256_ecdsa"})
+        self._sig_alg_der = bytes(sig_alg.dump())
+        # ESS signingCertificateV2 (RFC 5035) binds the signer certificate into the signature;
+        # openssl checks it both for CMS and for RFC 3161 tokens.
+        ess = tsp.SigningCertificateV2(
+            {
+                "certs": [
+                    {
+                        "hash_algorithm": {"algorithm": "sha256"},  # DER: the default is omitted
+                        "cert_hash": hashlib.sha256(self.cert_der).digest(),
+                        "issuer_serial": {
+                            "issuer": [
+                                asn1_x509.GeneralName(name="directory_name", value=tbs["issuer"])
+                            ],
+                            "serial_number": tbs["serial_number"],
+                        },
+                    }
+                ]
+            }
+        )
+        self.ess_attr_der = der_attribute(ID_AA_SIGNING_CERTIFICATE_V2, bytes(ess.dump()))
+        self.sign_raw = self._make_sign_raw()
+
+    def _make_sign_raw(self) -> Callable[[bytes], bytes]:
+        key = self.key
+        if isinstance(key, rsa.RSAPrivateKey):
+            pad, algo = padding.PKCS1v15(), hashes.SHA256()
+            return lambda data: key.sign(data, pad, algo)
+        ecdsa = ec.ECDSA(hashes.SHA256())
+        return lambda data: key.sign(data, ecdsa)
+
+    def sign_attrs(self, attr_ders: list[bytes]) -> tuple[bytes, bytes]:
+        """(SET OF contents, signature). The signature covers the DER SET OF (tag 0x31), not the
+        [0] IMPLICIT tag it is stored under (RFC 5652 §5.4)."""
+        contents = b"".join(sorted(attr_ders))
+        return contents, self.sign_raw(_der_tlv(0x31, contents))
+
+    def content_info(
+        self,
+        econtent_type: str,
+        econtent: bytes | None,
+        signed_attrs: bytes,
+        signature: bytes,
+        unsigned_attrs: Sequence[bytes] = (),
+        include_certs: bool = True,
+    ) -> bytes:
+        """DER ContentInfo(SignedData) with one SignerInfo (issuerAndSerialNumber, so v1)."""
+        signer_info = (
+            _INT_1
+            + self._sid_der
+            + self._digest_alg_der
+            + _der_tlv(0xA0, signed_attrs)
+            + self._sig_alg_der
+            + _der_tlv(0x04, signature)
+        )
+        if unsigned_attrs:
+            signer_info += _der_tlv(0xA1, b"".join(sorted(unsigned_attrs)))
+        oid_der = _OID_DER.get(econtent_type) or _oid(econtent_type)
+        if econtent is not None:
+            oid_der += _der_tlv(0xA0, _der_tlv(0x04, econtent))
+        signed_data = (
+            (_INT_1 if econtent_type == ID_DATA else _INT_3)  # RFC 5652 §5.1
+            + self._digest_algs_der
+            + _der_tlv(0x30, oid_der)
+            + (self._certs_der if include_certs else b"")
+            + _der_tlv(0x31, _der_tlv(0x30, signer_info))
+        )
+        return _der_tlv(
+            0x30, _OID_DER[ID_SIGNED_DATA] + _der_tlv(0xA0, _der_tlv(0x30, signed_data))
+        )
+
+
+class Signer:
+    """Makes pecd's signatures: SHA-256, signer certificate included, CAdES-T when it can.
+
+    Build one per key at start-up and reuse it: the per-certificate work happens here, once.
+    """
+
+    def __init__(
+        self,
+        key: PrivateKey,
+        cert: x509.Certificate,
+        clock: Clock,
+        chain: Sequence[x509.Certificate] = (),
+        timestamper: Timestamper | None = None,
+    ) -> None:
+        self._core = _SignerCore(key, cert, chain)
+        self._clock = clock
+        self._timestamper = timestamper
+        self._content_type_attr = der_attribute(ID_CONTENT_TYPE, _OID_DER[ID_DATA])
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self._core.cert
+
+    def sign_detached(self, data: bytes) -> bytes:
+        """DER ContentInfo(SignedData) without the content; what S/MIME multipart/signed carries."""
+        return self._sign(data, attached=False)
+
+    def sign_attached(self, data: bytes) -> bytes:
+        """DER ContentInfo(SignedData) that carries ``data`` itself."""
+        return self._sign(data, attached=True)
+
+    def _sign(self, data: bytes, attached: bool) -> bytes:
+        core_ = self._core
+        signed_attrs, signature = core_.sign_attrs(
+            [
+                self._content_type_attr,
+                der_attribute(ID_SIGNING_TIME, der_time(self._clock.now())),
+                der_attribute(ID_MESSAGE_DIGEST, _der_tlv(0x04, hashlib.sha256(data).digest())),
+                core_.ess_attr_der,
+            ]
+        )
+        unsigned: list[bytes] = []
+        if self._timestamper is not None:
+            # CAdES-T (ETSI EN 319 122-1): the token's imprint is over the signature value octets
+            token = self._timestamper.timestamp(signature)
+            try:
+                cms.ContentInfo.load(token, strict=True)  # one whole DER value, nothing after it
+            except ValueError as exc:
+                raise SignatureInvalid(f"timestamper returned a malformed token: {exc}") from exc
+            unsigned.append(der_attribute(ID_AA_SIGNATURE_TIME_STAMP_TOKEN, token))
+        return core_.content_info(
+            ID_DATA, data if attached else None, signed_attrs, signature, unsigned
+        )
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class _Checked:
+    """A SignedData whose one signature verifies against the certificate it names."""
+
+    signer: x509.Certificate
+    certificates: list[x509.Certificate]
+    econtent_type: str
+    econtent: bytes | None
+    signature: bytes
+    signing_time: datetime | None
+    unsigned: dict[str, list[Any]]
+
+
+def _load_der_cert(c: asn1_x509.Certificate) -> x509.Certificate:
+    return x509.load_der_x509_certificate(c.dump())
+
+
+def _find_signer(
+    sid: cms.SignerIdentifier, candidates: Sequence[x509.Certificate]
+) -> x509.Certificate:
+    if sid.name == "issuer_and_serial_number":
+        want_issuer = sid.chosen["issuer"]
+        want_serial = sid.chosen["serial_number"].native
+        for cert in candidates:
+            if cert.serial_number != want_serial:
+                continue
+            tbs = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+            if _same_name(tbs["tbs_certificate"]["issuer"], want_issuer):
+                return cert
+    elif sid.name == "subject_key_identifier":
+        want_ski = sid.chosen.native
+        for cert in candidates:
+            try:
+                ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+            except x509.ExtensionNotFound:
+                continue
+            if ski.value.digest == want_ski:
+                return cert
+    raise SignatureInvalid("the signer's certificate is not included")
+
+
+def _same_name(a: asn1_x509.Name, b: asn1_x509.Name) -> bool:
+    """Same DER is the common case and cheap; otherwise RFC 5280 §7.1 comparison (slow)."""
+    return bool(a.dump() == b.dump() or a == b)
+
+
+def _hash_name(algo: Any) -> str:
+    name = algo["algorithm"].native
+    if name not in HASHES:
+        raise SignatureInvalid(f"digest algorithm {name} not accepted")
+    return str(name)
+
+
+def verify_raw(
+    public_key: Any, signature: bytes, data: bytes, hash_name: str, sig_oid: str
+) -> None:
+    """One raw signature, RSA PKCS#1 v1.5 or ECDSA; ``sig_oid`` is the SignerInfo's algorithm."""
+    if sig_oid in _RSA_SIG_OIDS:
+        implied = _RSA_SIG_OIDS[sig_oid]
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            raise SignatureInvalid("RSA signature but the certificate's key is not RSA")
+    elif sig_oid in _EC_SIG_OIDS:
+        implied = _EC_SIG_OIDS[sig_oid]
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise SignatureInvalid("ECDSA signature but the certificate's key is not EC")
+    else:
+        raise SignatureInvalid(f"signature algorithm {sig_oid} not supported")
+    if implied is not None and implied != hash_name:
+        raise SignatureInvalid(f"signature algorithm {sig_oid} does not match digest {hash_name}")
+    hash_alg = HASHES[hash_name]()
+    try:
+        if isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, data, padding.PKCS1v15(), hash_alg)
+        else:
+            public_key.verify(signature, data, ec.ECDSA(hash_alg))
+    except InvalidSignature:
+        raise SignatureInvalid("the signature value does not match the signed attributes") from None
+
+
+def _check_ess(values: list[Any], kind: str, signer: x509.Certificate) -> None:
+    """RFC 5035: the first ESSCertID names the signer certificate (hash; issuer+serial if set)."""
+    if len(values) != 1:
+        raise SignatureInvalid(f"{kind} attribute must have exactly one value")
+    certs = values[0]["certs"]
+    if len(certs) == 0:
+        raise SignatureInvalid(f"{kind} attribute names no certificate")
+    first = certs[0]
+    der = signer.public_bytes(serialization.Encoding.DER)
+    if kind == "signingCertificate":
+        algo = "sha1"  # ESSCertID is SHA-1 by definition; it only identifies, the signature binds
+    else:
+        algo = first["hash_algorithm"]["algorithm"].native
+        if algo not in HASHES:
+            raise SignatureInvalid(f"{kind} uses digest {algo}, not accepted")
+    if not hmac.compare_digest(hashlib.new(algo, der).digest(), first["cert_hash"].native):
+        raise SignatureInvalid(f"{kind} attribute does not match the signer certificate")
+    issuer_serial = first["issuer_serial"]
+    if isinstance(issuer_serial, core.Void):
+        return
+    if issuer_serial["serial_number"].native != signer.serial_number:
+        raise SignatureInvalid(f"{kind} attribute names another serial number")
+    asn1_cert = asn1_x509.Certificate.load(der)
+    issuer = asn1_cert["tbs_certificate"]["issuer"]
+    if not any(
+        gn.name == "directory_name" and _same_name(gn.chosen, issuer)
+        for gn in issuer_serial["issuer"]
+    ):
+        raise SignatureInvalid(f"{kind} attribute names another issuer")
+
+
+def check_signed_data(
+    der: bytes,
+    detached: bytes | None,
+    extra_certs: Sequence[x509.Certificate] = (),
+    require_ess: bool = False,
+) -> _Checked:
+    """Parse a ContentInfo(SignedData) and verify its single SignerInfo, without any trust decision.
+
+    Checks: structure, contentType and messageDigest attributes, ESS signing certificate when
+    present (required with ``require_ess``), and the signature with the named certificate's key.
+    """
+    try:
+        ci = cms.ContentInfo.load(der, strict=True)
+        if ci["content_type"].dotted != ID_SIGNED_DATA:
+            raise SignatureInvalid(f"not SignedData but {ci['content_type'].dotted}")
+        sd = ci["content"]
+        encap = sd["encap_content_info"]
+        econtent_type = encap["content_type"].dotted
+        econtent = None if isinstance(encap["content"], core.Void) else bytes(encap["content"])
+        certificates = [
+            _load_der_cert(c.chosen)
+            for c in (sd["certificates"] if not isinstance(sd["certificates"], core.Void) else [])
+            if c.name == "certificate"
+        ]
+        signer_infos = sd["signer_infos"]
+        if len(signer_infos) != 1:
+            raise SignatureInvalid(f"expected one SignerInfo, found {len(signer_infos)}")
+        si = signer_infos[0]
+        hash_name = _hash_name(si["digest_algorithm"])
+        signed_attrs = si["signed_attrs"]
+        if isinstance(signed_attrs, core.Void):
+            raise SignatureInvalid("signed attributes missing")
+        # The bytes as received, taken before iterating: once asn1crypto has parsed the children
+        # it re-serialises them on access, which is slow and need not give back the same bytes.
+        signed_der = _der_tlv(0x31, bytes(signed_attrs.contents))
+        if len(signed_attrs) == 0:
+            raise SignatureInvalid("signed attributes missing")
+        attrs: dict[str, list[Any]] = {}
+        for attr in signed_attrs:
+            oid = attr["type"].dotted
+            if oid in attrs:
+                raise SignatureInvalid(f"signed attribute {oid} appears twice")
+            attrs[oid] = list(attr["values"])
+        unsigned: dict[str, list[Any]] = {}
+        if not isinstance(si["unsigned_attrs"], core.Void):
+            for attr in si["unsigned_attrs"]:
+                unsigned.setdefault(attr["type"].dotted, []).extend(attr["values"])
+        signature = si["signature"].native
+        sig_oid = si["signature_algorithm"]["algorithm"].dotted
+        signer = _find_signer(si["sid"], [*certificates, *extra_certs])
+
+        if econtent is not None and detached is not None:
+            raise SignatureInvalid("content both encapsulated and given separately")
+        content = econtent if econtent is not None else detached
+        if content is None:
+            raise SignatureInvalid("content missing: detached signature and no data given")
+
+        ct = attrs.get(ID_CONTENT_TYPE)
+        if ct is None or len(ct) != 1 or ct[0].dotted != econtent_type:
+            raise SignatureInvalid("contentType attribute missing or different from the content")
+        md = attrs.get(ID_MESSAGE_DIGEST)
+        if md is None or len(md) != 1:
+            raise SignatureInvalid("messageDigest attribute missing")
+        if not hmac.compare_digest(md[0].native, hashlib.new(hash_name, content).digest()):
+            raise SignatureInvalid("messageDigest does not match the content")
+        signing_time = None
+        st = attrs.get(ID_SIGNING_TIME)
+        if st is not None:
+            if len(st) != 1:
+                raise SignatureInvalid("signingTime attribute must have one value")
+            signing_time = st[0].native
+        if ID_AA_SIGNING_CERTIFICATE_V2 in attrs:
+            _check_ess(attrs[ID_AA_SIGNING_CERTIFICATE_V2], "signingCertificateV2", signer)
+        elif ID_AA_SIGNING_CERTIFICATE in attrs:
+            _check_ess(attrs[ID_AA_SIGNING_CERTIFICATE], "signingCertificate", signer)
+        elif require_ess:
+            raise SignatureInvalid("ESS signingCertificate(V2) attribute missing")
+
+        # Verify over the SET OF as received, re-tagged from [0] IMPLICIT to SET (RFC 5652 §5.4).
+        verify_raw(signer.public_key(), signature, signed_der, hash_name, sig_oid)
+    except SignatureInvalid:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # asn1crypto parses lazily and reports malformed input with any of these
+        raise SignatureInvalid(f"malformed CMS structure: {exc}") from exc
+    return _Checked(
+        signer=signer,
+        certificates=certificates,
+        econtent_type=econtent_type,
+        econtent=econtent,
+        signature=signature,
+        signing_time=signing_time,
+        unsigned=unsigned,
+    )
+
+
+# --------------------------------------------------------------------------- certificate paths
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+
+
+def _valid_at(cert: x509.Certificate, at: datetime | None) -> bool:
+    return at is None or cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _may_issue(cert: x509.Certificate, is_root: bool) -> bool:
+    """A CA certificate: BasicConstraints CA (roots may predate it) and keyCertSign if KU is set."""
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not bc.ca:
+            return False
+    except x509.ExtensionNotFound:
+        if not is_root:
+            return False
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.key_cert_sign:
+            return False
+    except x509.ExtensionNotFound:
+        pass
+    return True
+
+
+def _unknown_critical(cert: x509.Certificate) -> bool:
+    return any(
+        ext.critical and isinstance(ext.value, x509.UnrecognizedExtension)
+        for ext in cert.extensions
+    )
+
+
+def chain_to_root(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    at: datetime | None,
+) -> list[x509.Certificate]:
+    """A path leaf → … → one of ``roots``, every certificate valid at ``at`` (None: not checked).
+
+    A small path builder for pecd's shallow hierarchies: signatures, CA flags, key usage, path
+    length and validity. Revocation is not checked here.
+    """
+    roots = list(roots)
+    problems: list[str] = []
+    if not _valid_at(leaf, at):
+        raise CertificateUntrusted(
+            f"certificate {_describe(leaf)} is not valid at {at:%Y-%m-%d %H:%M:%S}Z "
+            f"(valid {leaf.not_valid_before_utc:%Y-%m-%d} to {leaf.not_valid_after_utc:%Y-%m-%d})"
+        )
+    if _unknown_critical(leaf):
+        raise CertificateUntrusted(
+            f"certificate {_describe(leaf)} has an unknown critical extension"
+        )
+    if leaf in roots:
+        return [leaf]
+
+    def extend(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        current = path[-1]
+        for root in roots:
+            if _issued_by(current, root):
+                if not _may_issue(root, is_root=True):
+                    problems.append(f"root {_describe(root)} is not a CA")
+                elif not _valid_at(root, at):
+                    problems.append(f"root {_describe(root)} is not valid at that time")
+                elif _path_lengths_ok([*path, root]):
+                    return [*path, root]
+                else:
+                    problems.append("path length constraint exceeded")
+        if len(path) >= _MAX_CHAIN:
+            return None
+        for cand in intermediates:
+            if cand in path or not _issued_by(current, cand):
+                continue
+            if not _may_issue(cand, is_root=False):
+                problems.append(f"{_describe(cand)} is not a CA")
+            elif not _valid_at(cand, at):
+                problems.append(f"intermediate {_describe(cand)} is not valid at that time")
+            elif _unknown_critical(cand):
+                problems.append(f"intermediate {_describe(cand)} has an unknown critical extension")
+            else:
+                found = extend([*path, cand])
+                if found is not None:
+                    return found
+        return None
+
+    found = extend([leaf])
+    if found is None:
+        detail = f" ({'; '.join(dict.fromkeys(problems))})" if problems else ""
+        raise CertificateUntrusted(f"no path from {_describe(leaf)} to a trusted root{detail}")
+    return found
+
+
+def _path_lengths_ok(path: list[x509.Certificate]) -> bool:
+    """BasicConstraints pathLenConstraint: how many intermediates may sit below each CA."""
+    for i, cert in enumerate(path[1:], start=1):
+        try:
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        below = i - 1  # CA certificates between this one and the leaf
+        if bc.path_length is not None and below > bc.path_length:
+            return False
+    return True
+
+
+def check_purpose(cert: x509.Certificate, purpose: Purpose) -> None:
+    """Key usage and extended key usage fit for what the certificate just did."""
+    try:
+        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        ku = None
+    try:
+        eku: x509.ExtendedKeyUsage | None = cert.extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage
+        ).value
+        eku_critical = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).critical
+    except x509.ExtensionNotFound:
+        eku, eku_critical = None, False
+    if purpose == "any":
+        return
+    if ku is not None and not (ku.digital_signature or ku.content_commitment):
+        raise CertificateUntrusted(f"{_describe(cert)}: key usage does not allow signatures")
+    if purpose == "smime":
+        allowed = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+        if eku is not None and not allowed.intersection(eku):
+            raise CertificateUntrusted(f"{_describe(cert)}: extended key usage excludes e-mail")
+    elif purpose == "timestamping" and (
+        # RFC 3161 §2.3: exactly timeStamping, and critical
+        eku is None or list(eku) != [ExtendedKeyUsageOID.TIME_STAMPING] or not eku_critical
+    ):
+        raise CertificateUntrusted(
+            f"{_describe(cert)}: not a TSA certificate (needs the one critical EKU timeStamping)"
+        )
+
+
+# --------------------------------------------------------------------------- public verification
+
+
+def _finish(
+    checked: _Checked,
+    trust_roots: Sequence[x509.Certificate],
+    tsa_roots: Sequence[x509.Certificate] | None,
+    require_timestamp: bool,
+    at: datetime | None,
+) -> SignatureInfo:
+    from pecd.tsa import TimestampInvalid, verify_token  # tsa builds on this module
+
+    timestamp_time: datetime | None = None
+    tokens = checked.unsigned.get(ID_AA_SIGNATURE_TIME_STAMP_TOKEN, [])
+    for token in tokens:
+        try:
+            when = verify_token(
+                token.dump(),
+                checked.signature,
+                tsa_roots if tsa_roots is not None else trust_roots,
+            )
+        except TimestampInvalid as exc:
+            raise SignatureInvalid(f"signature timestamp: {exc}") from exc
+        timestamp_time = when if timestamp_time is None else min(timestamp_time, when)
+    if timestamp_time is None and require_timestamp:
+        raise SignatureInvalid("signature timestamp missing")
+    check_at = at or timestamp_time or checked.signing_time
+    if check_at is None:
+        raise SignatureInvalid("no time to check the certificate at: no timestamp, no signingTime")
+    check_purpose(checked.signer, "smime")
+    chain = chain_to_root(checked.signer, checked.certificates, trust_roots, check_at)
+    return SignatureInfo(
+        signer=checked.signer,
+        signing_time=checked.signing_time,
+        timestamp_time=timestamp_time,
+        certificates=tuple(chain),
+    )
+
+
+def verify_detached(
+    signature_der: bytes,
+    data: bytes,
+    trust_roots: Sequence[x509.Certificate],
+    tsa_roots: Sequence[x509.Certificate] | None = None,
+    require_timestamp: bool = False,
+    *,
+    at: datetime | None = None,
+) -> SignatureInfo:
+    """Verify a detached signature over ``data``; raise SignatureInvalid with the reason.
+
+    Certificates must be valid at ``at``; by default at the verified timestamp's time, or else at
+    the signer's claimed signingTime. A receiver checking fresh mail should pass ``at=clock.now()``.
+    """
+    checked = check_signed_data(signature_der, data)
+    if checked.econtent_type != ID_DATA:
+        raise SignatureInvalid(f"content type {checked.econtent_type} is not id-data")
+    return _finish(checked, trust_roots, tsa_roots, require_timestamp, at)
+
+
+def verify_attached(
+    signature_der: bytes,
+    trust_roots: Sequence[x509.Certificate],
+    tsa_roots: Sequence[x509.Certificate] | None = None,
+    require_timestamp: bool = False,
+    *,
+    at: datetime | None = None,
+) -> tuple[bytes, SignatureInfo]:
+    """Verify a SignedData that carries its content; return the content and what was proved."""
+    checked = check_signed_data(signature_der, None)
+    if checked.econtent_type != ID_DATA:
+        raise SignatureInvalid(f"content type {checked.econtent_type} is not id-data")
+    assert checked.econtent is not None  # check_signed_data demands content
+    return checked.econtent, _finish(checked, trust_roots, tsa_roots, require_timestamp, at)
+
+
+def extract_timestamp_token(signature_der: bytes) -> tuple[bytes, bytes] | None:
+    """(token DER, signature value) of the CAdES-T timestamp, or None when there is none.
+
+    The signature value is what the token's imprint covers: ``openssl ts -verify -data`` input.
+    """
+    try:
+        ci = cms.ContentInfo.load(signature_der, strict=True)
+        si = ci["content"]["signer_infos"][0]
+        if isinstance(si["unsigned_attrs"], core.Void):
+            return None
+        for attr in si["unsigned_attrs"]:
+            if attr["type"].dotted == ID_AA_SIGNATURE_TIME_STAMP_TOKEN:
+                return bytes(attr["values"][0].dump()), bytes(si["signature"].native)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise SignatureInvalid(f"malformed CMS structure: {exc}") from exc
+    return None

@@ -1,0 +1,180 @@
+"""MIME building blocks shared by every message pecd writes (envelopes, receipts, notices).
+
+Pure: bytes in, bytes out, CRLF line endings, 7-bit safe except an embedded original that is
+itself 8-bit. Header values that come from users are stripped of CR/LF and RFC 2047-encoded when
+not ASCII, so no input can add a header line.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import quopri
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from email.header import Header
+from email.message import Message
+
+from pecd import headers
+
+CRLF = b"\r\n"
+_CTL = re.compile(r"[\r\n\x00]+")
+
+
+def clean(value: str) -> str:
+    """A header value with no line breaks (they would start a new header line)."""
+    return _CTL.sub(" ", value)
+
+
+HeaderField = tuple[str, str]  # name, value already encoded for the wire (may hold folds)
+
+
+def header(name: str, value: str) -> HeaderField:
+    """One encoded, folded header field."""
+    value = clean(value)
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    encoded = Header(value, charset, header_name=name, maxlinelen=78).encode(linesep="\r\n")
+    return name, encoded
+
+
+def address_header(name: str, addresses: Iterable[tuple[str, str]]) -> HeaderField:
+    """An address-list header; display names are quoted/encoded, addresses are kept as given."""
+    parts = []
+    for display, addr in addresses:
+        addr = clean(addr)
+        display = clean(display)
+        parts.append(email.utils.formataddr((display, addr), charset="utf-8") if display else addr)
+    return name, ",\r\n ".join(parts)
+
+
+def raw_header(name: str, value: str) -> HeaderField:
+    """A header copied from an input message: its folds kept, any bare CR/LF made a fold."""
+    lines = [line for line in re.split(r"\r\n|\r|\n", value)]
+    folded = "\r\n".join(
+        line if i == 0 or line[:1] in (" ", "\t") else " " + line
+        for i, line in enumerate(lines)
+    )
+    return name, folded.replace("\x00", "")
+
+
+def date_header(at: datetime) -> HeaderField:
+    return "Date", email.utils.format_datetime(at)
+
+
+def render_headers(fields: Iterable[HeaderField]) -> bytes:
+    return b"".join(f"{n}: {v}\r\n".encode() for n, v in fields)
+
+
+def new_boundary() -> str:
+    return f"----pecd-{uuid.uuid4().hex}"
+
+
+def entity(headers: Sequence[bytes], body: bytes) -> bytes:
+    return b"".join(headers) + CRLF + body
+
+
+def text_part(text: str) -> bytes:
+    body = quopri.encodestring(text.replace("\r\n", "\n").encode("utf-8"))
+    body = body.replace(b"\r\n", b"\n").replace(b"\n", CRLF)
+    if not body.endswith(CRLF):
+        body += CRLF
+    return entity([
+        b'Content-Type: text/plain; charset="utf-8"\r\n',
+        b"Content-Transfer-Encoding: quoted-printable\r\n",
+    ], body)
+
+
+def base64_body(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", CRLF)
+
+
+def xml_part(xml: bytes, filename: str = "daticert.xml") -> bytes:
+    return entity([
+        f'Content-Type: application/xml; name="{filename}"\r\n'.encode(),
+        b"Content-Transfer-Encoding: base64\r\n",
+        f'Content-Disposition: inline; filename="{filename}"\r\n'.encode(),
+    ], base64_body(xml))
+
+
+def rfc822_part(original: bytes, filename: str = "postacert.eml") -> bytes:
+    """The original message, byte for byte (RFC 2046 forbids encoding message/rfc822)."""
+    cte = b"7bit" if original.isascii() else b"8bit"
+    return entity([
+        f'Content-Type: message/rfc822; name="{filename}"\r\n'.encode(),
+        b"Content-Transfer-Encoding: " + cte + CRLF,
+        f'Content-Disposition: inline; filename="{filename}"\r\n'.encode(),
+    ], original)
+
+
+def plain_attachment(filename: str, text: bytes) -> bytes:
+    return entity([
+        f'Content-Type: text/plain; charset="us-ascii"; name="{filename}"\r\n'.encode(),
+        b"Content-Transfer-Encoding: 7bit\r\n",
+        f'Content-Disposition: attachment; filename="{filename}"\r\n'.encode(),
+    ], text + CRLF)
+
+
+def multipart(subtype: str, parts: Sequence[bytes], extra_headers: Sequence[bytes] = ()) -> bytes:
+    boundary = new_boundary()
+    while any(boundary.encode() in p for p in parts):
+        boundary = new_boundary()
+    b = boundary.encode()
+    out = [
+        *extra_headers,
+        f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n'.encode(),
+        CRLF,
+        b"This is a multi-part message in MIME format.\r\n",
+    ]
+    for part in parts:
+        # the CRLF before each delimiter belongs to the delimiter: parts come back byte-exact
+        out += [b"--" + b + CRLF, part, CRLF]
+    out.append(b"--" + b + b"--" + CRLF)
+    return b"".join(out)
+
+
+def message_id(domain: str, at: datetime) -> str:
+    """A fresh PEC identifier (no angle brackets), unique and opaque, in the provider's domain."""
+    return f"opec-{at.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex}@{domain}"
+
+
+def split_entity(entity: bytes) -> tuple[bytes, bytes]:
+    """Header block (with its final CRLF) and body of a MIME entity."""
+    if entity.startswith(CRLF):
+        return b"", entity[2:]
+    end = entity.find(b"\r\n\r\n")
+    if end < 0:
+        return entity, b""
+    return entity[: end + 2], entity[end + 4 :]
+
+
+def split_multipart(entity: bytes) -> list[bytes]:
+    """The exact bytes of each body part of a multipart entity (RFC 2046 §5.1.1)."""
+    head, body = split_entity(entity)
+    boundary = headers.parse(head).get_boundary()
+    if not boundary:
+        return []
+    delimiter = b"\r\n--" + boundary.encode("ascii", "replace")
+    text = CRLF + body
+    parts: list[bytes] = []
+    pos = text.find(delimiter)
+    while pos >= 0:
+        line_end = text.find(CRLF, pos + len(delimiter))
+        if text[pos + len(delimiter) : pos + len(delimiter) + 2] == b"--" or line_end < 0:
+            break
+        nxt = text.find(delimiter, line_end)
+        if nxt < 0:
+            break
+        parts.append(text[line_end + 2 : nxt])
+        pos = nxt
+    return parts
+
+
+def decode_body(info: Message, body: bytes) -> bytes:
+    cte = str(info.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if cte == "base64":
+        return base64.b64decode(body)
+    if cte == "quoted-printable":
+        return quopri.decodestring(body)
+    return body

@@ -1,0 +1,227 @@
+"""Provider configuration, read from one TOML file.
+
+Every path in the file is relative to the file's own directory, so a provider directory made by
+``pecd init`` can be moved as a whole. Defaults are the embedded ones: SQLite, Maildir, built-in
+TSA, loopback ports.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    submission_port: int = 10587
+    smtps_port: int = 10465
+    inbound_port: int = 10025
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 30_000_000
+    max_recipients: int = 50
+    session_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Outbound SMTP: retries and where mail for non-PEC (``esterno``) domains goes."""
+
+    retry_base: float = 30.0
+    retry_max: float = 3600.0
+    max_attempts: int = 30
+    smarthost: str | None = None
+    smarthost_port: int = 25
+    tls_verify: bool = True
+    connect_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    warning_after: float = 12 * 3600.0
+    give_up_after: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    method: Literal["maildir", "lmtp"] = "maildir"
+    lmtp_host: str = "127.0.0.1"
+    lmtp_port: int = 24
+
+
+@dataclass(frozen=True)
+class Paths:
+    data_dir: Path
+    signing_key: Path
+    signing_cert: Path
+    tls_key: Path
+    tls_cert: Path
+    tsa_key: Path
+    tsa_cert: Path
+    ca_certs: Path
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "pecd.sqlite"
+
+    @property
+    def spool(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def mail(self) -> Path:
+        return self.data_dir / "mail"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    domains: tuple[str, ...]
+    service_address: str
+    hostname: str
+    paths: Paths
+    listen: Listen = field(default_factory=Listen)
+    limits: Limits = field(default_factory=Limits)
+    relay: Relay = field(default_factory=Relay)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    delivery: Delivery = field(default_factory=Delivery)
+    tsa_url: str | None = None
+    workers: int = 4
+
+    @property
+    def domain(self) -> str:
+        return self.domains[0]
+
+    def is_local(self, address: str) -> bool:
+        return address.rpartition("@")[2].lower() in self.domains
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"[{where}]: {exc}") from None
+
+
+def load(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no configuration file at {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    base = path.resolve().parent
+    provider = _section(raw, "provider")
+    try:
+        name = str(provider["name"])
+        domains = tuple(str(d).lower() for d in provider["domains"])
+    except KeyError as exc:
+        raise ConfigError(f"[provider] needs {exc.args[0]}") from None
+    if not domains:
+        raise ConfigError("[provider] domains must name at least one domain")
+    files = _section(raw, "files")
+
+    def resolve(key: str, default: str) -> Path:
+        return (base / str(files.get(key, default))).resolve()
+
+    paths = Paths(
+        data_dir=resolve("data_dir", "data"),
+        signing_key=resolve("signing_key", "keys/signing.key"),
+        signing_cert=resolve("signing_cert", "keys/signing.pem"),
+        tls_key=resolve("tls_key", "keys/tls.key"),
+        tls_cert=resolve("tls_cert", "keys/tls.pem"),
+        tsa_key=resolve("tsa_key", "keys/tsa.key"),
+        tsa_cert=resolve("tsa_cert", "keys/tsa.pem"),
+        ca_certs=resolve("ca_certs", "keys/ca.pem"),
+    )
+    tsa = _section(raw, "tsa")
+    delivery = _section(raw, "delivery")
+    return Config(
+        name=name,
+        domains=domains,
+        service_address=str(provider.get("service_address", f"posta-certificata@{domains[0]}")),
+        hostname=str(provider.get("hostname", "localhost")),
+        paths=paths,
+        listen=_build(Listen, _section(raw, "listen"), "listen"),
+        limits=_build(Limits, _section(raw, "limits"), "limits"),
+        relay=_build(Relay, _section(raw, "relay"), "relay"),
+        timeouts=_build(Timeouts, _section(raw, "timeouts"), "timeouts"),
+        delivery=_build(Delivery, delivery, "delivery"),
+        tsa_url=str(tsa["url"]) if tsa.get("url") else None,
+        workers=int(raw.get("workers", 4)),
+    )
+
+
+def render(
+    *,
+    name: str,
+    domain: str,
+    data_dir: str,
+    listen: Listen,
+    ca_certs: str,
+) -> str:
+    """The commented configuration ``pecd init`` writes."""
+    return f'''# pecd provider configuration. Paths are relative to this file.
+
+[provider]
+name = "{name}"                        # appears in certificates and as gestore-emittente
+domains = ["{domain}"]                 # mail domains this provider manages
+service_address = "posta-certificata@{domain}"   # From of every receipt; take-charge receipts land here
+hostname = "localhost"                 # name announced in SMTP greetings
+
+[files]
+data_dir = "{data_dir}"                # SQLite database, spool, Maildirs (mail/<domain>/<user>/)
+signing_key = "keys/signing.key"       # provider signing key (0600)
+signing_cert = "keys/signing.pem"      # provider signing certificate
+tls_key = "keys/tls.key"               # SMTP listeners' TLS key
+tls_cert = "keys/tls.pem"
+tsa_key = "keys/tsa.key"               # built-in RFC 3161 TSA
+tsa_cert = "keys/tsa.pem"
+ca_certs = "{ca_certs}"                # CA(s) trusted for peers' TLS and signatures
+
+[listen]
+host = "{listen.host}"
+submission_port = {listen.submission_port}   # STARTTLS + AUTH for mail clients
+smtps_port = {listen.smtps_port}              # implicit TLS + AUTH for mail clients
+inbound_port = {listen.inbound_port}          # other providers (and the Internet) deliver here
+
+[limits]
+max_message_size = 30000000            # bytes, times the number of recipients (RFC 6109 legal limit: 30 MB)
+max_recipients = 50
+
+[relay]
+retry_base = 30.0                      # seconds before the first retry; doubles, with jitter
+retry_max = 3600.0
+max_attempts = 30
+# smarthost = "127.0.0.1"              # where mail for non-PEC (esterno) recipients goes
+# smarthost_port = 25
+tls_verify = true
+
+[timeouts]
+warning_after = 43200.0                # 12 h: notice when neither take-charge nor delivery came
+give_up_after = 86400.0                # 24 h: the transaction ends negative
+
+[delivery]
+method = "maildir"                     # or "lmtp" (e.g. to Dovecot)
+# lmtp_host = "127.0.0.1"
+# lmtp_port = 24
+
+[tsa]
+# url = "http://tsa.example/tsr"       # external RFC 3161 TSA; the built-in one when unset
+'''

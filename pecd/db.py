@@ -1,0 +1,214 @@
+"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys.
+
+Everything that must change together (a queue state, its outputs, their ledger rows) commits in
+one transaction. All writes go through one writer thread, which batches concurrent requests into
+one transaction and so one fsync (group commit); each request runs in its own savepoint so one
+failing request does not undo its neighbours. ``synchronous=FULL``: a commit is on disk when the
+call returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pecd import ledger
+
+T = TypeVar("T")
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_core",
+        """
+        CREATE TABLE users (
+            address TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            created TEXT NOT NULL
+        );
+        CREATE TABLE providers (
+            fingerprint TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            host TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            service_address TEXT NOT NULL,
+            cert_pem TEXT NOT NULL,
+            imported TEXT NOT NULL
+        );
+        CREATE TABLE provider_domains (
+            domain TEXT NOT NULL,
+            fingerprint TEXT NOT NULL REFERENCES providers(fingerprint) ON DELETE CASCADE,
+            PRIMARY KEY (domain, fingerprint)
+        );
+        CREATE TABLE queue (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            spool TEXT NOT NULL,
+            mail_from TEXT NOT NULL,
+            rcpts TEXT NOT NULL,
+            dest TEXT NOT NULL DEFAULT '',
+            meta TEXT NOT NULL DEFAULT '{}',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            leases INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            lease_until REAL,
+            last_error TEXT,
+            created REAL NOT NULL
+        );
+        CREATE INDEX queue_due ON queue(state, kind, next_at);
+        CREATE TABLE seen (
+            provider TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            at TEXT NOT NULL,
+            replies TEXT NOT NULL DEFAULT '[]',
+            PRIMARY KEY (provider, message_id)
+        );
+        CREATE TABLE tracking (
+            pec_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            subject TEXT,
+            ref_msgid TEXT,
+            kind TEXT NOT NULL,
+            accepted REAL NOT NULL,
+            taken REAL,
+            delivered REAL,
+            warned REAL,
+            closed REAL,
+            outcome TEXT,
+            PRIMARY KEY (pec_id, recipient)
+        );
+        CREATE INDEX tracking_open ON tracking(closed, accepted);
+        """,
+    ),
+]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with pecd's durability settings; the caller owns transactions."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply named migrations once each; idempotent."""
+    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied TEXT)")
+    done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+    for name, sql in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO migrations VALUES (?, datetime('now'))", (name,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    conn.execute("BEGIN IMMEDIATE")
+    ledger.install(conn)
+    conn.execute("COMMIT")
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    migrate(conn)
+    return conn
+
+
+_Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]"]
+
+
+class Database:
+    """The single writer: ``await db.transact(fn)`` runs ``fn(conn)`` inside a committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._conn = open_database(path)
+        self._thread = threading.Thread(target=self._run, name="pecd-db-writer", daemon=True)
+        self._thread.start()
+
+    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        fut: Future[T] = Future()
+        self._jobs.put((fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    def transact_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        fut: Future[T] = Future()
+        self._jobs.put((fn, fut))
+        return fut.result()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        conn = self._conn
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < 256:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit_batch(conn, batch)
+            if stop:
+                return
+
+    @staticmethod
+    def _commit_batch(conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        results: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = fn(conn)
+                except BaseException as exc:  # handed to the caller, not swallowed
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((fut, False, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((fut, True, value))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for _fn, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for fut, ok, value in results:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)

@@ -1,0 +1,150 @@
+"""The delivery point (punto di consegna, RFC 6109 §3.3): stores into the recipient's mailbox and,
+for certified mail, sends the sender a delivery receipt or a non-delivery notice.
+
+Mailboxes are Maildirs at ``<data>/mail/<domain>/<local part>/`` (Dovecot's ``%d/%n``). A file
+is written in ``tmp/``, fsynced and linked into ``new/`` under a name made only from the queue
+item (never from message content), so a retry after a crash finds its own earlier delivery and
+does not deliver twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import replace
+from pathlib import Path
+
+from pecd import headers, pec, receipts, users
+from pecd.clock import Clock
+from pecd.config import Config
+from pecd.db import Database
+from pecd.ledger import LedgerEvent
+from pecd.pec import Issuer, Transaction
+from pecd.queue import Item, Outcome
+from pecd.relay import Router
+
+_SAFE_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~-][A-Za-z0-9.!#$%&'*+=?^_`{|}~-]*$")
+
+
+class MailboxError(Exception):
+    """The mailbox cannot take the message (no such user, unsafe name, over quota)."""
+
+
+class Maildir:
+    def __init__(self, root: Path, hostname: str) -> None:
+        self.root = root
+        self.hostname = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
+
+    def path(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        if not _SAFE_LOCAL.match(local) or ".." in local or not re.fullmatch(r"[a-z0-9.-]+", domain):
+            raise MailboxError(f"unsafe mailbox name {address!r}")
+        return self.root / domain / local
+
+    def store(self, address: str, key: str, created: float, data: bytes) -> Path:
+        """Idempotent for the same ``key``: a second call finds the first file."""
+        box = self.path(address)
+        name = f"{int(created)}.{key}.{self.hostname}"
+        for sub in ("tmp", "new", "cur"):
+            (box / sub).mkdir(parents=True, exist_ok=True)
+        final = box / "new" / name
+        if final.exists() or any((box / "cur").glob(f"{name}:*")) or (box / "cur" / name).exists():
+            return final
+        tmp = box / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        dfd = os.open(box / "new", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return final
+
+
+class DeliveryPoint:
+    def __init__(self, config: Config, issuer: Issuer, router: Router, db: Database,
+                 maildir: Maildir, clock: Clock, read: Callable[[Item], bytes],
+                 cpu: Executor) -> None:
+        self.config = config
+        self.issuer = issuer
+        self.router = router
+        self.db = db
+        self.maildir = maildir
+        self.clock = clock
+        self.read = read
+        self.cpu = cpu
+
+    async def mailbox_exists(self, address: str) -> bool:
+        if address.lower() == self.config.service_address.lower():
+            return True
+        return await self.db.transact(lambda conn: users.exists(conn, address))
+
+    async def handle(self, item: Item) -> Outcome:
+        exists = {r: await self.mailbox_exists(r) for r in item.rcpts}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.cpu, self._handle, item, exists)
+
+    def _handle(self, item: Item, exists: dict[str, bool]) -> Outcome:
+        data = self.read(item)
+        if item.meta.get("mode") == "certified":
+            return self._certified(item, data, exists[item.rcpts[0]])
+        events = []
+        for rcpt in item.rcpts:
+            if not exists[rcpt]:
+                events.append(LedgerEvent(event="undeliverable", msgid=_msgid(item),
+                                          recipients=(rcpt,), detail={"reason": "no such mailbox"}))
+                continue
+            self.maildir.store(rcpt, f"{item.id}-{_slot(item, rcpt)}", item.created, data)
+            events.append(LedgerEvent(event="stored", msgid=_msgid(item), recipients=(rcpt,),
+                                      detail={"what": item.meta.get("what", "receipt")}))
+        return Outcome(events=events)
+
+    def _certified(self, item: Item, data: bytes, exists: bool) -> Outcome:
+        rcpt = item.rcpts[0]
+        parsed = pec.parse(data)  # verified by the reception point before it queued this item
+        assert parsed.certdata is not None
+        tx = Transaction.from_certdata(parsed.certdata)
+        at = self.clock.now()
+        base = LedgerEvent(event="delivered", msgid=tx.identifier, ref_msgid=tx.ref_msgid,
+                           sender=tx.sender, recipients=(rcpt,), subject=tx.subject)
+        if not exists:
+            notice_id, notice = receipts.non_delivery(
+                tx, rcpt, "no-dest", "mailbox does not exist", self.issuer, at)
+            return Outcome(
+                outputs=self.router.items(self.issuer.service_address, [tx.sender], notice,
+                                          local_kind="inbound",
+                                          meta={"msgid": notice_id, "what": "non-delivery"}),
+                events=[replace(base, event="non-delivery", related=(notice_id,),
+                                detail={"error": "no-dest"})],
+            )
+        self.maildir.store(rcpt, f"{item.id}-0", item.created, data)
+        original = headers.parse(parsed.original or b"")
+        cc = rcpt.lower() in {a.lower() for a in headers.addresses(original, "Cc")} and \
+            rcpt.lower() not in {a.lower() for a in headers.addresses(original, "To")}
+        form = receipts.delivery_form(tx, rcpt, cc)
+        receipt_id, receipt = receipts.delivery(tx, rcpt, form, parsed.original, self.issuer, at)
+        return Outcome(
+            outputs=self.router.items(self.issuer.service_address, [tx.sender], receipt,
+                                      local_kind="inbound",
+                                      meta={"msgid": receipt_id, "what": "delivery-receipt"}),
+            events=[replace(base, related=(receipt_id,), detail={"form": form})],
+        )
+
+
+def _msgid(item: Item) -> str | None:
+    value = item.meta.get("msgid")
+    return str(value) if value else None
+
+
+def _slot(item: Item, rcpt: str) -> int:
+    return item.rcpts.index(rcpt)

@@ -1,0 +1,571 @@
+"""The PEC log (RFC 6109 §2.3): an append-only, hash-chained table in the queue's SQLite file.
+
+Receives events from the pipeline stages inside *their* transaction (the caller owns the
+connection, BEGIN IMMEDIATE and COMMIT), so that a state change and its log row commit or roll
+back together. Trusts the caller for an event's content and time. When verifying it trusts
+nothing in the file: the triggers stop accidents and careless tools, but whoever owns the file can
+drop them, so integrity rests on the hash chain, and truncation of the tail or a rewrite of the
+whole chain on checkpoints whose head hash is timestamped by a third party.
+
+Canonical row hash (``row_hash``)::
+
+    hash = lowercase hex of SHA-256( ASCII(prev_hash) || UTF-8(canonical JSON of the row) )
+
+where ``prev_hash`` is the previous row's ``hash`` (``GENESIS``, 64 zeros, for seq 1) as its 64
+lowercase hex characters, and the row is the JSON object of exactly the fields ``HASHED_FIELDS``:
+``seq`` (integer), ``at`` (the stored text, ``YYYY-MM-DDTHH:MM:SS.ffffffZ``), ``event``, ``msgid``,
+``ref_msgid``, ``sender``, ``subject``, ``provider`` (string or null), ``recipients``, ``related``
+(arrays of strings) and ``detail`` (object), written as Python's
+``json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)``:
+keys sorted at every level, no whitespace, non-ASCII as UTF-8. The columns ``recipients``,
+``related`` and ``detail`` store the same canonical JSON text, so an exported row can be checked
+by anyone with a JSON library and SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+GENESIS: Final = "0" * 64
+
+HASHED_FIELDS: Final = (
+    "seq",
+    "at",
+    "event",
+    "msgid",
+    "ref_msgid",
+    "sender",
+    "recipients",
+    "subject",
+    "provider",
+    "related",
+    "detail",
+)
+
+_COLUMNS: Final = (*HASHED_FIELDS, "prev_hash", "hash")
+_EVENT_NAME = re.compile(r"[a-z]+(?:-[a-z]+)*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class LedgerError(Exception):
+    """Base of this module's errors."""
+
+
+class LedgerInvalid(LedgerError, ValueError):
+    """An event, time or hash that cannot go into the ledger."""
+
+
+class LedgerUsageError(LedgerError):
+    """The caller broke the transaction contract (e.g. appended outside a transaction)."""
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    """One logged operation (§2.3: message id, time, sender, recipients, subject, event type,
+    ids of related generated messages, sending provider); the time is given to ``append``."""
+
+    event: str
+    msgid: str | None = None
+    ref_msgid: str | None = None
+    sender: str | None = None
+    recipients: tuple[str, ...] = ()
+    subject: str | None = None
+    provider: str | None = None
+    related: tuple[str, ...] = ()
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.event, str) or not _EVENT_NAME.fullmatch(self.event):
+            raise LedgerInvalid(f"event name {self.event!r} is not [a-z]+(-[a-z]+)*")
+        for name in ("msgid", "ref_msgid", "sender", "subject", "provider"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise LedgerInvalid(f"{name} must be str or None, not {type(value).__name__}")
+        for name in ("recipients", "related"):
+            values = tuple(getattr(self, name))
+            if not all(isinstance(v, str) for v in values):
+                raise LedgerInvalid(f"{name} must hold only str")
+            object.__setattr__(self, name, values)
+        if not isinstance(self.detail, Mapping):
+            raise LedgerInvalid("detail must be a mapping")
+        # A private copy: the caller mutating its dict later must not change what we log.
+        object.__setattr__(self, "detail", dict(self.detail))
+
+
+@dataclass(frozen=True)
+class LedgerReport:
+    """``rows``/``checkpoints``: how many verified good (all of them when ``ok``).
+
+    ``first_bad_seq`` names the first row that is wrong or missing; ``bad_checkpoint`` the id of
+    a checkpoint that does not match the chain or whose token does not verify. For a checkpoint
+    fault ``first_bad_seq`` is the checkpoint's ``seq_from``: its rows can no longer be vouched
+    for (a head that differs from the chain means a rewritten range or a forged checkpoint, and
+    only the token tells which; a bad token over a matching head is what a full rewrite of
+    chain and checkpoints looks like).
+    """
+
+    ok: bool
+    rows: int
+    checkpoints: int
+    first_bad_seq: int | None
+    reason: str | None
+    bad_checkpoint: int | None = None
+
+
+# ---------------------------------------------------------------------------------------- schema
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS ledger (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        msgid TEXT,
+        ref_msgid TEXT,
+        sender TEXT,
+        recipients TEXT NOT NULL,
+        subject TEXT,
+        provider TEXT,
+        related TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS ledger_msgid ON ledger(msgid)",
+    "CREATE INDEX IF NOT EXISTS ledger_ref_msgid ON ledger(ref_msgid)",
+    """CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'ledger is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'ledger is append-only: DELETE refused'); END""",
+    # INSERT OR REPLACE deletes the conflicting row without firing DELETE triggers (unless
+    # recursive_triggers is on), so the only safe guard is on INSERT: a new row must extend the
+    # head, never land on an existing seq, and chain onto the current head hash.
+    f"""CREATE TRIGGER IF NOT EXISTS ledger_append_at_head BEFORE INSERT ON ledger
+    WHEN NEW.seq IS NOT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger)
+      OR NEW.prev_hash IS NOT COALESCE(
+             (SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1), '{GENESIS}')
+      OR typeof(NEW.hash) IS NOT 'text' OR length(NEW.hash) IS NOT 64
+      OR NEW.hash GLOB '*[^0-9a-f]*'
+    BEGIN SELECT RAISE(ABORT, 'ledger is append-only: a row must extend the chain head'); END""",
+    # Which rows name a generated message in ``related``: derived from the ledger (not hashed),
+    # kept so that ``events_for`` needs no scan of 30 months of rows.
+    """CREATE TABLE IF NOT EXISTS ledger_related (
+        msgid TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (msgid, seq)
+    ) WITHOUT ROWID""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_related_no_update BEFORE UPDATE ON ledger_related
+    BEGIN SELECT RAISE(ABORT, 'ledger_related is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_related_no_delete BEFORE DELETE ON ledger_related
+    BEGIN SELECT RAISE(ABORT, 'ledger_related is append-only: DELETE refused'); END""",
+    # SQLite's JSON functions cut strings at NUL, so for an id holding one only the row is checked.
+    """CREATE TRIGGER IF NOT EXISTS ledger_related_matches BEFORE INSERT ON ledger_related
+    WHEN NOT EXISTS (
+        SELECT 1 FROM ledger WHERE ledger.seq = NEW.seq AND ledger.related <> '[]' AND (
+            instr(NEW.msgid, char(0)) > 0
+            OR EXISTS (SELECT 1 FROM json_each(ledger.related) AS r WHERE r.value = NEW.msgid)))
+    BEGIN SELECT RAISE(ABORT, 'ledger_related: no such related id on that row'); END""",
+    """CREATE TABLE IF NOT EXISTS ledger_checkpoint (
+        id INTEGER PRIMARY KEY,
+        seq_from INTEGER NOT NULL,
+        seq_to INTEGER NOT NULL,
+        head_hash TEXT NOT NULL,
+        at TEXT NOT NULL,
+        token BLOB NOT NULL
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_checkpoint_no_update
+    BEFORE UPDATE ON ledger_checkpoint
+    BEGIN SELECT RAISE(ABORT, 'ledger_checkpoint is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_checkpoint_no_delete
+    BEFORE DELETE ON ledger_checkpoint
+    BEGIN SELECT RAISE(ABORT, 'ledger_checkpoint is append-only: DELETE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_checkpoint_extends BEFORE INSERT ON ledger_checkpoint
+    WHEN NEW.id IS NOT (SELECT COALESCE(MAX(id), 0) + 1 FROM ledger_checkpoint)
+      OR NEW.seq_from IS NOT COALESCE(
+             (SELECT seq_to FROM ledger_checkpoint ORDER BY id DESC LIMIT 1), 0) + 1
+      OR NEW.seq_to < NEW.seq_from
+      OR NEW.head_hash IS NOT (SELECT hash FROM ledger WHERE seq = NEW.seq_to)
+    BEGIN SELECT RAISE(ABORT,
+        'ledger_checkpoint: must continue the last checkpoint and match the chain'); END""",
+)
+
+
+def install(conn: sqlite3.Connection) -> None:
+    """Create the tables, indexes and triggers if missing; idempotent.
+
+    Runs inside the caller's transaction if there is one, else in its own.
+    """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+    except BaseException:
+        if own:
+            conn.execute("ROLLBACK")
+        raise
+    if own:
+        conn.execute("COMMIT")
+
+
+# ----------------------------------------------------------------------------------------- hash
+
+
+def canonical_json(value: object) -> str:
+    """The one JSON text pecd hashes and stores (see the module docstring)."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise LedgerInvalid(f"not canonically JSON-serialisable: {exc}") from exc
+
+
+def row_hash(prev_hash: str, row: Mapping[str, object]) -> str:
+    """SHA-256 hex of ``prev_hash`` (ASCII hex) followed by the canonical JSON of the row.
+
+    ``row`` must hold every key of ``HASHED_FIELDS`` with the stored values (``recipients`` and
+    ``related`` as lists, ``detail`` as a dict); other keys, such as ``prev_hash`` and ``hash``
+    of an exported row, are ignored.
+    """
+    if not isinstance(prev_hash, str) or not _HEX64.fullmatch(prev_hash):
+        raise LedgerInvalid("prev_hash must be 64 lowercase hex digits")
+    try:
+        fields = {name: row[name] for name in HASHED_FIELDS}
+    except KeyError as exc:
+        raise LedgerInvalid(f"row lacks hashed field {exc}") from exc
+    try:
+        payload = canonical_json(fields).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a surrogateescape'd header
+        raise LedgerInvalid(f"row holds text that is not valid Unicode: {exc}") from exc
+    return hashlib.sha256(prev_hash.encode("ascii") + payload).hexdigest()
+
+
+def format_at(at: datetime) -> str:
+    """An aware time as the ledger stores it: UTC, microseconds, fixed width, sortable as text."""
+    if not isinstance(at, datetime) or at.utcoffset() is None:
+        raise LedgerInvalid("ledger times must be timezone-aware datetimes")
+    u = at.astimezone(UTC)
+    return (
+        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T"
+        f"{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
+    )
+
+
+# --------------------------------------------------------------------------------------- append
+
+_INSERT: Final = (
+    f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+_HEAD: Final = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
+
+
+def append(conn: sqlite3.Connection, event: LedgerEvent, at: datetime) -> int:
+    """Log ``event`` at ``at`` inside the caller's open transaction; returns its seq.
+
+    Begins and commits nothing, so the row lives or dies with the caller's state change. The
+    head is read afresh each time (one rowid lookup): nothing is cached that another connection
+    could make stale. Open the transaction with BEGIN IMMEDIATE, or a concurrent writer can
+    make the commit fail with SQLITE_BUSY.
+    """
+    return append_many(conn, [(event, at)])[0]
+
+
+def append_many(
+    conn: sqlite3.Connection, events: Sequence[tuple[LedgerEvent, datetime]]
+) -> list[int]:
+    """``append`` for several events, in order, with one head lookup."""
+    if not conn.in_transaction:
+        raise LedgerUsageError(
+            "ledger.append must run inside the caller's transaction (BEGIN IMMEDIATE first)"
+        )
+    if not events:
+        return []
+    head = _cursor(conn).execute(_HEAD).fetchone()
+    seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+    rows: list[tuple[object, ...]] = []
+    seqs: list[int] = []
+    related: list[tuple[str, int]] = []
+    for event, at in events:
+        if not isinstance(event, LedgerEvent):
+            raise LedgerInvalid(f"not a LedgerEvent: {type(event).__name__}")
+        seq += 1
+        detail_json = canonical_json(event.detail)
+        detail = json.loads(detail_json)
+        if canonical_json(detail) != detail_json:  # e.g. keys 1 and "1" collapsed into one
+            raise LedgerInvalid("detail does not survive a JSON round trip unchanged")
+        row: dict[str, object] = {
+            "seq": seq,
+            "at": format_at(at),
+            "event": event.event,
+            "msgid": event.msgid,
+            "ref_msgid": event.ref_msgid,
+            "sender": event.sender,
+            "recipients": list(event.recipients),
+            "subject": event.subject,
+            "provider": event.provider,
+            "related": list(event.related),
+            "detail": detail,
+        }
+        digest = row_hash(prev, row)
+        rows.append(
+            (
+                seq,
+                row["at"],
+                event.event,
+                event.msgid,
+                event.ref_msgid,
+                event.sender,
+                canonical_json(row["recipients"]),
+                event.subject,
+                event.provider,
+                canonical_json(row["related"]),
+                detail_json,
+                prev,
+                digest,
+            )
+        )
+        seqs.append(seq)
+        related += [(r, seq) for r in dict.fromkeys(event.related)]
+        prev = digest
+    conn.executemany(_INSERT, rows)
+    if related:
+        conn.executemany("INSERT INTO ledger_related (msgid, seq) VALUES (?, ?)", related)
+    return seqs
+
+
+# --------------------------------------------------------------------------------------- verify
+
+
+def verify(
+    conn: sqlite3.Connection,
+    token_verifier: Callable[[bytes, bytes], None] | None = None,
+) -> LedgerReport:
+    """Recompute the chain from genesis and check every checkpoint against it; stop at the first
+    fault and name it. ``token_verifier(token, head_hash_bytes)`` must raise on a bad token;
+    ``head_hash_bytes`` is the 32-byte digest (``bytes.fromhex(head_hash)``).
+
+    Reads one snapshot: inside the caller's transaction if one is open, else in a read
+    transaction of its own, so rows and checkpoints appended meanwhile cannot confuse it.
+    """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        return _verify(conn, token_verifier)
+    finally:
+        if own:
+            conn.execute("ROLLBACK")
+
+
+def _verify(
+    conn: sqlite3.Connection, token_verifier: Callable[[bytes, bytes], None] | None
+) -> LedgerReport:
+    checkpoints = (
+        _cursor(conn)
+        .execute("SELECT id, seq_from, seq_to, head_hash, token FROM ledger_checkpoint ORDER BY id")
+        .fetchall()
+    )
+    good_rows = 0
+    good_cps = 0
+
+    def fail(seq: int | None, reason: str, checkpoint: int | None = None) -> LedgerReport:
+        return LedgerReport(False, good_rows, good_cps, seq, reason, checkpoint)
+
+    # Checkpoints must form a contiguous series: a deleted one would hide a rewritten range.
+    expected_from = 1
+    for number, (cp_id, seq_from, seq_to, _head, _token) in enumerate(checkpoints, start=1):
+        if cp_id != number or seq_from != expected_from or seq_to < seq_from:
+            return fail(
+                None,
+                f"checkpoint {cp_id}: expected id {number} covering seq {expected_from}.., "
+                f"found seq {seq_from}..{seq_to} (checkpoints missing or reordered)",
+                cp_id,
+            )
+        expected_from = seq_to + 1
+
+    pending = iter(checkpoints)
+    cp = next(pending, None)
+    prev = GENESIS
+    expected = 1
+    for values in _cursor(conn).execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger ORDER BY seq"):
+        stored = dict(zip(_COLUMNS, values, strict=True))
+        seq = stored["seq"]
+        if seq != expected:
+            return fail(expected, f"seq {expected} is missing (next row is seq {seq})")
+        problem = _row_problem(stored, prev)
+        if problem:
+            return fail(expected, f"seq {expected}: {problem}")
+        prev = str(stored["hash"])
+        good_rows += 1
+        while cp is not None and cp[2] == expected:
+            problem = _checkpoint_problem(cp, prev, token_verifier)
+            if problem:
+                return fail(cp[1], f"checkpoint {cp[0]}: {problem}", cp[0])
+            good_cps += 1
+            cp = next(pending, None)
+        expected += 1
+    if cp is not None:
+        return fail(
+            expected,
+            f"checkpoint {cp[0]} covers seq {cp[1]}..{cp[2]} but the ledger ends at seq "
+            f"{expected - 1}: rows from seq {expected} are missing (truncated)",
+            cp[0],
+        )
+    return LedgerReport(True, good_rows, good_cps, None, None)
+
+
+def _row_problem(stored: dict[str, object], prev: str) -> str | None:
+    """Why a stored row does not extend the chain whose head hash is ``prev``, or None."""
+    if stored["prev_hash"] != prev:
+        return "prev_hash is not the previous row's hash (row edited, removed or reordered)"
+    row = dict(stored)
+    for name in ("recipients", "related", "detail"):
+        text = stored[name]
+        try:
+            if not isinstance(text, str):
+                raise ValueError("not text")
+            row[name] = json.loads(text)
+            canonical = canonical_json(row[name])
+        except (ValueError, LedgerInvalid) as exc:
+            return f"{name} is not JSON: {exc}"
+        if canonical != text:
+            return f"{name} is not in canonical JSON form (edited)"
+    try:
+        digest = row_hash(prev, row)
+    except LedgerInvalid as exc:
+        return f"content cannot be hashed: {exc}"
+    if digest != stored["hash"]:
+        return "hash does not match the row's content (content or hash edited)"
+    return None
+
+
+def _checkpoint_problem(
+    cp: tuple[int, int, int, str, bytes],
+    chain_hash: str,
+    token_verifier: Callable[[bytes, bytes], None] | None,
+) -> str | None:
+    _, _, seq_to, head_hash, token = cp
+    if token_verifier is not None:
+        try:
+            head_bytes = bytes.fromhex(head_hash)
+            token_verifier(bytes(token), head_bytes)
+        except Exception as exc:  # whatever the verifier raises means "bad token"
+            return f"timestamp token does not verify: {type(exc).__name__}: {exc}"
+    if head_hash != chain_hash:
+        return (
+            f"head hash differs from the chain at seq {seq_to}: rows in its range rewritten, "
+            "or the checkpoint forged"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------- checkpoint
+
+
+def checkpoint(
+    conn: sqlite3.Connection, at: datetime, timestamper: Callable[[bytes], bytes]
+) -> int | None:
+    """If rows were added since the last checkpoint, timestamp the head and record it.
+
+    ``timestamper(head_hash_bytes)`` (the 32-byte digest) returns a token, e.g. an RFC 3161
+    response. Outside a transaction (the normal case) the timestamper, which may be a network
+    round trip, runs before the write lock is taken, so appenders never wait on a TSA; inside
+    the caller's transaction everything happens there. Returns the new checkpoint's id, or None
+    if there was nothing new (or a concurrent checkpoint already covered it).
+    """
+    at_text = format_at(at)
+    own = not conn.in_transaction
+    cur = _cursor(conn)
+    head = cur.execute(_HEAD).fetchone()
+    if head is None:
+        return None
+    seq_to, head_hash = int(head[0]), str(head[1])
+    last = cur.execute(
+        "SELECT id, seq_to FROM ledger_checkpoint ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if last is not None and int(last[1]) >= seq_to:
+        return None
+    token = timestamper(bytes.fromhex(head_hash))
+    if not isinstance(token, bytes | bytearray | memoryview):
+        raise LedgerInvalid("timestamper must return bytes")
+    if own:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the write lock: another process may have checkpointed meanwhile.
+        last = cur.execute(
+            "SELECT id, seq_to FROM ledger_checkpoint ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        cp_id, seq_from = (int(last[0]) + 1, int(last[1]) + 1) if last else (1, 1)
+        if seq_from > seq_to:
+            if own:
+                conn.execute("ROLLBACK")
+            return None
+        conn.execute(
+            "INSERT INTO ledger_checkpoint (id, seq_from, seq_to, head_hash, at, token)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (cp_id, seq_from, seq_to, head_hash, at_text, bytes(token)),
+        )
+    except BaseException:
+        if own:
+            conn.execute("ROLLBACK")
+        raise
+    if own:
+        conn.execute("COMMIT")
+    return cp_id
+
+
+# ---------------------------------------------------------------------------------------- query
+
+
+def events_for(conn: sqlite3.Connection, msgid: str) -> list[dict[str, object]]:
+    """Rows about ``msgid``: as the message, as the client's original Message-ID, or as a
+    related generated message; in ledger order (for ``pecd status``)."""
+    cur = _cursor(conn).execute(
+        f"SELECT {', '.join(_COLUMNS)} FROM ledger"
+        " WHERE msgid = ?1 OR ref_msgid = ?1"
+        " OR seq IN (SELECT seq FROM ledger_related WHERE msgid = ?1)"
+        " ORDER BY seq",
+        (msgid,),
+    )
+    return [_decoded(values) for values in cur]
+
+
+def export_rows(
+    conn: sqlite3.Connection, since: datetime | None, until: datetime | None
+) -> Iterator[dict[str, object]]:
+    """Rows with ``since <= at < until`` (either bound optional), in ledger order, JSON-ready.
+
+    Each dict carries ``prev_hash`` and ``hash``: ``row_hash(r["prev_hash"], r) == r["hash"]``
+    lets a reader check an export without pecd.
+    """
+    lo = format_at(since) if since is not None else None
+    hi = format_at(until) if until is not None else None
+    cur = _cursor(conn).execute(
+        f"SELECT {', '.join(_COLUMNS)} FROM ledger"
+        " WHERE (?1 IS NULL OR at >= ?1) AND (?2 IS NULL OR at < ?2) ORDER BY seq",
+        (lo, hi),
+    )
+    for values in cur:
+        yield _decoded(values)
+
+
+def _decoded(values: Sequence[object]) -> dict[str, object]:
+    row = dict(zip(_COLUMNS, values, strict=True))
+    for name in ("recipients", "related", "detail"):
+        row[name] = json.loads(str(row[name]))
+    return row
+
+
+def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
+    """A cursor yielding plain tuples whatever ``row_factory`` the caller's connection uses."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    return cur

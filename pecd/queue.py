@@ -1,0 +1,307 @@
+"""The durable queue that joins the stages, and its one ``enqueue`` path.
+
+Listeners call :meth:`Queue.enqueue` and answer ``250`` only after it returns: by then the bytes
+are fsynced in the spool and the row is committed. A stage leases items, works on them without
+touching the queue, and hands back an :class:`Outcome`; :meth:`Queue.finish` commits the outcome
+(new items, ledger rows, the item's new state) in one transaction, so a crash either loses the
+whole step (and it runs again) or none of it.
+
+States: ``incoming`` → ``active`` (leased) → removed when done, or ``deferred`` (retry later with
+backoff), ``hold`` (an operator looks), ``corrupt`` (spool file missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pecd import ledger
+from pecd.clock import Clock
+from pecd.db import Database
+from pecd.ledger import LedgerEvent
+from pecd.spool import Spool
+
+Kind = Literal["submission", "inbound", "deliver", "relay"]
+KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay")
+MAX_LEASES = 5  # an item whose handling killed the process this often is parked in hold
+
+
+@dataclass(frozen=True)
+class NewItem:
+    kind: Kind
+    mail_from: str
+    rcpts: tuple[str, ...]
+    data: bytes | None = None
+    same_as: str | None = None  # spool name whose bytes this item shares (hard link)
+    dest: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    kind: Kind
+    mail_from: str
+    rcpts: tuple[str, ...]
+    dest: str
+    meta: Mapping[str, Any]
+    attempts: int
+    spool: str
+    created: float
+
+
+Effect = Callable[[sqlite3.Connection], None]
+
+
+@dataclass
+class Outcome:
+    """What a stage decided about one item; committed atomically by :meth:`Queue.finish`."""
+
+    state: Literal["done", "deferred", "hold"] = "done"
+    outputs: list[NewItem] = field(default_factory=list)
+    events: list[LedgerEvent] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
+    seen: tuple[str, str] | None = None  # (provider, message id): refuse to do this twice
+    delay: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    released: int
+    held: int
+    corrupt: int
+    orphans_removed: int
+
+
+class Queue:
+    def __init__(self, db: Database, spool: Spool, clock: Clock) -> None:
+        self.db = db
+        self.spool = spool
+        self.clock = clock
+        self.wakeup: dict[str, asyncio.Event] = {}
+
+    def _event(self, kind: str) -> asyncio.Event:
+        if kind not in self.wakeup:
+            self.wakeup[kind] = asyncio.Event()
+        return self.wakeup[kind]
+
+    async def _write_outputs(self, items: Sequence[NewItem]) -> list[str]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._write_outputs_sync, items)
+
+    def _write_outputs_sync(self, items: Sequence[NewItem]) -> list[str]:
+        blobs = [i.data for i in items if i.data is not None]
+        written = iter(self.spool.write_many(blobs))
+        names = []
+        linked = False
+        for i in items:
+            if i.data is not None:
+                names.append(next(written))
+            elif i.same_as is not None:
+                names.append(self.spool.link(i.same_as))
+                linked = True
+            else:
+                raise ValueError("a queue item needs data or same_as")
+        if linked:
+            self.spool.sync_dir()
+        return names
+
+    def _insert(self, conn: sqlite3.Connection, items: Sequence[NewItem], names: Sequence[str]) -> list[int]:
+        now = self.clock.now().timestamp()
+        ids = []
+        for item, name in zip(items, names, strict=True):
+            cur = conn.execute(
+                "INSERT INTO queue (kind, state, spool, mail_from, rcpts, dest, meta, next_at, created)"
+                " VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?)",
+                (item.kind, name, item.mail_from, json.dumps(list(item.rcpts)), item.dest,
+                 json.dumps(dict(item.meta), sort_keys=True), now, now),
+            )
+            assert cur.lastrowid is not None
+            ids.append(cur.lastrowid)
+        return ids
+
+    def _notify(self, items: Iterable[NewItem]) -> None:
+        for kind in {i.kind for i in items}:
+            self._event(kind).set()
+
+    async def enqueue(self, items: Sequence[NewItem], events: Sequence[LedgerEvent] = ()) -> list[int]:
+        """The one way in: returns only when bytes and rows are durable."""
+        names = await self._write_outputs(items)
+        at = self.clock.now()
+
+        def txn(conn: sqlite3.Connection) -> list[int]:
+            ids = self._insert(conn, items, names)
+            for ev in events:
+                ledger.append(conn, ev, at)
+            return ids
+
+        try:
+            ids = await self.db.transact(txn)
+        except BaseException:
+            self.spool.remove(names)
+            raise
+        self._notify(items)
+        return ids
+
+    async def record(self, events: Sequence[LedgerEvent]) -> None:
+        """Ledger rows for things that create no queue item (a refused session, say)."""
+        at = self.clock.now()
+
+        def txn(conn: sqlite3.Connection) -> None:
+            for ev in events:
+                ledger.append(conn, ev, at)
+
+        await self.db.transact(txn)
+
+    async def lease(self, kind: Kind, limit: int, lease_seconds: float = 600.0,
+                    exclude_dests: Iterable[str] = ()) -> list[Item]:
+        now = self.clock.now().timestamp()
+        excluded = list(exclude_dests)
+
+        def txn(conn: sqlite3.Connection) -> list[Item]:
+            sql = ("SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
+                   " AND next_at <= ?")
+            args: list[Any] = [kind, now]
+            if excluded:
+                sql += f" AND dest NOT IN ({','.join('?' * len(excluded))})"
+                args += excluded
+            rows = conn.execute(sql + " ORDER BY next_at, id LIMIT ?", [*args, limit]).fetchall()
+            items = []
+            for row in rows:
+                conn.execute(
+                    "UPDATE queue SET state='active', lease_until=?, leases=leases+1 WHERE id=?",
+                    (now + lease_seconds, row["id"]),
+                )
+                items.append(_item(row))
+            return items
+
+        return await self.db.transact(txn)
+
+    async def next_due(self, kind: Kind) -> float | None:
+        def txn(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(next_at) FROM queue WHERE state IN ('incoming','deferred') AND kind=?",
+                (kind,),
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self.db.transact(txn)
+
+    async def wait(self, kind: Kind, timeout: float) -> None:
+        event = self._event(kind)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        event.clear()
+
+    async def finish(self, item: Item, outcome: Outcome) -> bool:
+        """Commit a stage's outcome; False when ``outcome.seen`` shows it was already done."""
+        names = await self._write_outputs(outcome.outputs) if outcome.state == "done" else []
+        at = self.clock.now()
+        now = at.timestamp()
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            if outcome.seen is not None:
+                provider, message_id = outcome.seen
+                dup = conn.execute(
+                    "SELECT 1 FROM seen WHERE provider=? AND message_id=?", (provider, message_id)
+                ).fetchone()
+                if dup:
+                    ledger.append(conn, LedgerEvent(
+                        event="duplicate", msgid=message_id, provider=provider,
+                        detail={"queue_id": item.id},
+                    ), at)
+                    conn.execute("DELETE FROM queue WHERE id=?", (item.id,))
+                    return False
+                conn.execute("INSERT INTO seen (provider, message_id, at) VALUES (?, ?, ?)",
+                             (provider, message_id, at.isoformat()))
+            self._insert(conn, outcome.outputs, names)
+            for ev in outcome.events:
+                ledger.append(conn, ev, at)
+            for effect in outcome.effects:
+                effect(conn)
+            if outcome.state == "done":
+                conn.execute("DELETE FROM queue WHERE id=?", (item.id,))
+            elif outcome.state == "deferred":
+                conn.execute(
+                    "UPDATE queue SET state='deferred', attempts=attempts+1, next_at=?,"
+                    " lease_until=NULL, last_error=? WHERE id=?",
+                    (now + outcome.delay, outcome.error, item.id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE queue SET state='hold', lease_until=NULL, last_error=? WHERE id=?",
+                    (outcome.error, item.id),
+                )
+            return True
+
+        try:
+            fresh = await self.db.transact(txn)
+        except BaseException:
+            self.spool.remove(names)
+            raise
+        if not fresh:
+            self.spool.remove(names)
+        if outcome.state == "done":
+            self.spool.remove([item.spool])
+        self._notify(outcome.outputs)
+        return fresh
+
+    def read(self, item: Item) -> bytes:
+        return self.spool.read(item.spool)
+
+    def recover(self) -> Recovery:
+        """Run once at start, before any listener: return dead leases, drop what nobody acknowledged."""
+        at = self.clock.now()
+
+        def txn(conn: sqlite3.Connection) -> Recovery:
+            held = 0
+            for row in conn.execute(
+                "SELECT id, leases FROM queue WHERE state='active' AND leases >= ?", (MAX_LEASES,)
+            ).fetchall():
+                conn.execute("UPDATE queue SET state='hold', lease_until=NULL,"
+                             " last_error='handling interrupted too often' WHERE id=?", (row[0],))
+                ledger.append(conn, LedgerEvent(event="held", detail={
+                    "queue_id": row[0], "reason": "handling interrupted too often"}), at)
+                held += 1
+            released = conn.execute(
+                "UPDATE queue SET state='incoming', lease_until=NULL WHERE state='active'"
+            ).rowcount
+            corrupt = 0
+            referenced = set()
+            for row in conn.execute("SELECT id, spool, state FROM queue").fetchall():
+                referenced.add(row[1])
+                if row[2] != "corrupt" and not self.spool.path(row[1]).exists():
+                    conn.execute("UPDATE queue SET state='corrupt' WHERE id=?", (row[0],))
+                    ledger.append(conn, LedgerEvent(event="corrupt", detail={
+                        "queue_id": row[0], "reason": "spool file missing"}), at)
+                    corrupt += 1
+            orphans = self.spool.orphans(referenced)
+            self.spool.remove(orphans)
+            return Recovery(released, held, corrupt, len(orphans))
+
+        self.spool.clear_tmp()
+        return self.db.transact_sync(txn)
+
+
+def _item(row: sqlite3.Row) -> Item:
+    return Item(
+        id=row["id"], kind=row["kind"], mail_from=row["mail_from"],
+        rcpts=tuple(json.loads(row["rcpts"])), dest=row["dest"], meta=json.loads(row["meta"]),
+        attempts=row["attempts"], spool=row["spool"], created=row["created"],
+    )
+
+
+def backoff(attempts: int, base: float, cap: float, jitter: float) -> float:
+    """Exponential backoff; ``jitter`` in [0, 1) spreads retries of many items apart."""
+    return float(min(cap, base * (2 ** min(attempts, 30))) * (0.75 + 0.5 * jitter))
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,160 @@
+"""The incoming point (punto di ricezione, RFC 6109 §3.2): mail from other providers and from the
+Internet. A transport envelope whose signature holds, whose signer is in the provider index and
+whose sender domain belongs to that signer is taken in charge (one take-charge receipt per
+transaction) and handed to the delivery point; a valid receipt goes to its addressee and updates
+the tracking of our own transactions; anything else reaches the recipient only inside an anomaly
+envelope, never as certified mail.
+
+Trusts: the provider index and the configured CA certificates, nothing in the message itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from pecd import envelope, pec, receipts, smime
+from pecd.clock import Clock
+from pecd.cms import SignatureInvalid
+from pecd.config import Config
+from pecd.index import Provider, ProviderIndex
+from pecd.ledger import LedgerEvent
+from pecd.pec import Issuer, Transaction
+from pecd.queue import Item, NewItem, Outcome
+from pecd.relay import Router
+
+
+class NotCertified(Exception):
+    """Why a message cannot be treated as certified; becomes the anomaly envelope's reason."""
+
+
+@dataclass(frozen=True)
+class Verified:
+    parsed: pec.Parsed
+    provider: Provider
+
+
+def verify(data: bytes, mail_from: str, index: ProviderIndex,
+           trust_roots: Sequence[x509.Certificate]) -> Verified:
+    """Signature, signer in the index, sender domain managed by that signer: all or nothing."""
+    try:
+        parsed = pec.parse(data)
+    except pec.NotPec as exc:
+        raise NotCertified(str(exc)) from None
+    if parsed.category not in ("envelope", "receipt"):
+        raise NotCertified("not a certified message")
+    try:
+        _, info = smime.verify_message(data, trust_roots)
+    except (SignatureInvalid, smime.NotSigned) as exc:
+        raise NotCertified(f"signature not valid: {exc}") from None
+    provider = index.for_certificate(info.signer)
+    if provider is None:
+        raise NotCertified("the signer is not a provider in the index")
+    domain = mail_from.rpartition("@")[2].lower()
+    if domain not in provider.domains:
+        raise NotCertified(f"sender domain {domain} is not managed by {provider.name}")
+    return Verified(parsed, provider)
+
+
+class ReceptionPoint:
+    def __init__(self, config: Config, issuer: Issuer, router: Router, index: ProviderIndex,
+                 trust_roots: Sequence[x509.Certificate], clock: Clock,
+                 read: Callable[[Item], bytes], cpu: Executor) -> None:
+        self.config = config
+        self.issuer = issuer
+        self.router = router
+        self.index = index
+        self.trust_roots = list(trust_roots)
+        self.clock = clock
+        self.read = read
+        self.cpu = cpu
+
+    async def handle(self, item: Item) -> Outcome:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.cpu, self._handle, item)
+
+    def _handle(self, item: Item) -> Outcome:
+        data = self.read(item)
+        try:
+            verified = verify(data, item.mail_from, self.index, self.trust_roots)
+        except NotCertified as exc:
+            return self._anomaly(item, data, str(exc))
+        if verified.parsed.category == "envelope":
+            return self._envelope(item, verified)
+        return self._receipt(item, verified)
+
+    def _anomaly(self, item: Item, data: bytes, reason: str) -> Outcome:
+        at = self.clock.now()
+        wrapped = envelope.anomaly_envelope(data, item.rcpts, self.issuer, at, reason)
+        return Outcome(
+            outputs=[NewItem("deliver", item.mail_from, item.rcpts, data=wrapped,
+                             meta={"mode": "plain", "what": "anomaly"})],
+            events=[LedgerEvent(event="anomaly", sender=item.mail_from, recipients=item.rcpts,
+                                detail={"reason": reason, "queue_id": item.id})],
+        )
+
+    def _envelope(self, item: Item, v: Verified) -> Outcome:
+        assert v.parsed.certdata is not None
+        at = self.clock.now()
+        tx = Transaction.from_certdata(v.parsed.certdata)
+        tc_id, tc = receipts.take_charge(tx, item.rcpts, self.issuer, v.provider.service_address,
+                                         at)
+        outputs = self.router.items(self.issuer.service_address, [v.provider.service_address],
+                                    tc, local_kind="inbound",
+                                    meta={"msgid": tc_id, "what": "take-charge"})
+        for rcpt in item.rcpts:
+            outputs.append(NewItem("deliver", item.mail_from, (rcpt,), same_as=item.spool,
+                                   meta={"mode": "certified", "msgid": tx.identifier}))
+        return Outcome(
+            outputs=outputs,
+            seen=(v.provider.fingerprint, tx.identifier),
+            events=[LedgerEvent(event="taken-in-charge", msgid=tx.identifier,
+                                ref_msgid=tx.ref_msgid, sender=tx.sender, recipients=item.rcpts,
+                                subject=tx.subject, provider=v.provider.name, related=(tc_id,),
+                                detail={"queue_id": item.id})],
+        )
+
+    def _receipt(self, item: Item, v: Verified) -> Outcome:
+        cd = v.parsed.certdata
+        assert cd is not None
+        message_id = (v.parsed.headers.get("Message-ID") or "").strip().strip("<>")
+        now = self.clock.now().timestamp()
+        effects: list[Callable[[sqlite3.Connection], None]] = []
+        if cd.type == "avvenuta-consegna" and cd.delivered_to:
+            effects.append(_track("delivered", cd.identifier, (cd.delivered_to,), now, "delivered"))
+        elif cd.type == "presa-in-carico":
+            effects.append(_track("taken", cd.identifier, cd.taken_in_charge, now))
+        elif cd.type == "errore-consegna" and cd.delivered_to:
+            effects.append(_track("closed", cd.identifier, (cd.delivered_to,), now, "errore"))
+        return Outcome(
+            outputs=[NewItem("deliver", item.mail_from, item.rcpts, same_as=item.spool,
+                             meta={"mode": "plain", "msgid": message_id})],
+            seen=(v.provider.fingerprint, message_id) if message_id else None,
+            events=[LedgerEvent(event="receipt-received", msgid=cd.identifier,
+                                ref_msgid=cd.msgid, sender=cd.sender, recipients=item.rcpts,
+                                subject=cd.subject, provider=v.provider.name,
+                                related=(message_id,),
+                                detail={"type": cd.type, "error": cd.error,
+                                        "queue_id": item.id})],
+            effects=effects,
+        )
+
+
+def _track(column: str, pec_id: str, recipients: Sequence[str], at: float,
+           outcome: str | None = None) -> Callable[[sqlite3.Connection], None]:
+    assert column in ("delivered", "taken", "closed")
+
+    def effect(conn: sqlite3.Connection) -> None:
+        for rcpt in recipients:
+            conn.execute(
+                f"UPDATE tracking SET {column}=coalesce({column}, ?),"
+                " outcome=coalesce(outcome, ?) WHERE pec_id=? AND lower(recipient)=lower(?)",
+                (at, outcome, pec_id, rcpt),
+            )
+
+    return effect

@@ -1,0 +1,200 @@
+"""Where a message goes (routing) and how it gets there (the relay stage).
+
+Routing is pure: a local domain stays here, a domain in the provider index goes to that
+provider, anything else is ordinary Internet mail (``esterno``) for the smarthost. The relay
+stage sends ``relay`` items over SMTP with aiosmtplib, STARTTLS always to PEC peers, reusing one
+connection per destination. It trusts nothing it receives; a peer's 250 is what ends its duty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from pecd.config import Config
+from pecd.index import ProviderIndex
+from pecd.ledger import LedgerEvent
+from pecd.queue import Item, Kind, NewItem, Outcome, backoff
+
+log = logging.getLogger("pecd.relay")
+
+EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: Kind
+    rcpts: tuple[str, ...]
+    dest: str
+
+
+class Router:
+    def __init__(self, config: Config, index: ProviderIndex) -> None:
+        self.config = config
+        self.index = index
+
+    def is_certified(self, address: str) -> bool:
+        return self.config.is_local(address) or self.index.for_address(address) is not None
+
+    def route(self, rcpts: Sequence[str], local_kind: Kind) -> list[Route]:
+        """Group recipients by next hop; local ones become ``local_kind`` items."""
+        groups: dict[str, list[str]] = {}
+        for rcpt in rcpts:
+            if self.config.is_local(rcpt):
+                key = ""
+            else:
+                provider = self.index.for_address(rcpt)
+                key = f"pec:{provider.fingerprint}" if provider else EXTERNAL
+            groups.setdefault(key, []).append(rcpt)
+        return [
+            Route(local_kind if key == "" else "relay", tuple(group), key)
+            for key, group in groups.items()
+        ]
+
+    def items(self, mail_from: str, rcpts: Sequence[str], data: bytes, local_kind: Kind,
+              meta: dict[str, object] | None = None) -> list[NewItem]:
+        routes = self.route(rcpts, local_kind)
+        first: list[NewItem] = []
+        for r in routes:
+            first.append(NewItem(kind=r.kind, mail_from=mail_from, rcpts=r.rcpts, data=data,
+                                 dest=r.dest, meta=dict(meta or {})))
+        return first
+
+
+class PermanentFailure(Exception):
+    """The next hop refused for good (5xx); retrying will not help."""
+
+
+class TemporaryFailure(Exception):
+    """The next hop is unreachable or said 4xx; retry later."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    host: str
+    port: int
+    tls: bool  # STARTTLS required
+
+
+class Connections:
+    """One live SMTP connection per destination, reused across messages."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._clients: dict[Hop, aiosmtplib.SMTP] = {}
+        self._locks: dict[Hop, asyncio.Lock] = {}
+        self._tls = ssl.create_default_context(cafile=str(config.paths.ca_certs))
+        if not config.relay.tls_verify:
+            self._tls.check_hostname = False
+            self._tls.verify_mode = ssl.CERT_NONE
+
+    def lock(self, hop: Hop) -> asyncio.Lock:
+        return self._locks.setdefault(hop, asyncio.Lock())
+
+    async def _client(self, hop: Hop) -> aiosmtplib.SMTP:
+        client = self._clients.get(hop)
+        if client is not None and client.is_connected:
+            try:
+                await client.rset()
+                return client
+            except aiosmtplib.SMTPException:
+                client.close()
+        client = aiosmtplib.SMTP(
+            hostname=hop.host, port=hop.port, local_hostname=self.config.hostname,
+            timeout=self.config.relay.connect_timeout, tls_context=self._tls,
+            start_tls=hop.tls, use_tls=False,
+        )
+        await client.connect()
+        self._clients[hop] = client
+        return client
+
+    async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str], data: bytes) -> None:
+        async with self.lock(hop):
+            try:
+                client = await self._client(hop)
+                errors, _ = await client.sendmail(mail_from, list(rcpts), data)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                self._drop(hop)
+                codes = [r.code for r in exc.recipients]
+                if all(c >= 500 for c in codes):
+                    raise PermanentFailure(str(exc)) from None
+                raise TemporaryFailure(str(exc)) from None
+            except aiosmtplib.SMTPResponseException as exc:
+                self._drop(hop)
+                if exc.code >= 500:
+                    raise PermanentFailure(f"{exc.code} {exc.message}") from None
+                raise TemporaryFailure(f"{exc.code} {exc.message}") from None
+            except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+                self._drop(hop)
+                raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
+            if errors:
+                # some recipients refused: the item is retried for those only by the caller
+                refused = {r: e for r, e in errors.items()}
+                if all(e.code >= 500 for e in refused.values()):
+                    raise PermanentFailure(f"refused: {', '.join(refused)}")
+                raise TemporaryFailure(f"refused: {', '.join(refused)}")
+
+    def _drop(self, hop: Hop) -> None:
+        client = self._clients.pop(hop, None)
+        if client is not None:
+            client.close()
+
+    async def close(self) -> None:
+        for hop in list(self._clients):
+            client = self._clients.pop(hop)
+            try:
+                if client.is_connected:
+                    await client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
+class RelayStage:
+    def __init__(self, config: Config, index: ProviderIndex, connections: Connections,
+                 read: Callable[[Item], bytes]) -> None:
+        self.config = config
+        self.index = index
+        self.connections = connections
+        self.read = read
+
+    def hop(self, item: Item) -> Hop:
+        if item.dest.startswith("pec:"):
+            provider = self.index.for_address(item.rcpts[0])
+            if provider is None:
+                raise PermanentFailure(f"no provider in the index for {item.rcpts[0]}")
+            return Hop(provider.host, provider.port, tls=True)
+        if self.config.relay.smarthost:
+            return Hop(self.config.relay.smarthost, self.config.relay.smarthost_port, tls=False)
+        raise PermanentFailure("no smarthost configured for non-PEC recipients")
+
+    async def handle(self, item: Item) -> Outcome:
+        event = LedgerEvent(
+            event="relayed", msgid=str(item.meta.get("msgid") or "") or None,
+            sender=item.mail_from, recipients=item.rcpts,
+            detail={"dest": item.dest, "what": item.meta.get("what", "")},
+        )
+        try:
+            hop = self.hop(item)
+            data = await asyncio.get_running_loop().run_in_executor(None, self.read, item)
+            await self.connections.send(hop, item.mail_from, item.rcpts, data)
+        except TemporaryFailure as exc:
+            if item.attempts + 1 >= self.config.relay.max_attempts:
+                return Outcome(state="hold", error=str(exc), events=[LedgerEvent(
+                    event="relay-failed", msgid=event.msgid, sender=item.mail_from,
+                    recipients=item.rcpts, detail={"reason": str(exc), "final": True})])
+            delay = backoff(item.attempts, self.config.relay.retry_base,
+                            self.config.relay.retry_max, random.random())
+            return Outcome(state="deferred", delay=delay, error=str(exc), events=[LedgerEvent(
+                event="deferred", msgid=event.msgid, sender=item.mail_from,
+                recipients=item.rcpts, detail={"reason": str(exc), "retry_in": round(delay, 1)})])
+        except PermanentFailure as exc:
+            return Outcome(state="hold", error=str(exc), events=[LedgerEvent(
+                event="relay-failed", msgid=event.msgid, sender=item.mail_from,
+                recipients=item.rcpts, detail={"reason": str(exc), "final": True})])
+        return Outcome(events=[event])

@@ -1,0 +1,73 @@
+"""Every SMTP reply pecd sends, named, and the one mapping from typed refusals to replies.
+
+Stages raise the exceptions below; only the SMTP adapter turns them into reply lines, so a reply
+code is decided in exactly one place and no exception text from deep inside ever reaches a peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+log = logging.getLogger("pecd.smtp")
+
+OK_QUEUED = "250 2.0.0 Ok: queued as {}"
+OK = "250 2.1.0 Ok"
+OK_RCPT = "250 2.1.5 Ok"
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_TLS_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
+SENDER_NOT_OWNED = "553 5.7.1 Sender address rejected: not owned by the authenticated user"
+FROM_NOT_OWNED = "550 5.7.1 From header does not match the authenticated user"
+RELAY_DENIED = "554 5.7.1 Relay access denied: {} is not a domain of this provider"
+BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax"
+TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
+NO_HEADERS = "554 5.6.0 Message has no header section"
+TEMPORARY = "451 4.3.0 Temporary failure, please retry (incident {})"
+
+
+class Refusal(Exception):
+    """A stage's typed refusal; ``reply`` is one of the constants above."""
+
+    reply = "554 5.0.0 Refused"
+
+    def __init__(self, detail: str = "", reply: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if reply is not None:
+            self.reply = reply
+
+
+class SenderNotOwned(Refusal):
+    reply = SENDER_NOT_OWNED
+
+
+class FromNotOwned(Refusal):
+    reply = FROM_NOT_OWNED
+
+
+class RelayDenied(Refusal):
+    reply = RELAY_DENIED
+
+
+class TooManyRecipients(Refusal):
+    reply = TOO_MANY_RCPTS
+
+
+class MessageTooBig(Refusal):
+    reply = TOO_BIG
+
+
+class BadMessage(Refusal):
+    reply = NO_HEADERS
+
+
+def reply_for(exc: BaseException) -> str:
+    """The reply for any exception: refusals say what they are, anything else gets an incident id."""
+    if isinstance(exc, Refusal):
+        return exc.reply
+    incident = uuid.uuid4().hex[:12]
+    log.error("incident %s: unexpected error", incident, exc_info=exc)
+    return TEMPORARY.format(incident)

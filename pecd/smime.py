@@ -1,0 +1,219 @@
+"""S/MIME multipart/signed (RFC 5751, RFC 1847), built and split at the byte level.
+
+``wrap_signed`` receives a MIME entity pecd composed; ``split_signed`` and ``verify_message``
+receive whole messages from the network and trust nothing in them until ``cms.verify_detached``
+has checked the signature against the caller's roots. Bytes are never re-encoded by an e-mail
+library: the signed part must reach the verifier exactly as it was signed.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import Message
+
+from cryptography import x509
+
+from pecd.cms import SignatureInfo, Signer, verify_detached
+
+SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
+_HEADER_NAME = re.compile(rb"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+_RESERVED = {"mime-version", "content-type", "content-transfer-encoding"}
+_LWSP = b" \t"
+
+
+class NotSigned(Exception):
+    """The message is not an S/MIME multipart/signed message, or its structure is broken."""
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    """The outer headers (unsigned, as received), the signed entity and the DER signature."""
+
+    headers: Message
+    inner: bytes
+    signature: bytes
+
+
+def _check_canonical(inner: bytes) -> None:
+    if b"\n" in inner.replace(b"\r\n", b""):
+        raise ValueError("inner entity has bare LF line endings; S/MIME signs canonical CRLF text")
+    if b"\r" in inner.replace(b"\r\n", b""):
+        raise ValueError("inner entity has a bare CR")
+    if b"\r\n\r\n" not in inner and not inner.startswith(b"\r\n"):
+        raise ValueError("inner entity has no header/body separator (blank line)")
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """``Name: value`` CRLF; ``value`` is already RFC 2047-encoded and may be folded."""
+    raw_name = name.encode("ascii")
+    if not _HEADER_NAME.match(raw_name):
+        raise ValueError(f"invalid header name {name!r}")
+    if name.lower() in _RESERVED:
+        raise ValueError(f"{name} is written by wrap_signed itself")
+    try:
+        raw = value.encode("ascii").replace(b"\r\n", b"\n")
+    except UnicodeEncodeError:
+        raise ValueError(f"header {name} is not ASCII: encode it (RFC 2047) first") from None
+    lines = raw.split(b"\n")
+    for line in lines[1:]:
+        # Only folding may break a header: a continuation starts with white space. Anything else
+        # would let a value inject headers.
+        if not line or line[:1] not in (b" ", b"\t"):
+            raise ValueError(f"header {name} contains a line break that is not folding")
+    if b"\r" in raw:
+        raise ValueError(f"header {name} contains a bare CR")
+    return raw_name + b": " + b"\r\n".join(lines) + b"\r\n"
+
+
+def _new_boundary(inner: bytes) -> str:
+    while True:
+        boundary = f"----=_pecd_{secrets.token_hex(16)}"
+        if boundary.encode("ascii") not in inner:
+            return boundary
+
+
+def wrap_signed(outer_headers: Sequence[tuple[str, str]], inner: bytes, signer: Signer) -> bytes:
+    """A complete multipart/signed message whose first part is ``inner``, byte for byte.
+
+    ``inner`` must be a whole MIME entity with CRLF line endings; the signature covers exactly
+    those bytes (RFC 1847 §2.1), so nothing here may change them.
+    """
+    _check_canonical(inner)
+    boundary = _new_boundary(inner)
+    delim = b"--" + boundary.encode("ascii")
+    signature = base64.encodebytes(signer.sign_detached(inner)).replace(b"\n", b"\r\n")
+    out = [_header_line(name, value) for name, value in outer_headers]
+    out += [
+        b"MIME-Version: 1.0\r\n",
+        b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n',
+        b'\tmicalg="sha-256"; boundary="' + boundary.encode("ascii") + b'"\r\n',
+        b"\r\n",
+        b"This is an S/MIME signed message\r\n",
+        b"\r\n",
+        delim + b"\r\n",
+        inner,
+        b"\r\n" + delim + b"\r\n",
+        b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n',
+        b"Content-Transfer-Encoding: base64\r\n",
+        b'Content-Disposition: attachment; filename="smime.p7s"\r\n',
+        b"\r\n",
+        signature,  # encodebytes: 76-character lines, each ending in a line break
+        b"\r\n" + delim + b"--\r\n",
+    ]
+    return b"".join(out)
+
+
+def _to_crlf(message: bytes) -> bytes:
+    """Bare-LF files (as saved by many tools) become canonical CRLF; lone CRs are left alone."""
+    return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _find_delimiter(body: bytes, delim: bytes, start: int) -> tuple[int, int, bool]:
+    """Next delimiter line at or after ``start``: (index of its leading CRLF or of the line,
+    index just past the line, whether it is the close delimiter).
+
+    RFC 2046 §5.1.1: the delimiter is CRLF "--boundary", then optional white space, then CRLF;
+    the CRLF before it belongs to the delimiter, not to the preceding part.
+    """
+    pos = start
+    while True:
+        if pos == 0 and body.startswith(delim):
+            line_start, after = 0, len(delim)
+        else:
+            found = body.find(b"\r\n" + delim, pos)
+            if found < 0:
+                raise NotSigned("multipart/signed delimiter missing")
+            line_start, after = found, found + 2 + len(delim)
+        close = body.startswith(b"--", after)
+        end = after + 2 if close else after
+        while end < len(body) and body[end : end + 1] in (b" ", b"\t"):
+            end += 1
+        if body.startswith(b"\r\n", end):
+            return line_start, end + 2, close
+        if end == len(body) and close:
+            return line_start, end, close
+        # "--boundary" followed by other text is not a delimiter: a longer boundary, or content
+        pos = after if line_start != 0 else 1
+
+
+def _parse_part(part: bytes) -> tuple[Message, bytes]:
+    sep = part.find(b"\r\n\r\n")
+    if part.startswith(b"\r\n"):
+        head, body = b"", part[2:]
+    elif sep < 0:
+        raise NotSigned("signature part has no header/body separator")
+    else:
+        head, body = part[: sep + 2], part[sep + 4 :]
+    headers = email.message_from_bytes(head + b"\r\n", policy=email.policy.compat32)
+    return headers, body
+
+
+def split_signed(message: bytes) -> SignedMessage:
+    """The outer headers, the signed entity exactly as signed, and the DER signature.
+
+    Raises NotSigned for anything but a well-formed S/MIME multipart/signed message.
+    """
+    message = _to_crlf(message)
+    sep = message.find(b"\r\n\r\n")
+    if sep < 0:
+        raise NotSigned("no header/body separator")
+    head, body = message[: sep + 2], message[sep + 4 :]
+    headers = email.message_from_bytes(head + b"\r\n", policy=email.policy.compat32)
+    if headers.get_content_type() != "multipart/signed":
+        raise NotSigned(f"Content-Type is {headers.get_content_type()}, not multipart/signed")
+    protocol = str(headers.get_param("protocol", "") or "").lower()
+    if protocol not in SIGNATURE_TYPES:
+        raise NotSigned(f"multipart/signed with protocol {protocol!r}, not S/MIME")
+    boundary = headers.get_boundary()
+    if not boundary:
+        raise NotSigned("multipart/signed without a boundary")
+    delim = b"--" + boundary.encode("ascii", "surrogateescape")
+
+    _, content_start, close = _find_delimiter(body, delim, 0)
+    if close:
+        raise NotSigned("multipart/signed has no parts")
+    content_end, sig_start, close = _find_delimiter(body, delim, content_start)
+    if close:
+        raise NotSigned("multipart/signed has no signature part")
+    sig_end, _, close = _find_delimiter(body, delim, sig_start)
+    if not close:
+        raise NotSigned("multipart/signed has more than two parts")
+
+    inner = body[content_start:content_end]
+    sig_headers, sig_body = _parse_part(body[sig_start:sig_end])
+    if sig_headers.get_content_type() not in SIGNATURE_TYPES:
+        raise NotSigned(f"second part is {sig_headers.get_content_type()}, not a signature")
+    cte = str(sig_headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if cte == "base64":
+        try:
+            signature = base64.b64decode(b"".join(sig_body.split()), validate=True)
+        except ValueError as exc:
+            raise NotSigned(f"signature part is not valid base64: {exc}") from exc
+    elif cte == "binary":
+        signature = sig_body
+    else:
+        raise NotSigned(f"signature part has transfer encoding {cte!r}")
+    return SignedMessage(headers=headers, inner=inner, signature=signature)
+
+
+def verify_message(
+    message: bytes,
+    trust_roots: Sequence[x509.Certificate],
+    tsa_roots: Sequence[x509.Certificate] | None = None,
+    require_timestamp: bool = False,
+    *,
+    at: datetime | None = None,
+) -> tuple[SignedMessage, SignatureInfo]:
+    """Split, then verify the signature over the signed entity; cms.SignatureInvalid on failure."""
+    signed = split_signed(message)
+    info = verify_detached(
+        signed.signature, signed.inner, trust_roots, tsa_roots, require_timestamp, at=at
+    )
+    return signed, info

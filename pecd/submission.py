@@ -1,0 +1,109 @@
+"""The access point (punto di accesso, RFC 6109 §3.1): what an authenticated user submitted
+becomes an acceptance receipt for the sender and a signed transport envelope for the recipients,
+or a non-acceptance notice saying why not.
+
+Trusts: the SMTP layer for who the user is (AUTH) and that MAIL FROM and From: are theirs; the
+queue for durability. Everything else about the message is checked here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import replace
+from datetime import datetime
+
+from pecd import checks, compose, daticert, envelope, headers, receipts
+from pecd.checks import FormalCheckFailed
+from pecd.clock import Clock
+from pecd.config import Config
+from pecd.ledger import LedgerEvent
+from pecd.pec import Issuer, ReceiptKind, Transaction
+from pecd.queue import Item, NewItem, Outcome
+from pecd.relay import Router
+
+RECEIPT_KINDS: dict[str, ReceiptKind] = {
+    "completa": "completa", "breve": "breve", "sintetica": "sintetica",
+}
+
+
+def transaction_for(data: bytes, mail_from: str, rcpts: tuple[str, ...], router: Router,
+                    issuer: Issuer, at: datetime) -> Transaction:
+    """The certification facts of a submission; the PEC id is new, the rest comes from it."""
+    msg = headers.parse(data)
+    kind = RECEIPT_KINDS.get(str(msg.get("X-TipoRicevuta", "")).strip().lower(), "completa")
+    reply_to = (headers.addresses(msg, "Reply-To") or [mail_from])[0]
+    return Transaction(
+        identifier=compose.message_id(issuer.domain, at),
+        ref_msgid=headers.message_id(msg),
+        sender=mail_from,
+        recipients=tuple(
+            daticert.Recipient(r, "certificato" if router.is_certified(r) else "esterno")
+            for r in rcpts
+        ),
+        reply_to=reply_to,
+        subject=headers.text(msg, "Subject") or "",
+        accepted_at=at,
+        receipt_kind=kind,
+        issuer_name=issuer.name,
+    )
+
+
+class AccessPoint:
+    def __init__(self, config: Config, issuer: Issuer, router: Router, clock: Clock,
+                 read: Callable[[Item], bytes], cpu: Executor) -> None:
+        self.config = config
+        self.issuer = issuer
+        self.router = router
+        self.clock = clock
+        self.read = read
+        self.cpu = cpu
+        self.limits = checks.Limits(config.limits.max_message_size, config.limits.max_recipients)
+
+    async def handle(self, item: Item) -> Outcome:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.cpu, self._handle, item)
+
+    def _handle(self, item: Item) -> Outcome:
+        data = self.read(item)
+        at = self.clock.now()
+        tx = transaction_for(data, item.mail_from, item.rcpts, self.router, self.issuer, at)
+        base = LedgerEvent(event="accepted", msgid=tx.identifier, ref_msgid=tx.ref_msgid,
+                           sender=tx.sender, recipients=item.rcpts, subject=tx.subject,
+                           provider=self.issuer.name)
+        try:
+            checks.formal_checks(headers.parse(data), item.mail_from, item.rcpts, len(data),
+                                 self.limits)
+        except FormalCheckFailed as exc:
+            notice_id, notice = receipts.non_acceptance(tx, self.issuer, at, str(exc))
+            return Outcome(
+                outputs=[NewItem("deliver", self.issuer.service_address, (tx.sender,),
+                                 data=notice, meta={"mode": "plain", "msgid": notice_id})],
+                events=[replace(base, event="refused", related=(notice_id,),
+                                detail={"reason": str(exc), "queue_id": item.id})],
+            )
+        acc_id, acc = receipts.acceptance(tx, self.issuer, at)
+        env = envelope.transport_envelope(tx, data, self.issuer, at)
+        outputs = [NewItem("deliver", self.issuer.service_address, (tx.sender,), data=acc,
+                           meta={"mode": "plain", "msgid": acc_id})]
+        outputs += self.router.items(tx.sender, item.rcpts, env, local_kind="inbound",
+                                     meta={"msgid": tx.identifier, "what": "envelope"})
+        tracked = [(r.address, r.kind) for r in tx.recipients]
+
+        def track(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO tracking (pec_id, recipient, sender, subject, ref_msgid,"
+                " kind, accepted) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(tx.identifier, addr, tx.sender, tx.subject, tx.ref_msgid, kind,
+                  at.timestamp()) for addr, kind in tracked],
+            )
+
+        return Outcome(
+            outputs=outputs,
+            events=[replace(base, related=(acc_id,),
+                            detail={"queue_id": item.id, "receipt_kind": tx.receipt_kind,
+                                    "recipient_kinds": dict(tracked)})],
+            effects=[track],
+        )

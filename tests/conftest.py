@@ -1,0 +1,163 @@
+"""Shared fixtures: real providers in temporary directories, real ports on 127.0.0.1, and the
+openssl command line as the outside judge of every signed object."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pecd import cms, config, smime
+from pecd.cli import main as cli_main
+
+OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pecd(*args: str, input: str | None = None, ok: bool = True) -> str:
+    result = CliRunner().invoke(cli_main, list(args), input=input, catch_exceptions=False)
+    if ok and result.exit_code != 0:
+        raise AssertionError(f"pecd {' '.join(args)} failed ({result.exit_code}): {result.output}")
+    if not ok and result.exit_code == 0:
+        raise AssertionError(f"pecd {' '.join(args)} succeeded but should not: {result.output}")
+    return result.output
+
+
+@dataclass
+class ProviderDir:
+    root: Path
+    domain: str
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "pecd.toml"
+
+    @property
+    def config(self) -> config.Config:
+        return config.load(self.conf)
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "keys" / "ca.pem"
+
+    @property
+    def tsa_cert(self) -> Path:
+        return self.root / "keys" / "tsa.pem"
+
+    def cli(self, *args: str, input: str | None = None, ok: bool = True) -> str:
+        return pecd("-c", str(self.conf), *args, input=input, ok=ok)
+
+    def add_user(self, address: str, password: str) -> None:
+        self.cli("user", "add", address, "--password-stdin", input=password + "\n")
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.root / "data" / "mail" / domain / local
+
+    def messages(self, address: str) -> list[bytes]:
+        new = self.maildir(address) / "new"
+        if not new.exists():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def make_provider(base: Path, domain: str, ca_dir: Path, **kwargs: str) -> ProviderDir:
+    root = base / domain
+    pecd("init", str(root), "--domain", domain, "--name", f"Provider {domain}", "--ca",
+         str(ca_dir), "--submission-port", str(free_port()), "--smtps-port", str(free_port()),
+         "--inbound-port", str(free_port()), *[x for k, v in kwargs.items() for x in (k, v)])
+    return ProviderDir(root, domain)
+
+
+def exchange_cards(*providers: ProviderDir) -> None:
+    for p in providers:
+        card = p.root / "card.json"
+        card.write_text(p.cli("index", "export"))
+        for q in providers:
+            if q is not p:
+                q.cli("index", "import", str(card))
+
+
+@pytest.fixture
+def two_providers(tmp_path: Path) -> tuple[ProviderDir, ProviderDir]:
+    ca_dir = tmp_path / "ca"
+    a = make_provider(tmp_path, "a.test", ca_dir)
+    b = make_provider(tmp_path, "b.test", ca_dir)
+    exchange_cards(a, b)
+    a.add_user("alice@a.test", "alice-secret")
+    b.add_user("bob@b.test", "bob-secret")
+    return a, b
+
+
+def client_tls(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def submit(provider: ProviderDir, user: str, password: str, mail_from: str, rcpts: list[str],
+           data: bytes, port: int) -> tuple[int, bytes]:
+    """A standard client (smtplib): STARTTLS, AUTH, one message. Returns the DATA reply."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.starttls(context=client_tls(provider.ca))
+        s.login(user, password)
+        code, msg = s.mail(mail_from)
+        if code != 250:
+            return code, msg
+        for r in rcpts:
+            code, msg = s.rcpt(r)
+            if code not in (250, 251):
+                return code, msg
+        return s.data(data)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll a condition on disk until it holds; fails the test on timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def openssl(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([OPENSSL, *args], capture_output=True, text=True, check=False)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args)} failed: {proc.stderr}")
+    if not ok and proc.returncode == 0:
+        raise AssertionError(f"openssl {' '.join(args)} succeeded but should not")
+    return proc
+
+
+def openssl_verifies(eml: Path, ca: Path) -> bool:
+    proc = subprocess.run([OPENSSL, "cms", "-verify", "-in", str(eml), "-CAfile", str(ca),
+                           "-out", "/dev/null"], capture_output=True, check=False)
+    return proc.returncode == 0
+
+
+def openssl_timestamp_verifies(eml: Path, ca: Path, tsa_cert: Path) -> bool:
+    signed = smime.split_signed(eml.read_bytes())
+    extracted = cms.extract_timestamp_token(signed.signature)
+    assert extracted is not None, f"{eml.name}: no signature-time-stamp attribute"
+    token, signature_value = extracted
+    tok = eml.with_suffix(".tsr")
+    data = eml.with_suffix(".sigvalue")
+    tok.write_bytes(token)
+    data.write_bytes(signature_value)
+    proc = subprocess.run([OPENSSL, "ts", "-verify", "-data", str(data), "-in", str(tok),
+                           "-token_in", "-CAfile", str(ca), "-untrusted", str(tsa_cert)],
+                          capture_output=True, check=False)
+    return proc.returncode == 0
