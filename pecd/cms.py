@@ -686,7 +686,13 @@ def _finish(
                 tsa_roots if tsa_roots is not None else trust_roots,
             )
         except TimestampInvalid as exc:
-            raise SignatureInvalid(f"signature timestamp: {exc}") from exc
+            # keep "intact but untrusted" apart from "broken" for the caller
+            kind = (
+                CertificateUntrusted
+                if isinstance(exc.__cause__, CertificateUntrusted)
+                else SignatureInvalid
+            )
+            raise kind(f"signature timestamp: {exc}") from exc
         timestamp_time = when if timestamp_time is None else min(timestamp_time, when)
     if timestamp_time is None and require_timestamp:
         raise SignatureInvalid("signature timestamp missing")

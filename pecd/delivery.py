@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from pecd import headers, pec, receipts, users
 from pecd.clock import Clock
@@ -31,6 +32,13 @@ _SAFE_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~-][A-Za-z0-9.!#$%&'*+=?^_
 
 class MailboxError(Exception):
     """The mailbox cannot take the message (no such user, unsafe name, over quota)."""
+
+
+class Mailbox(Protocol):
+    """Where delivered mail is stored. ``store`` is blocking (called from a worker thread) and
+    idempotent for the same ``key``: a retry after a crash must not deliver twice."""
+
+    def store(self, address: str, key: str, created: float, data: bytes) -> object: ...
 
 
 class Maildir:
@@ -73,13 +81,13 @@ class Maildir:
 
 class DeliveryPoint:
     def __init__(self, config: Config, issuer: Issuer, router: Router, db: Database,
-                 maildir: Maildir, clock: Clock, read: Callable[[Item], bytes],
+                 mailbox: Mailbox, clock: Clock, read: Callable[[Item], bytes],
                  cpu: Executor) -> None:
         self.config = config
         self.issuer = issuer
         self.router = router
         self.db = db
-        self.maildir = maildir
+        self.mailbox = mailbox
         self.clock = clock
         self.read = read
         self.cpu = cpu
@@ -104,7 +112,7 @@ class DeliveryPoint:
                 events.append(LedgerEvent(event="undeliverable", msgid=_msgid(item),
                                           recipients=(rcpt,), detail={"reason": "no such mailbox"}))
                 continue
-            self.maildir.store(rcpt, f"{item.id}-{_slot(item, rcpt)}", item.created, data)
+            self.mailbox.store(rcpt, f"{item.id}-{_slot(item, rcpt)}", item.created, data)
             events.append(LedgerEvent(event="stored", msgid=_msgid(item), recipients=(rcpt,),
                                       detail={"what": item.meta.get("what", "receipt")}))
         return Outcome(events=events)
@@ -127,7 +135,7 @@ class DeliveryPoint:
                 events=[replace(base, event="non-delivery", related=(notice_id,),
                                 detail={"error": "no-dest"})],
             )
-        self.maildir.store(rcpt, f"{item.id}-0", item.created, data)
+        self.mailbox.store(rcpt, f"{item.id}-0", item.created, data)
         original = headers.parse(parsed.original or b"")
         cc = rcpt.lower() in {a.lower() for a in headers.addresses(original, "Cc")} and \
             rcpt.lower() not in {a.lower() for a in headers.addresses(original, "To")}
