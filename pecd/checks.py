@@ -24,11 +24,14 @@ class Limits:
 def formal_checks(msg: Message, mail_from: str, rcpts: tuple[str, ...], size: int,
                   limits: Limits) -> None:
     froms = headers.addresses(msg, "From")
+    if not froms:
+        raise FormalCheckFailed("the From header is missing or holds no valid address")
     if len(froms) != 1:
         raise FormalCheckFailed("the From header must hold exactly one address")
     if not headers.same_address(froms[0], mail_from):
         raise FormalCheckFailed("the From address differs from the SMTP sender (MAIL FROM)")
-    if msg.get_all("Bcc"):
+    if any(str(value).strip() for value in msg.get_all("Bcc", [])):
+        # an empty "Bcc:" left by a client is allowed: §3.1.1 forbids a Bcc holding a value
         raise FormalCheckFailed("Bcc recipients are not allowed in certified mail")
     to = headers.addresses(msg, "To")
     if not to:

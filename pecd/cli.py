@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pecd import config as config_mod
 from pecd import db as db_mod
 from pecd import index as index_mod
 from pecd import ledger, pki, smime, users
+from pecd import queue as queue_mod
 from pecd.cms import SignatureInvalid
 from pecd.config import Config, ConfigError, Listen
 
@@ -266,10 +268,15 @@ def index_remove(ctx: Context, fingerprint: str) -> None:
 @click.option("--no-timestamp", is_flag=True, help="Do not require an RFC 3161 timestamp.")
 @pass_ctx
 def verify(ctx: Context, file: Path, ca_file: Path | None, no_timestamp: bool) -> None:
-    """Verify a receipt or envelope: signature, chain to the CA, timestamp."""
+    """Verify a receipt or envelope (or a ledger export with its FILE.p7s): signature, chain to
+    the CA, timestamp; exit 0 only if all hold."""
     from pecd import pec
 
     roots = pki.load_certs(ca_file or ctx.config.paths.ca_certs)
+    detached = Path(f"{file}.p7s")
+    if detached.exists():
+        _verify_export(file, detached, roots, not no_timestamp)
+        return
     data = file.read_bytes()
     try:
         _signed, info = smime.verify_message(data, roots, require_timestamp=not no_timestamp)
@@ -298,18 +305,79 @@ def verify(ctx: Context, file: Path, ca_file: Path | None, no_timestamp: bool) -
 
 
 @main.command()
-@click.argument("message_id")
+@click.argument("message_id", required=False)
 @pass_ctx
-def status(ctx: Context, message_id: str) -> None:
-    """The ledger events of one message (PEC identifier or original Message-ID)."""
+def status(ctx: Context, message_id: str | None) -> None:
+    """Queue and ledger figures, or the ledger events of one message (PEC id or Message-ID)."""
     conn = ctx.connect()
-    rows = ledger.events_for(conn, message_id.strip().strip("<>")) or \
-        ledger.events_for(conn, message_id.strip())
-    conn.close()
+    try:
+        if message_id is None:
+            for key, n in queue_mod.figures(conn).items():
+                if n:
+                    click.echo(f"queue {key}: {n}")
+            rows = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM ledger").fetchone()
+            cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()[0]
+            click.echo(f"ledger rows: {rows[0]} (head {rows[1]}), checkpoints: {cps}")
+            return
+        rows = ledger.events_for(conn, message_id.strip().strip("<>")) or \
+            ledger.events_for(conn, message_id.strip())
+    finally:
+        conn.close()
     if not rows:
         raise click.ClickException(f"no ledger events for {message_id}")
     for row in rows:
         click.echo(json.dumps(row, sort_keys=True, default=str))
+
+
+# --- queue ------------------------------------------------------------------------------------
+
+@main.group("queue")
+def queue_group() -> None:
+    """The durable queue: inspect, retry, hold and release items."""
+
+
+def _queue_call(ctx: Context, fn: Any, *args: Any) -> Any:
+    conn = ctx.connect()
+    try:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            return fn(conn, *args)
+    except queue_mod.QueueError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        conn.close()
+
+
+@queue_group.command("list")
+@click.option("--state", type=click.Choice(["incoming", "active", "deferred", "hold", "corrupt"]))
+@pass_ctx
+def queue_list(ctx: Context, state: str | None) -> None:
+    """List queue items (id, kind, state, attempts, destination, recipients, last error)."""
+    for r in _queue_call(ctx, queue_mod.listing, state):
+        click.echo(f"{r['id']}\t{r['kind']}\t{r['state']}\t{r['attempts']}\t{r['dest'] or '-'}"
+                   f"\t{','.join(json.loads(r['rcpts']))}\t{r['last_error'] or ''}")
+
+
+@queue_group.command("show")
+@click.argument("item_id", type=int)
+@pass_ctx
+def queue_show(ctx: Context, item_id: int) -> None:
+    """Show one queue item."""
+    click.echo(json.dumps(_queue_call(ctx, queue_mod.show, item_id), indent=2, default=str))
+
+
+def _operator_command(name: str, fn: Any, help_text: str) -> None:
+    @queue_group.command(name, help=help_text)
+    @click.argument("item_id", type=int)
+    @pass_ctx
+    def command(ctx: Context, item_id: int) -> None:
+        _queue_call(ctx, fn, item_id, datetime.now(UTC))
+        click.echo(f"{name}: item {item_id}")
+
+
+_operator_command("retry", queue_mod.retry, "Try a deferred or held item now.")
+_operator_command("hold", queue_mod.hold, "Park an item until released.")
+_operator_command("release", queue_mod.release, "Return a held item to the queue.")
 
 
 @main.group("ledger")
@@ -332,9 +400,60 @@ def ledger_verify(ctx: Context) -> None:
     report = ledger.verify(conn, token_verifier=check_token)
     conn.close()
     if not report.ok:
-        raise click.ClickException(
-            f"ledger BROKEN at row {report.first_bad_seq}: {report.reason}")
+        where = (f"row {report.first_bad_seq}" if report.first_bad_seq is not None
+                 else f"checkpoint {report.bad_checkpoint}")
+        raise click.ClickException(f"ledger BROKEN at {where}: {report.reason}")
     click.echo(f"ledger ok: {report.rows} rows, {report.checkpoints} checkpoints")
+
+
+@ledger_group.command("export")
+@click.option("--since", type=click.DateTime(), default=None, help="From this UTC time (inclusive).")
+@click.option("--until", type=click.DateTime(), default=None, help="Up to this UTC time (exclusive).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="JSON Lines file to write; the signature goes to OUTPUT.p7s.")
+@pass_ctx
+def ledger_export(ctx: Context, since: datetime | None, until: datetime | None,
+                  output: Path) -> None:
+    """Write ledger rows as JSON Lines plus a detached, timestamped CMS signature (OUTPUT.p7s).
+
+    An auditor checks it offline with `pecd verify OUTPUT` or with
+    `openssl cms -verify -binary -inform DER -in OUTPUT.p7s -content OUTPUT -CAfile ca.pem`."""
+    from pecd.clock import SystemClock
+    from pecd.service import make_issuer, make_timestamper
+
+    cfg = ctx.config
+    conn = ctx.connect()
+    rows = list(ledger.export_rows(conn, since and since.replace(tzinfo=UTC),
+                                   until and until.replace(tzinfo=UTC)))
+    conn.close()
+    data = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
+    payload = data.encode()
+    clock = SystemClock()
+    signer = make_issuer(cfg, clock, make_timestamper(cfg, clock)).signer
+    output.write_bytes(payload)
+    Path(f"{output}.p7s").write_bytes(signer.sign_detached(payload))
+    click.echo(f"exported {len(rows)} rows to {output} (signature {output}.p7s)")
+
+
+def _verify_export(file: Path, signature: Path, roots: list[Any], require_ts: bool) -> None:
+    from pecd.cms import verify_detached
+
+    data = file.read_bytes()
+    try:
+        info = verify_detached(signature.read_bytes(), data, roots, require_timestamp=require_ts)
+    except SignatureInvalid as exc:
+        raise click.ClickException(f"NOT VALID: {exc}") from None
+    rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    for prev, row in zip([None, *rows], rows, strict=False):
+        if ledger.row_hash(str(row["prev_hash"]), row) != row["hash"]:
+            raise click.ClickException(f"NOT VALID: row {row['seq']} does not match its hash")
+        if prev is not None and row["prev_hash"] != prev["hash"]:
+            raise click.ClickException(f"NOT VALID: chain broken before row {row['seq']}")
+    click.echo("signature: valid")
+    click.echo(f"signer: {info.signer.subject.rfc4514_string()}")
+    if info.timestamp_time:
+        click.echo(f"timestamp: {info.timestamp_time.isoformat()} (RFC 3161, verified)")
+    click.echo(f"ledger export: {len(rows)} rows, hash chain intact")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from asn1crypto import cms, core, tsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -63,6 +63,7 @@ _EC_SIG_OIDS: dict[str, str | None] = {
     "1.2.840.10045.4.3.4": "sha512",
 }
 _MAX_CHAIN = 8
+_MAX_CERTIFICATES = 32
 
 Purpose = Literal["smime", "timestamping", "any"]
 
@@ -158,9 +159,7 @@ class _SignerCore:
         self.cert = cert
         self.cert_der = cert.public_bytes(serialization.Encoding.DER)
         tbs = asn1_x509.Certificate.load(self.cert_der)["tbs_certificate"]
-        cert_ders = [self.cert_der] + [
-            c.public_bytes(serialization.Encoding.DER) for c in chain if c != cert
-        ]
+        cert_ders = [self.cert_der] + [c.public_bytes(serialization.Encoding.DER) for c in chain if c != cert]
         # certificates [0] IMPLICIT CertificateSet: a DER SET OF, so sorted
         self._certs_der = _der_tlv(0xA0, b"".join(sorted(cert_ders)))
         self._sid_der = bytes(
@@ -176,9 +175,7 @@ class _SignerCore:
         self._digest_algs_der = _der_tlv(0x31, self._digest_alg_der)
         self._rsa = isinstance(key, rsa.RSAPrivateKey)
         if self._rsa:
-            sig_alg = cms.SignedDigestAlgorithm(
-                {"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()}
-            )
+            sig_alg = cms.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()})
         else:
             sig_alg = cms.SignedDigestAlgorithm({"algorithm": "sha256_ecdsa"})
         self._sig_alg_der = bytes(sig_alg.dump())
@@ -191,9 +188,7 @@ class _SignerCore:
                         "hash_algorithm": {"algorithm": "sha256"},  # DER: the default is omitted
                         "cert_hash": hashlib.sha256(self.cert_der).digest(),
                         "issuer_serial": {
-                            "issuer": [
-                                asn1_x509.GeneralName(name="directory_name", value=tbs["issuer"])
-                            ],
+                            "issuer": [asn1_x509.GeneralName(name="directory_name", value=tbs["issuer"])],
                             "serial_number": tbs["serial_number"],
                         },
                     }
@@ -247,15 +242,15 @@ class _SignerCore:
             + (self._certs_der if include_certs else b"")
             + _der_tlv(0x31, _der_tlv(0x30, signer_info))
         )
-        return _der_tlv(
-            0x30, _OID_DER[ID_SIGNED_DATA] + _der_tlv(0xA0, _der_tlv(0x30, signed_data))
-        )
+        return _der_tlv(0x30, _OID_DER[ID_SIGNED_DATA] + _der_tlv(0xA0, _der_tlv(0x30, signed_data)))
 
 
 class Signer:
-    """Makes pecd's signatures: SHA-256, signer certificate included, CAdES-T when it can.
+    """Makes pecd's signatures: SHA-256, signer certificate included, CAdES-T with a timestamper.
 
     Build one per key at start-up and reuse it: the per-certificate work happens here, once.
+    When the timestamper fails its exception (tsa.TimestampUnavailable / TimestampInvalid)
+    propagates: a signature that should carry a timestamp is never returned without one.
     """
 
     def __init__(
@@ -302,9 +297,7 @@ class Signer:
             except ValueError as exc:
                 raise SignatureInvalid(f"timestamper returned a malformed token: {exc}") from exc
             unsigned.append(der_attribute(ID_AA_SIGNATURE_TIME_STAMP_TOKEN, token))
-        return core_.content_info(
-            ID_DATA, data if attached else None, signed_attrs, signature, unsigned
-        )
+        return core_.content_info(ID_DATA, data if attached else None, signed_attrs, signature, unsigned)
 
 
 # --------------------------------------------------------------------------- verification
@@ -327,9 +320,7 @@ def _load_der_cert(c: asn1_x509.Certificate) -> x509.Certificate:
     return x509.load_der_x509_certificate(c.dump())
 
 
-def _find_signer(
-    sid: cms.SignerIdentifier, candidates: Sequence[x509.Certificate]
-) -> x509.Certificate:
+def _find_signer(sid: cms.SignerIdentifier, candidates: Sequence[x509.Certificate]) -> x509.Certificate:
     if sid.name == "issuer_and_serial_number":
         want_issuer = sid.chosen["issuer"]
         want_serial = sid.chosen["serial_number"].native
@@ -363,9 +354,7 @@ def _hash_name(algo: Any) -> str:
     return str(name)
 
 
-def verify_raw(
-    public_key: Any, signature: bytes, data: bytes, hash_name: str, sig_oid: str
-) -> None:
+def verify_raw(public_key: Any, signature: bytes, data: bytes, hash_name: str, sig_oid: str) -> None:
     """One raw signature, RSA PKCS#1 v1.5 or ECDSA; ``sig_oid`` is the SignerInfo's algorithm."""
     if sig_oid in _RSA_SIG_OIDS:
         implied = _RSA_SIG_OIDS[sig_oid]
@@ -414,8 +403,7 @@ def _check_ess(values: list[Any], kind: str, signer: x509.Certificate) -> None:
     asn1_cert = asn1_x509.Certificate.load(der)
     issuer = asn1_cert["tbs_certificate"]["issuer"]
     if not any(
-        gn.name == "directory_name" and _same_name(gn.chosen, issuer)
-        for gn in issuer_serial["issuer"]
+        gn.name == "directory_name" and _same_name(gn.chosen, issuer) for gn in issuer_serial["issuer"]
     ):
         raise SignatureInvalid(f"{kind} attribute names another issuer")
 
@@ -444,6 +432,8 @@ def check_signed_data(
             for c in (sd["certificates"] if not isinstance(sd["certificates"], core.Void) else [])
             if c.name == "certificate"
         ]
+        if len(certificates) > _MAX_CERTIFICATES:  # the path builder is not for certificate soup
+            raise SignatureInvalid(f"{len(certificates)} certificates included, {_MAX_CERTIFICATES} at most")
         signer_infos = sd["signer_infos"]
         if len(signer_infos) != 1:
             raise SignatureInvalid(f"expected one SignerInfo, found {len(signer_infos)}")
@@ -505,6 +495,8 @@ def check_signed_data(
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         # asn1crypto parses lazily and reports malformed input with any of these
         raise SignatureInvalid(f"malformed CMS structure: {exc}") from exc
+    except UnsupportedAlgorithm as exc:
+        raise SignatureInvalid(f"unsupported key or algorithm: {exc}") from exc
     return _Checked(
         signer=signer,
         certificates=certificates,
@@ -554,10 +546,7 @@ def _may_issue(cert: x509.Certificate, is_root: bool) -> bool:
 
 
 def _unknown_critical(cert: x509.Certificate) -> bool:
-    return any(
-        ext.critical and isinstance(ext.value, x509.UnrecognizedExtension)
-        for ext in cert.extensions
-    )
+    return any(ext.critical and isinstance(ext.value, x509.UnrecognizedExtension) for ext in cert.extensions)
 
 
 def chain_to_root(
@@ -571,6 +560,8 @@ def chain_to_root(
     A small path builder for pecd's shallow hierarchies: signatures, CA flags, key usage, path
     length and validity. Revocation is not checked here.
     """
+    if at is not None and at.tzinfo is None:
+        raise ValueError("chain_to_root needs an aware datetime")
     roots = list(roots)
     problems: list[str] = []
     if not _valid_at(leaf, at):
@@ -579,9 +570,7 @@ def chain_to_root(
             f"(valid {leaf.not_valid_before_utc:%Y-%m-%d} to {leaf.not_valid_after_utc:%Y-%m-%d})"
         )
     if _unknown_critical(leaf):
-        raise CertificateUntrusted(
-            f"certificate {_describe(leaf)} has an unknown critical extension"
-        )
+        raise CertificateUntrusted(f"certificate {_describe(leaf)} has an unknown critical extension")
     if leaf in roots:
         return [leaf]
 
@@ -688,9 +677,7 @@ def _finish(
         except TimestampInvalid as exc:
             # keep "intact but untrusted" apart from "broken" for the caller
             kind = (
-                CertificateUntrusted
-                if isinstance(exc.__cause__, CertificateUntrusted)
-                else SignatureInvalid
+                CertificateUntrusted if isinstance(exc.__cause__, CertificateUntrusted) else SignatureInvalid
             )
             raise kind(f"signature timestamp: {exc}") from exc
         timestamp_time = when if timestamp_time is None else min(timestamp_time, when)

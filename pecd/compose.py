@@ -45,12 +45,32 @@ def address_header(name: str, addresses: Iterable[tuple[str, str]]) -> HeaderFie
     for display, addr in addresses:
         addr = clean(addr)
         display = clean(display)
-        parts.append(email.utils.formataddr((display, addr), charset="utf-8") if display else addr)
+        if not addr.isascii():
+            # an internationalised address (RFC 6532) has no ASCII form; the outer headers of a
+            # signed message are ASCII, so it travels as readable encoded text
+            parts.append(Header(f"{display} <{addr}>" if display else addr, "utf-8",
+                                maxlinelen=78).encode(linesep="\r\n"))
+        else:
+            parts.append(email.utils.formataddr((display, addr), charset="utf-8") if display
+                         else addr)
     return name, ",\r\n ".join(parts)
 
 
+_ADDRESS_FIELDS = {"from", "sender", "to", "cc", "bcc", "reply-to", "return-path"}
+
+
 def raw_header(name: str, value: str) -> HeaderField:
-    """A header copied from an input message: its folds kept, any bare CR/LF made a fold."""
+    """A header copied from an input message: its folds kept, any bare CR/LF made a fold.
+
+    A value with raw UTF-8 (RFC 6532) cannot go into the ASCII outer headers as it is: it is
+    unfolded and re-encoded, address lists address by address (display names as RFC 2047
+    encoded words), anything else as one encoded text.
+    """
+    if not value.isascii():
+        value = clean(value.replace("\r\n", "").replace("\r", "").replace("\n", ""))
+        if name.lower() in _ADDRESS_FIELDS:
+            return address_header(name, email.utils.getaddresses([value]))
+        return header(name, value)
     lines = [line for line in re.split(r"\r\n|\r|\n", value)]
     folded = "\r\n".join(
         line if i == 0 or line[:1] in (" ", "\t") else " " + line

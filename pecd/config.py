@@ -27,9 +27,19 @@ class Listen:
 
 @dataclass(frozen=True)
 class Limits:
+    """What one client may ask of the SMTP listeners (see SECURITY.md)."""
+
     max_message_size: int = 30_000_000
     max_recipients: int = 50
-    session_timeout: float = 300.0
+    session_timeout: float = 300.0  # idle seconds per command; a whole DATA transfer counts as one
+    max_header_fields: int = 500
+    max_header_bytes: int = 512 * 1024
+    max_connections_per_address: int = 20
+    max_commands_per_session: int = 1000
+    auth_failures_per_account: int = 5  # within auth_window: then 454 until the window lets go
+    auth_failures_per_address: int = 20
+    auth_window: float = 900.0
+    lock_after_failures: int = 20  # consecutive failures lock the account until `pecd user enable`
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,22 @@ class Relay:
 class Timeouts:
     warning_after: float = 12 * 3600.0
     give_up_after: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Antivirus:
+    """clamd's socket, ``unix:/path`` or ``tcp:host:port``; scanning is off when unset."""
+
+    clamd: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerPolicy:
+    """A checkpoint (chain head + RFC 3161 token) every ``checkpoint_rows`` rows or
+    ``checkpoint_interval`` seconds, whichever comes first."""
+
+    checkpoint_rows: int = 1000
+    checkpoint_interval: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +120,8 @@ class Config:
     relay: Relay = field(default_factory=Relay)
     timeouts: Timeouts = field(default_factory=Timeouts)
     delivery: Delivery = field(default_factory=Delivery)
+    ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
+    antivirus: Antivirus = field(default_factory=Antivirus)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -163,6 +191,8 @@ def load(path: Path) -> Config:
         relay=_build(Relay, _section(raw, "relay"), "relay"),
         timeouts=_build(Timeouts, _section(raw, "timeouts"), "timeouts"),
         delivery=_build(Delivery, delivery, "delivery"),
+        ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
+        antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
@@ -204,6 +234,15 @@ inbound_port = {listen.inbound_port}          # other providers (and the Interne
 [limits]
 max_message_size = 30000000            # bytes, times the number of recipients (RFC 6109 legal limit: 30 MB)
 max_recipients = 50
+session_timeout = 300.0                # idle seconds allowed per command (a whole DATA transfer is one)
+max_header_fields = 500                # header fields per message
+max_header_bytes = 524288              # size of the header section
+max_connections_per_address = 20       # concurrent SMTP connections from one client address
+max_commands_per_session = 1000        # then 421 and the connection closes
+auth_failures_per_account = 5          # failed logins per account within auth_window: then 454 ...
+auth_failures_per_address = 20         # ... and per client address
+auth_window = 900.0                    # seconds
+lock_after_failures = 20               # consecutive failed logins lock an account until `pecd user enable`
 
 [relay]
 retry_base = 30.0                      # seconds before the first retry; doubles, with jitter
@@ -221,6 +260,13 @@ give_up_after = 86400.0                # 24 h: the transaction ends negative
 method = "maildir"                     # or "lmtp" (e.g. to Dovecot)
 # lmtp_host = "127.0.0.1"
 # lmtp_port = 24
+
+[ledger]
+checkpoint_rows = 1000                 # timestamp the hash-chain head every N rows ...
+checkpoint_interval = 300.0            # ... or every T seconds, whichever comes first
+
+[antivirus]
+# clamd = "unix:/run/clamav/clamd.ctl" # or "tcp:127.0.0.1:3310"; no virus scanning when unset
 
 [tsa]
 # url = "http://tsa.example/tsr"       # external RFC 3161 TSA; the built-in one when unset

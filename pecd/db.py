@@ -14,7 +14,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +48,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (domain, fingerprint)
         );
         CREATE TABLE queue (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: ids name Maildir files
             kind TEXT NOT NULL,
             state TEXT NOT NULL,
             spool TEXT NOT NULL,
@@ -204,11 +204,21 @@ class Database:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             for _fn, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+                _resolve(fut, False, exc)
             return
         for fut, ok, value in results:
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+            _resolve(fut, ok, value)
+
+
+def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
+    """Hand the outcome over unless the caller stopped waiting (its task was cancelled): the
+    work is done and committed either way, and the writer thread must never die of it."""
+    if fut.done():
+        return
+    try:
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass

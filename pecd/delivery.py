@@ -1,10 +1,15 @@
 """The delivery point (punto di consegna, RFC 6109 §3.3): stores into the recipient's mailbox and,
-for certified mail, sends the sender a delivery receipt or a non-delivery notice.
+for certified mail, sends the sender a delivery receipt or a non-delivery notice: ``no-dest`` for
+a mailbox that does not exist, ``no-dominio`` for a domain this provider does not manage (a peer
+whose index still lists it sent us the envelope), ``altro`` for a mailbox that exists but cannot
+take mail (disabled, over quota, refused by the store).
 
 Mailboxes are Maildirs at ``<data>/mail/<domain>/<local part>/`` (Dovecot's ``%d/%n``). A file
 is written in ``tmp/``, fsynced and linked into ``new/`` under a name made only from the queue
 item (never from message content), so a retry after a crash finds its own earlier delivery and
-does not deliver twice.
+does not deliver twice. The name uses the item's spool name (a fresh UUID per item), not its row
+id: SQLite reuses the id of a deleted row, and two items with the same id in the same second
+would otherwise look like one delivery and the second would be lost.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
-from pecd import headers, pec, receipts, users
+from pecd import daticert, headers, pec, receipts, users
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.db import Database
@@ -27,7 +32,10 @@ from pecd.pec import Issuer, Transaction
 from pecd.queue import Item, Outcome
 from pecd.relay import Router
 
+MailboxState = Literal["active", "disabled", "unknown", "foreign"]
+
 _SAFE_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~-][A-Za-z0-9.!#$%&'*+=?^_`{|}~-]*$")
+_SAFE_DOMAIN = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 
 
 class MailboxError(Exception):
@@ -47,8 +55,12 @@ class Maildir:
         self.hostname = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
 
     def path(self, address: str) -> Path:
+        """``<root>/<domain>/<local>``: the domain lower-cased (as accounts store it), both parts
+        one plain directory name each, never ``.``/``..``/hidden and never a path separator."""
         local, _, domain = address.rpartition("@")
-        if not _SAFE_LOCAL.match(local) or ".." in local or not re.fullmatch(r"[a-z0-9.-]+", domain):
+        domain = domain.lower()
+        if (not _SAFE_LOCAL.fullmatch(local) or ".." in local or len(local) > 255
+                or not _SAFE_DOMAIN.fullmatch(domain) or len(domain) > 255):
             raise MailboxError(f"unsafe mailbox name {address!r}")
         return self.root / domain / local
 
@@ -92,32 +104,35 @@ class DeliveryPoint:
         self.read = read
         self.cpu = cpu
 
-    async def mailbox_exists(self, address: str) -> bool:
+    async def mailbox_state(self, address: str) -> MailboxState:
         if address.lower() == self.config.service_address.lower():
-            return True
-        return await self.db.transact(lambda conn: users.exists(conn, address))
+            return "active"
+        if not self.config.is_local(address):
+            return "foreign"
+        return await self.db.transact(lambda conn: users.mailbox_state(conn, address))
 
     async def handle(self, item: Item) -> Outcome:
-        exists = {r: await self.mailbox_exists(r) for r in item.rcpts}
+        states = {r: await self.mailbox_state(r) for r in item.rcpts}
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.cpu, self._handle, item, exists)
+        return await loop.run_in_executor(self.cpu, self._handle, item, states)
 
-    def _handle(self, item: Item, exists: dict[str, bool]) -> Outcome:
+    def _handle(self, item: Item, states: dict[str, MailboxState]) -> Outcome:
         data = self.read(item)
         if item.meta.get("mode") == "certified":
-            return self._certified(item, data, exists[item.rcpts[0]])
+            return self._certified(item, data, states[item.rcpts[0]])
         events = []
         for rcpt in item.rcpts:
-            if not exists[rcpt]:
+            if states[rcpt] != "active":  # no notice for what was not certified (§2.2.3)
                 events.append(LedgerEvent(event="undeliverable", msgid=_msgid(item),
-                                          recipients=(rcpt,), detail={"reason": "no such mailbox"}))
+                                          recipients=(rcpt,),
+                                          detail={"reason": _UNDELIVERABLE[states[rcpt]]}))
                 continue
-            self.mailbox.store(rcpt, f"{item.id}-{_slot(item, rcpt)}", item.created, data)
+            self.mailbox.store(rcpt, f"{item.spool}-{_slot(item, rcpt)}", item.created, data)
             events.append(LedgerEvent(event="stored", msgid=_msgid(item), recipients=(rcpt,),
                                       detail={"what": item.meta.get("what", "receipt")}))
         return Outcome(events=events)
 
-    def _certified(self, item: Item, data: bytes, exists: bool) -> Outcome:
+    def _certified(self, item: Item, data: bytes, state: MailboxState) -> Outcome:
         rcpt = item.rcpts[0]
         parsed = pec.parse(data)  # verified by the reception point before it queued this item
         assert parsed.certdata is not None
@@ -125,17 +140,24 @@ class DeliveryPoint:
         at = self.clock.now()
         base = LedgerEvent(event="delivered", msgid=tx.identifier, ref_msgid=tx.ref_msgid,
                            sender=tx.sender, recipients=(rcpt,), subject=tx.subject)
-        if not exists:
-            notice_id, notice = receipts.non_delivery(
-                tx, rcpt, "no-dest", "mailbox does not exist", self.issuer, at)
+
+        def refuse(error: daticert.ErrorKind, reason: str) -> Outcome:
+            notice_id, notice = receipts.non_delivery(tx, rcpt, error, reason, self.issuer, at)
             return Outcome(
                 outputs=self.router.items(self.issuer.service_address, [tx.sender], notice,
                                           local_kind="inbound",
                                           meta={"msgid": notice_id, "what": "non-delivery"}),
                 events=[replace(base, event="non-delivery", related=(notice_id,),
-                                detail={"error": "no-dest"})],
+                                detail={"error": error, "reason": reason})],
             )
-        self.mailbox.store(rcpt, f"{item.id}-0", item.created, data)
+
+        if state != "active":
+            error, reason = _NON_DELIVERY[state]
+            return refuse(error, reason)
+        try:
+            self.mailbox.store(rcpt, f"{item.spool}-0", item.created, data)
+        except MailboxError as exc:  # over quota, unsafe name, refused by the store
+            return refuse("altro", f"the mailbox cannot take the message: {exc}")
         original = headers.parse(parsed.original or b"")
         cc = rcpt.lower() in {a.lower() for a in headers.addresses(original, "Cc")} and \
             rcpt.lower() not in {a.lower() for a in headers.addresses(original, "To")}
@@ -147,6 +169,17 @@ class DeliveryPoint:
                                       meta={"msgid": receipt_id, "what": "delivery-receipt"}),
             events=[replace(base, related=(receipt_id,), detail={"form": form})],
         )
+
+
+_NON_DELIVERY: dict[MailboxState, tuple[daticert.ErrorKind, str]] = {
+    "unknown": ("no-dest", "mailbox does not exist"),
+    "foreign": ("no-dominio", "the domain is not managed by this provider"),
+    "disabled": ("altro", "mailbox disabled"),
+}
+_UNDELIVERABLE: dict[MailboxState, str] = {
+    "unknown": "no such mailbox", "foreign": "domain not managed here", "disabled": "mailbox disabled",
+    "active": "",
+}
 
 
 def _msgid(item: Item) -> str | None:

@@ -1,10 +1,13 @@
-"""Transport envelopes (busta di trasporto, RFC 6109 §3.1.3) and anomaly envelopes (busta di
-anomalia, §3.2.2). Pure builders: the original goes inside byte for byte.
+"""Transport envelopes (busta di trasporto, RFC 6109 §3.1.5) and anomaly envelopes (busta di
+anomalia, §3.2.2). Pure builders: the original goes inside byte for byte, and the envelope
+inherits its Received, To, Cc, Return-Path and Reply-To fields unchanged (§2.1.1.2); an anomaly
+envelope also keeps the Message-ID of what arrived (§3.2.2).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from email.message import Message
 
 from pecd import compose, daticert, headers
 from pecd.compose import HeaderField
@@ -16,13 +19,18 @@ def _recipient_lines(tx: Transaction) -> str:
     return "\n".join(f'{r.address} ("{labels[r.kind]}")' for r in tx.recipients)
 
 
+_INHERITED = ("Received", "To", "Cc", "Return-Path")
+
+
+def _inherited(src: Message) -> list[HeaderField]:
+    return [compose.raw_header(name, str(value))
+            for name in _INHERITED for value in src.get_all(name, [])]
+
+
 def transport_envelope(tx: Transaction, original: bytes, issuer: Issuer, at: datetime) -> bytes:
     """The signed envelope the access point sends to every recipient."""
     src = headers.parse(original)
-    copied: list[HeaderField] = []
-    for name in ("To", "Cc"):
-        for value in src.get_all(name, []):
-            copied.append(compose.raw_header(name, str(value)))
+    copied = _inherited(src)
     copied.append(compose.raw_header("Reply-To", str(src.get("Reply-To") or tx.sender)))
     when = daticert.format_human_time(tx.accepted_at)
     text = (
@@ -59,11 +67,8 @@ def anomaly_envelope(original: bytes, recipients: tuple[str, ...], issuer: Issue
     src = headers.parse(original)
     subject = headers.text(src, "Subject") or ""
     sender = (headers.addresses(src, "From") or [""])[0]
-    copied: list[HeaderField] = []
-    for name in ("To", "Cc"):
-        for value in src.get_all(name, []):
-            copied.append(compose.raw_header(name, str(value)))
-    if not copied:
+    copied = _inherited(src)
+    if not src.get_all("To") and not src.get_all("Cc"):
         copied.append(compose.address_header("To", [("", r) for r in recipients]))
     copied.append(compose.raw_header("Reply-To", str(src.get("Reply-To") or sender or
                                                      issuer.service_address)))
@@ -78,8 +83,9 @@ def anomaly_envelope(original: bytes, recipients: tuple[str, ...], issuer: Issue
         "Il messaggio originale è incluso in allegato.\n\n"
         "This message could not be certified; the original is attached as postacert.eml.\n"
     )
+    kept_id = compose.clean(headers.bare_id(headers.message_id(src)) or "").strip()
     msg = SystemMessage(
-        message_id=compose.message_id(issuer.domain, at),
+        message_id=kept_id or compose.message_id(issuer.domain, at),
         subject=f"ANOMALIA MESSAGGIO: {subject}",
         from_=(f"Per conto di: {sender}", issuer.service_address),
         to=(),
@@ -87,7 +93,6 @@ def anomaly_envelope(original: bytes, recipients: tuple[str, ...], issuer: Issue
         kind_headers=(("X-Trasporto", "errore"),),
         text=text,
         at=at,
-        ref_msgid=headers.message_id(src),
         original=original,
     )
     return build(msg, issuer.signer)

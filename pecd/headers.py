@@ -2,17 +2,37 @@
 
 Only the header block is parsed (bodies can be 30 MB and are never needed here); malformed
 headers yield empty values, never exceptions, because every input must end in a clear answer.
+Raw 8-bit header bytes are read as UTF-8 (RFC 6532), and the values returned hold only
+characters XML 1.0 (daticert.xml) and SQLite text can carry: anything else becomes U+FFFD.
 """
 
 from __future__ import annotations
 
 import email.utils
 from email import policy
-from email.header import decode_header, make_header
+from email.header import decode_header
 from email.message import Message
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 
-_parser = BytesHeaderParser(policy=policy.compat32)
+from pecd.daticert import xml_safe
+
+_parser = HeaderParser(policy=policy.compat32)
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded, the rest kept; an unknown charset decodes lossily."""
+    out = []
+    for chunk, charset in decode_header(value):
+        if isinstance(chunk, str):
+            out.append(chunk)
+        elif charset is None:  # decode_header's own spelling of the text between encoded words
+            out.append(chunk.decode("raw-unicode-escape"))
+        else:
+            try:
+                out.append(chunk.decode(charset, "replace"))
+            except LookupError:
+                out.append(chunk.decode("utf-8", "replace"))
+    return "".join(out)
 
 
 def header_block(data: bytes) -> bytes:
@@ -23,29 +43,33 @@ def header_block(data: bytes) -> bytes:
 
 
 def parse(data: bytes) -> Message:
-    return _parser.parsebytes(header_block(data))
+    """The header block as text: 8-bit bytes read as UTF-8 (RFC 6532), invalid ones as U+FFFD,
+    so values are plain ``str`` (a bytes parser would hand them back as lossy ``Header``s)."""
+    return _parser.parsestr(header_block(data).decode("utf-8", "replace"))
 
 
 def addresses(msg: Message, name: str) -> list[str]:
     values = [str(v) for v in msg.get_all(name, [])]
-    return [addr for _display, addr in email.utils.getaddresses(values) if addr]
+    return [xml_safe(addr) for _display, addr in email.utils.getaddresses(values) if addr]
 
 
 def text(msg: Message, name: str) -> str | None:
     raw = msg.get(name)
     if raw is None:
         return None
+    value = str(raw)
     try:
-        return str(make_header(decode_header(str(raw)))).replace("\r", "").replace("\n", "")
+        decoded = _decode_words(value)
     except (ValueError, LookupError, UnicodeError):
-        return str(raw).replace("\r", "").replace("\n", "")
+        decoded = value
+    return xml_safe(decoded.replace("\r", "").replace("\n", ""))
 
 
 def message_id(msg: Message) -> str | None:
     raw = msg.get("Message-ID")
     if raw is None:
         return None
-    value = str(raw).strip()
+    value = xml_safe(str(raw)).strip()
     return value or None
 
 

@@ -204,9 +204,7 @@ class CertAuthority:
         write_cert(cert_path, ca.cert)
         return ca
 
-    def _builder(
-        self, subject: x509.Name, public_key: PublicKey, days: int
-    ) -> x509.CertificateBuilder:
+    def _builder(self, subject: x509.Name, public_key: PublicKey, days: int) -> x509.CertificateBuilder:
         now = self.clock.now()
         not_after = min(now + timedelta(days=days), self.cert.not_valid_after_utc)
         return (
@@ -237,12 +235,8 @@ class CertAuthority:
         """
         builder = (
             self._builder(_name(provider_name, provider_name), key.public_key(), days)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.RFC822Name(service_address)]), critical=False
-            )
-            .add_extension(
-                _key_usage(digital_signature=True, content_commitment=True), critical=True
-            )
+            .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(service_address)]), critical=False)
+            .add_extension(_key_usage(digital_signature=True, content_commitment=True), critical=True)
         )
         return self._sign(builder)
 
@@ -250,16 +244,12 @@ class CertAuthority:
         """RFC 3161 §2.3: the only EKU is timeStamping, critical; ``openssl ts -verify`` insists."""
         builder = (
             self._builder(_name(name, name), key.public_key(), days)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True
-            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
         )
         return self._sign(builder)
 
-    def issue_tls_cert(
-        self, key: PrivateKey, hostnames: list[str], days: int = 825
-    ) -> x509.Certificate:
+    def issue_tls_cert(self, key: PrivateKey, hostnames: list[str], days: int = 825) -> x509.Certificate:
         """For the SMTP listeners; also valid for loopback so that local tests need no DNS."""
         if not hostnames:
             raise ValueError("a TLS certificate needs at least one host name")
@@ -272,17 +262,13 @@ class CertAuthority:
             if gn not in names:
                 names.append(gn)
         # RSA key exchange needs keyEncipherment; harmless for EC keys under TLS 1.3.
-        usage = _key_usage(
-            digital_signature=True, key_encipherment=isinstance(key, rsa.RSAPrivateKey)
-        )
+        usage = _key_usage(digital_signature=True, key_encipherment=isinstance(key, rsa.RSAPrivateKey))
         builder = (
             self._builder(_name(hostnames[0]), key.public_key(), days)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(usage, critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
             )
         )

@@ -13,13 +13,14 @@ backoff), ``hold`` (an operator looks), ``corrupt`` (spool file missing).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Literal, TypeVar
 
 from pecd import ledger
 from pecd.clock import Clock
@@ -27,6 +28,7 @@ from pecd.db import Database
 from pecd.ledger import LedgerEvent
 from pecd.spool import Spool
 
+T = TypeVar("T")
 Kind = Literal["submission", "inbound", "deliver", "relay"]
 KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay")
 MAX_LEASES = 5  # an item whose handling killed the process this often is parked in hold
@@ -68,6 +70,9 @@ class Outcome:
     events: list[LedgerEvent] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)
     seen: tuple[str, str] | None = None  # (provider, message id): refuse to do this twice
+    # outputs to send again when the same (provider, message id) comes back (a peer that lost
+    # our 250 and retried gets the same take-charge receipt, and nobody gets a second delivery)
+    replay: list[NewItem] = field(default_factory=list)
     delay: float = 0.0
     error: str | None = None
 
@@ -131,8 +136,10 @@ class Queue:
         for kind in {i.kind for i in items}:
             self._event(kind).set()
 
-    async def enqueue(self, items: Sequence[NewItem], events: Sequence[LedgerEvent] = ()) -> list[int]:
-        """The one way in: returns only when bytes and rows are durable."""
+    async def enqueue(self, items: Sequence[NewItem], events: Sequence[LedgerEvent] = (),
+                      effects: Sequence[Effect] = ()) -> list[int]:
+        """The one way in: returns only when bytes and rows are durable. ``effects`` run in the
+        same transaction; one that raises undoes the whole call (nothing queued, nothing logged)."""
         names = await self._write_outputs(items)
         at = self.clock.now()
 
@@ -140,15 +147,26 @@ class Queue:
             ids = self._insert(conn, items, names)
             for ev in events:
                 ledger.append(conn, ev, at)
+            for effect in effects:
+                effect(conn)
             return ids
 
+        ids = await self._commit(txn, names)
+        self._notify(items)
+        return ids
+
+    async def _commit(self, txn: Callable[[sqlite3.Connection], T], names: list[str]) -> T:
+        """Run ``txn`` in the writer. A cancelled caller (client gone) does not cancel the
+        transaction: it may still commit, so its spool files must stay; if it then fails they are
+        orphans that recovery removes."""
+        job = asyncio.ensure_future(self.db.transact(txn))
         try:
-            ids = await self.db.transact(txn)
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            raise
         except BaseException:
             self.spool.remove(names)
             raise
-        self._notify(items)
-        return ids
 
     async def record(self, events: Sequence[LedgerEvent]) -> None:
         """Ledger rows for things that create no queue item (a refused session, say)."""
@@ -213,14 +231,15 @@ class Queue:
                     "SELECT 1 FROM seen WHERE provider=? AND message_id=?", (provider, message_id)
                 ).fetchone()
                 if dup:
+                    self._replay(conn, provider, message_id)
                     ledger.append(conn, LedgerEvent(
                         event="duplicate", msgid=message_id, provider=provider,
                         detail={"queue_id": item.id},
                     ), at)
                     conn.execute("DELETE FROM queue WHERE id=?", (item.id,))
                     return False
-                conn.execute("INSERT INTO seen (provider, message_id, at) VALUES (?, ?, ?)",
-                             (provider, message_id, at.isoformat()))
+                conn.execute("INSERT INTO seen (provider, message_id, at, replies) VALUES (?, ?, ?, ?)",
+                             (provider, message_id, at.isoformat(), _replies_json(outcome.replay)))
             self._insert(conn, outcome.outputs, names)
             for ev in outcome.events:
                 ledger.append(conn, ev, at)
@@ -241,17 +260,23 @@ class Queue:
                 )
             return True
 
-        try:
-            fresh = await self.db.transact(txn)
-        except BaseException:
-            self.spool.remove(names)
-            raise
+        fresh = await self._commit(txn, names)
         if not fresh:
             self.spool.remove(names)
+            for kind in KINDS:  # replayed replies may have been queued
+                self._event(kind).set()
         if outcome.state == "done":
             self.spool.remove([item.spool])
         self._notify(outcome.outputs)
         return fresh
+
+    def _replay(self, conn: sqlite3.Connection, provider: str, message_id: str) -> None:
+        row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
+                           (provider, message_id)).fetchone()
+        replies = [_reply_item(r) for r in json.loads(row[0] or "[]")]
+        if replies:
+            # rare path: written from the writer thread, still fsynced before the commit
+            self._insert(conn, replies, self._write_outputs_sync(replies))
 
     def read(self, item: Item) -> bytes:
         return self.spool.read(item.spool)
@@ -290,6 +315,19 @@ class Queue:
         return self.db.transact_sync(txn)
 
 
+def _replies_json(items: Sequence[NewItem]) -> str:
+    return json.dumps([
+        {"kind": i.kind, "mail_from": i.mail_from, "rcpts": list(i.rcpts), "dest": i.dest,
+         "meta": dict(i.meta), "data": base64.b64encode(i.data or b"").decode()}
+        for i in items if i.data is not None
+    ], sort_keys=True)
+
+
+def _reply_item(raw: dict[str, Any]) -> NewItem:
+    return NewItem(kind=raw["kind"], mail_from=raw["mail_from"], rcpts=tuple(raw["rcpts"]),
+                   data=base64.b64decode(raw["data"]), dest=raw["dest"], meta=raw["meta"])
+
+
 def _item(row: sqlite3.Row) -> Item:
     return Item(
         id=row["id"], kind=row["kind"], mail_from=row["mail_from"],
@@ -303,5 +341,59 @@ def backoff(attempts: int, base: float, cap: float, jitter: float) -> float:
     return float(min(cap, base * (2 ** min(attempts, 30))) * (0.75 + 0.5 * jitter))
 
 
-def monotonic() -> float:
-    return time.monotonic()
+
+# --- operator actions (``pecd queue ...``); each runs in the caller's transaction ------------
+
+class QueueError(Exception):
+    """An operator action that does not apply (unknown id, wrong state)."""
+
+
+def figures(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {f"{k}/{s}": 0 for k in KINDS for s in ("incoming", "active", "deferred", "hold")}
+    for kind, state, n in conn.execute("SELECT kind, state, count(*) FROM queue GROUP BY 1, 2"):
+        counts[f"{kind}/{state}"] = n
+    return counts
+
+
+def listing(conn: sqlite3.Connection, state: str | None = None) -> list[dict[str, Any]]:
+    sql = ("SELECT id, kind, state, mail_from, rcpts, dest, attempts, next_at, last_error"
+           " FROM queue")
+    rows = conn.execute(sql + (" WHERE state=? ORDER BY id" if state else " ORDER BY id"),
+                        (state,) if state else ()).fetchall()
+    return [dict(r) for r in rows]
+
+
+def show(conn: sqlite3.Connection, item_id: int) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM queue WHERE id=?", (item_id,)).fetchone()
+    if row is None:
+        raise QueueError(f"no queue item {item_id}")
+    return dict(row)
+
+
+def _operator(conn: sqlite3.Connection, item_id: int, at: datetime, event: str,
+              allowed: tuple[str, ...], sql: str, args: tuple[Any, ...]) -> None:
+    row = show(conn, item_id)
+    if row["state"] not in allowed:
+        raise QueueError(f"item {item_id} is {row['state']}; {event} needs {' or '.join(allowed)}")
+    conn.execute(sql, (*args, item_id))
+    ledger.append(conn, LedgerEvent(event=event, detail={"queue_id": item_id,
+                                                         "was": row["state"]}), at)
+
+
+def retry(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+    """Try a deferred or held item now."""
+    _operator(conn, item_id, at, "operator-retry", ("deferred", "hold"),
+              "UPDATE queue SET state='incoming', next_at=? WHERE id=?", (at.timestamp(),))
+
+
+def hold(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+    """Park an item until an operator releases it."""
+    _operator(conn, item_id, at, "operator-hold", ("incoming", "deferred"),
+              "UPDATE queue SET state='hold' WHERE id=?", ())
+
+
+def release(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+    """Return a held item to the queue (its attempt count starts again)."""
+    _operator(conn, item_id, at, "operator-release", ("hold",),
+              "UPDATE queue SET state='incoming', attempts=0, next_at=? WHERE id=?",
+              (at.timestamp(),))

@@ -1,13 +1,22 @@
 """Receipts and notices (RFC 6109 §3.1–§3.3): acceptance, non-acceptance, take-charge, delivery
 (complete, brief, synthetic), non-delivery and the timeout notices. Pure builders over a
 :class:`~pecd.pec.Transaction`; every one is signed by the issuing provider.
+
+The brief delivery receipt (§3.3.2.2) carries the original with its MIME structure kept and every
+attachment replaced by a ``<filename>.hash`` text file: :func:`brief_original` builds it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import re
 from datetime import datetime
+from email.header import decode_header, make_header
+from email.message import Message
+from email.utils import encode_rfc2231
 
-from pecd import compose, daticert
+from pecd import compose, daticert, headers
 from pecd.pec import Issuer, ReceiptKind, SystemMessage, Transaction, build
 
 
@@ -94,11 +103,23 @@ def delivery_form(tx: Transaction, recipient: str, cc: bool) -> ReceiptKind:
 
 
 def delivery(tx: Transaction, recipient: str, form: ReceiptKind, envelope_original: bytes | None,
-             issuer: Issuer, at: datetime, brief_parts: tuple[bytes, ...] = ()) -> tuple[str, bytes]:
-    """The sender's proof of delivery into ``recipient``'s mailbox; one per recipient."""
+             issuer: Issuer, at: datetime) -> tuple[str, bytes]:
+    """The sender's proof of delivery into ``recipient``'s mailbox; one per recipient.
+
+    ``completa`` carries the original, ``breve`` the original with its attachments replaced by
+    their hashes (:func:`brief_original`), ``sintetica`` no original at all.
+    """
     msgid = compose.message_id(issuer.domain, at)
+    original: bytes | None = None
+    if envelope_original is not None and form == "completa":
+        original = envelope_original
+    elif envelope_original is not None and form == "breve":
+        original = brief_original(envelope_original)
+    title = {"completa": "Ricevuta di avvenuta consegna",
+             "breve": "Ricevuta breve di avvenuta consegna",
+             "sintetica": "Ricevuta sintetica di avvenuta consegna"}[form]
     text = (
-        "Ricevuta di avvenuta consegna\n\n"
+        f"{title}\n\n"
         f"Il giorno {daticert.format_human_time(at)} il messaggio\n"
         f'"{tx.subject}" proveniente da "{tx.sender}"\n'
         f'ed indirizzato a "{recipient}"\n'
@@ -113,8 +134,7 @@ def delivery(tx: Transaction, recipient: str, form: ReceiptKind, envelope_origin
         text=text, at=at, ref_msgid=tx.ref_msgid,
         certdata=tx.certdata("avvenuta-consegna", issuer.name, at, receipt_kind=form,
                              delivered_to=recipient),
-        original=envelope_original if form == "completa" else None,
-        extra_parts=brief_parts if form == "breve" else (),
+        original=original,
     ), issuer.signer)
 
 
@@ -167,3 +187,158 @@ def timeout_notice(tx: Transaction, recipients: tuple[str, ...], issuer: Issuer,
         certdata=tx.certdata("preavviso-errore-consegna", issuer.name, at,
                              extended_error=f"no delivery within {hours} hours"),
     ), issuer.signer)
+
+
+def virus_detection(tx: Transaction, recipient: str, virus: str, issuer: Issuer, to: str,
+                    at: datetime) -> tuple[str, bytes]:
+    """To the sending provider's service mailbox (§3.2.3): a virus was found in the envelope for
+    ``recipient``, which was not delivered. One per recipient; never carries the original."""
+    msgid = compose.message_id(issuer.domain, at)
+    text = (
+        "Avviso di rilevazione virus\n\n"
+        f"Il giorno {daticert.format_human_time(at)} nel messaggio\n"
+        f'"{tx.subject}" proveniente da "{tx.sender}"\n'
+        f'ed indirizzato a "{recipient}"\n'
+        f"è stato rilevato un problema di sicurezza: {virus}\n"
+        "Il messaggio non è stato consegnato.\n"
+        f"Identificativo messaggio: {tx.identifier}\n\n"
+        f"Virus detection notice: {virus} was found in the message for {recipient};"
+        " it was not delivered.\n"
+    )
+    return msgid, build(SystemMessage(
+        message_id=msgid, subject=f"PROBLEMA DI SICUREZZA: {tx.subject}", from_=_from(issuer),
+        to=(("", to),),
+        kind_headers=(("X-Ricevuta", "rilevazione-virus"), compose.header("X-Mittente", tx.sender)),
+        text=text, at=at, ref_msgid=tx.ref_msgid,
+        certdata=tx.certdata("rilevazione-virus", issuer.name, at, error="virus",
+                             delivered_to=recipient, extended_error=virus),
+    ), issuer.signer)
+
+
+# --- brief receipt content (§3.3.2.2) ----------------------------------------------------------
+
+_CMS_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+
+
+def part_hash(body: bytes) -> str:
+    """What a ``.hash`` file holds: the SHA-1, 40 lowercase hex digits, of a part's body exactly
+    as it travelled (for the usual base64 attachment: the base64 text, lines joined by CRLF, up
+    to the CRLF that belongs to the next boundary)."""
+    return hashlib.sha1(body).hexdigest()
+
+
+def brief_original(original: bytes) -> bytes:
+    """The original as the brief delivery receipt carries it (RFC 6109 §3.3.2.2).
+
+    The MIME structure is kept byte for byte (boundaries, preamble, headers, every part without a
+    file name); each part with a ``name`` or ``filename`` parameter, and each ``message/rfc822``
+    part, becomes ``<filename>.hash``, ``text/plain``, holding :func:`part_hash` of that part's
+    body. In a ``multipart/signed`` original only the signed content is rewritten (its signature
+    part stays, and will no longer verify, as the RFC says); an ``application/pkcs7-mime``
+    original cannot be opened and is kept whole. Pure; an entity it cannot read stays as it is.
+    """
+    counter = [0]
+    return _brief_entity(original, top=True, counter=counter)
+
+
+def _brief_entity(entity: bytes, top: bool, counter: list[int]) -> bytes:
+    head, body = compose.split_entity(entity)
+    if not head:
+        return entity
+    info = headers.parse(head)
+    ctype = info.get_content_type()
+    if ctype in _CMS_TYPES:
+        return entity
+    filename = _filename(info)
+    if filename is None and ctype == "message/rfc822" and not top:
+        counter[0] += 1
+        filename = f"messaggio-{counter[0]}.eml"
+    multipart = info.get_content_maintype() == "multipart"
+    if filename is not None and not multipart:
+        digest = part_hash(body)
+        if top:  # the message itself is one attachment: keep its other header fields
+            return _without_content_fields(head) + _hash_entity(filename, digest, final=True)
+        return _hash_entity(filename, digest, final=False)
+    if not multipart:
+        return entity
+    boundary = info.get_boundary()
+    if not boundary:
+        return entity
+    spans = _part_spans(body, boundary.encode("ascii", "replace"))
+    if ctype == "multipart/signed":
+        spans = spans[:1]  # the signed content; the signature part stays untouched
+    out: list[bytes] = [head, b"\r\n"]
+    pos = 0
+    for start, end in spans:
+        out += [body[pos:start], _brief_entity(body[start:end], top=False, counter=counter)]
+        pos = end
+    out.append(body[pos:])
+    return b"".join(out)
+
+
+def _part_spans(body: bytes, boundary: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each body part's bytes in ``body`` (RFC 2046 §5.1.1): from after its
+    delimiter line to before the CRLF that starts the next delimiter."""
+    text = b"\r\n" + body  # a delimiter is CRLF "--" boundary; the first may start the body
+    marker = b"\r\n--" + boundary
+    spans: list[tuple[int, int]] = []
+    start: int | None = None
+    pos = text.find(marker)
+    while pos >= 0:
+        after = pos + len(marker)
+        line_end = text.find(b"\r\n", after)
+        rest = text[after:] if line_end < 0 else text[after:line_end]
+        closing = rest.startswith(b"--")
+        if (rest[2:] if closing else rest).strip(b" \t"):
+            pos = text.find(marker, after)  # boundary text inside a longer line: not a delimiter
+            continue
+        if start is not None:
+            spans.append((start - 2, pos - 2))  # back to offsets in ``body``
+        if closing or line_end < 0:
+            break
+        start = line_end + 2
+        pos = text.find(marker, start)
+    return spans
+
+
+def _filename(info: Message) -> str | None:
+    raw = info.get_filename()
+    if raw is None:
+        return None
+    name = str(raw)
+    if "=?" in name:  # an RFC 2047 word inside a quoted parameter: common, if not standard
+        with contextlib.suppress(ValueError, LookupError, UnicodeError):
+            name = str(make_header(decode_header(name)))
+    name = compose.clean(name).strip()
+    return name or None
+
+
+def _hash_entity(filename: str, digest: str, final: bool) -> bytes:
+    name = f"{filename}.hash"
+    if name.isascii() and not re.search(r'["\\]', name):
+        ct_param, cd_param = f'name="{name}"', f'filename="{name}"'
+    else:
+        encoded = encode_rfc2231(name, "utf-8")
+        ct_param, cd_param = f"name*={encoded}", f"filename*={encoded}"
+    return compose.entity([
+        f'Content-Type: text/plain; charset="us-ascii"; {ct_param}\r\n'.encode(),
+        b"Content-Transfer-Encoding: 7bit\r\n",
+        f"Content-Disposition: attachment; {cd_param}\r\n".encode(),
+    ], digest.encode() + (b"\r\n" if final else b""))
+
+
+def _without_content_fields(head: bytes) -> bytes:
+    """A header block without its Content-* fields (folded lines go with their field)."""
+    kept: list[bytes] = []
+    skipping = False
+    for line in head.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                kept.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower().startswith(b"content-")
+        if not skipping:
+            kept.append(line)
+    return b"".join(line + b"\r\n" for line in kept)

@@ -15,10 +15,11 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cryptography import x509
 
-from pecd import envelope, pec, receipts, smime
+from pecd import envelope, pec, receipts, smime, virus
 from pecd.clock import Clock
 from pecd.cms import SignatureInvalid
 from pecd.config import Config
@@ -40,8 +41,15 @@ class Verified:
 
 
 def verify(data: bytes, mail_from: str, index: ProviderIndex,
-           trust_roots: Sequence[x509.Certificate]) -> Verified:
-    """Signature, signer in the index, sender domain managed by that signer: all or nothing."""
+           trust_roots: Sequence[x509.Certificate], at: datetime | None = None) -> Verified:
+    """Signature, signer in the index, sender domain managed by that signer: all or nothing.
+
+    ``at`` is when the message reached us: the signer's certificate must be valid then (without
+    it, at the time the signature itself claims, which a stolen expired key can choose). The
+    signer must manage the domain of the SMTP sender and, for an envelope, of the certified
+    sender in daticert.xml; a receipt saying it delivered to, or took charge for, an address
+    must come from the provider of that address's domain.
+    """
     try:
         parsed = pec.parse(data)
     except pec.NotPec as exc:
@@ -49,7 +57,7 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
     if parsed.category not in ("envelope", "receipt"):
         raise NotCertified("not a certified message")
     try:
-        _, info = smime.verify_message(data, trust_roots)
+        _, info = smime.verify_message(data, trust_roots, at=at)
     except (SignatureInvalid, smime.NotSigned) as exc:
         raise NotCertified(f"signature not valid: {exc}") from None
     provider = index.for_certificate(info.signer)
@@ -58,13 +66,26 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
     domain = mail_from.rpartition("@")[2].lower()
     if domain not in provider.domains:
         raise NotCertified(f"sender domain {domain} is not managed by {provider.name}")
+    cd = parsed.certdata
+    vouched: tuple[str, ...] = ()
+    if cd is not None and parsed.category == "envelope":
+        vouched = (cd.sender,)
+    elif cd is not None and cd.type == "avvenuta-consegna" and cd.delivered_to:
+        vouched = (cd.delivered_to,)
+    elif cd is not None and cd.type == "presa-in-carico":
+        vouched = cd.taken_in_charge
+    for address in vouched:
+        other = address.rpartition("@")[2].lower()
+        if other not in provider.domains:
+            raise NotCertified(f"{address} is not in a domain managed by {provider.name}")
     return Verified(parsed, provider)
 
 
 class ReceptionPoint:
     def __init__(self, config: Config, issuer: Issuer, router: Router, index: ProviderIndex,
                  trust_roots: Sequence[x509.Certificate], clock: Clock,
-                 read: Callable[[Item], bytes], cpu: Executor) -> None:
+                 read: Callable[[Item], bytes], cpu: Executor,
+                 scanner: virus.Scanner | None = None) -> None:
         self.config = config
         self.issuer = issuer
         self.router = router
@@ -73,19 +94,34 @@ class ReceptionPoint:
         self.clock = clock
         self.read = read
         self.cpu = cpu
+        self.scanner = scanner
+        self.quarantine = virus.Quarantine.for_config(config)
 
     async def handle(self, item: Item) -> Outcome:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.cpu, self._handle, item)
+        found = None
+        if self.scanner is not None:  # I/O first, then the CPU part in the executor
+            data = await loop.run_in_executor(self.cpu, self.read, item)
+            if pec.classify(data) == "envelope":
+                try:
+                    found = await self.scanner.scan(data)
+                except virus.ScanError as exc:
+                    return virus.unavailable(item, exc)
+        return await loop.run_in_executor(self.cpu, self._handle, item, found)
 
-    def _handle(self, item: Item) -> Outcome:
+    def _handle(self, item: Item, found: str | None = None) -> Outcome:
         data = self.read(item)
         try:
-            verified = verify(data, item.mail_from, self.index, self.trust_roots)
+            verified = verify(data, item.mail_from, self.index, self.trust_roots,
+                              at=datetime.fromtimestamp(item.created, UTC))
         except NotCertified as exc:
             return self._anomaly(item, data, str(exc))
         if verified.parsed.category == "envelope":
+            if found is not None:
+                return self._infected(item, data, verified, found)
             return self._envelope(item, verified)
+        if verified.parsed.certdata and verified.parsed.certdata.type == "rilevazione-virus":
+            return self._virus_notice(item, verified)
         return self._receipt(item, verified)
 
     def _anomaly(self, item: Item, data: bytes, reason: str) -> Outcome:
@@ -102,20 +138,28 @@ class ReceptionPoint:
         assert v.parsed.certdata is not None
         at = self.clock.now()
         tx = Transaction.from_certdata(v.parsed.certdata)
-        tc_id, tc = receipts.take_charge(tx, item.rcpts, self.issuer, v.provider.service_address,
-                                         at)
-        outputs = self.router.items(self.issuer.service_address, [v.provider.service_address],
-                                    tc, local_kind="inbound",
-                                    meta={"msgid": tc_id, "what": "take-charge"})
+        # §3.2.1: one take-charge for the recipients in our jurisdiction; one in a domain we do
+        # not manage gets only the delivery point's no-dominio notice
+        ours = tuple(r for r in item.rcpts if self.config.is_local(r))
+        outputs: list[NewItem] = []
+        tc_id = ""
+        if ours:
+            tc_id, tc = receipts.take_charge(tx, ours, self.issuer, v.provider.service_address, at)
+            outputs = self.router.items(self.issuer.service_address,
+                                        [v.provider.service_address], tc, local_kind="inbound",
+                                        meta={"msgid": tc_id, "what": "take-charge"})
+        replay = list(outputs)
         for rcpt in item.rcpts:
             outputs.append(NewItem("deliver", item.mail_from, (rcpt,), same_as=item.spool,
                                    meta={"mode": "certified", "msgid": tx.identifier}))
         return Outcome(
             outputs=outputs,
             seen=(v.provider.fingerprint, tx.identifier),
+            replay=replay,
             events=[LedgerEvent(event="taken-in-charge", msgid=tx.identifier,
                                 ref_msgid=tx.ref_msgid, sender=tx.sender, recipients=item.rcpts,
-                                subject=tx.subject, provider=v.provider.name, related=(tc_id,),
+                                subject=tx.subject, provider=v.provider.name,
+                                related=(tc_id,) if tc_id else (),
                                 detail={"queue_id": item.id})],
         )
 
@@ -143,6 +187,60 @@ class ReceptionPoint:
                                         "queue_id": item.id})],
             effects=effects,
         )
+
+    def _infected(self, item: Item, data: bytes, v: Verified, found: str) -> Outcome:
+        """A valid envelope carrying a virus (§3.2.3): not delivered, not taken in charge; one
+        virus-detection notice per recipient to the sending provider's service mailbox."""
+        assert v.parsed.certdata is not None
+        at = self.clock.now()
+        tx = Transaction.from_certdata(v.parsed.certdata)
+        kept = self.quarantine.store(item.spool, data)
+        outputs: list[NewItem] = []
+        related = []
+        for rcpt in item.rcpts:
+            notice_id, notice = receipts.virus_detection(tx, rcpt, found, self.issuer,
+                                                         v.provider.service_address, at)
+            outputs += self.router.items(self.issuer.service_address, [v.provider.service_address],
+                                         notice, local_kind="inbound",
+                                         meta={"msgid": notice_id, "what": "virus-detection"})
+            related.append(notice_id)
+        return Outcome(
+            outputs=outputs,
+            seen=(v.provider.fingerprint, tx.identifier),
+            replay=list(outputs),
+            events=[LedgerEvent(event="virus-detected", msgid=tx.identifier,
+                                ref_msgid=tx.ref_msgid, sender=tx.sender, recipients=item.rcpts,
+                                subject=tx.subject, provider=v.provider.name,
+                                related=tuple(related),
+                                detail={"virus": found, "quarantine": kept.name,
+                                        "queue_id": item.id})],
+        )
+
+    def _virus_notice(self, item: Item, v: Verified) -> Outcome:
+        """A peer found a virus in our user's envelope (§3.2.4): the notice goes to our service
+        mailbox like any receipt, and the sender gets the non-delivery notice for virus."""
+        outcome = self._receipt(item, v)
+        cd = v.parsed.certdata
+        assert cd is not None
+        if not cd.delivered_to or not self.config.is_local(cd.sender):
+            return outcome
+        at = self.clock.now()
+        tx = Transaction.from_certdata(cd)
+        reason = f"virus {cd.extended_error or ''}".strip()
+        notice_id, notice = receipts.non_delivery(
+            tx, cd.delivered_to, "virus", reason, self.issuer, at,
+            title="AVVISO DI MANCATA CONSEGNA PER VIRUS", virus=True)
+        outcome.outputs.append(NewItem("deliver", self.issuer.service_address, (tx.sender,),
+                                       data=notice, meta={"mode": "plain", "msgid": notice_id,
+                                                          "what": "non-delivery"}))
+        outcome.effects.append(_track("closed", cd.identifier, (cd.delivered_to,),
+                                      at.timestamp(), "virus"))
+        outcome.events.append(LedgerEvent(
+            event="non-delivery", msgid=cd.identifier, ref_msgid=cd.msgid, sender=cd.sender,
+            recipients=(cd.delivered_to,), subject=cd.subject, provider=self.issuer.name,
+            related=(notice_id,), detail={"error": "virus", "virus": cd.extended_error or "",
+                                          "queue_id": item.id}))
+        return outcome
 
 
 def _track(column: str, pec_id: str, recipients: Sequence[str], at: float,

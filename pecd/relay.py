@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from pecd.clock import Clock
 from pecd.config import Config
 from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
@@ -157,11 +158,20 @@ class Connections:
 
 class RelayStage:
     def __init__(self, config: Config, index: ProviderIndex, connections: Connections,
-                 read: Callable[[Item], bytes]) -> None:
+                 read: Callable[[Item], bytes], clock: Clock) -> None:
         self.config = config
         self.index = index
         self.connections = connections
         self.read = read
+        self.clock = clock
+        self._down: dict[str, float] = {}  # destination -> retry not before (per-destination backoff)
+
+    def blocked(self) -> list[str]:
+        """Destinations in backoff: their items stay queued instead of each failing alone."""
+        now = self.clock.now().timestamp()
+        for dest in [d for d, until in self._down.items() if until <= now]:
+            del self._down[dest]
+        return list(self._down)
 
     def hop(self, item: Item) -> Hop:
         if item.dest.startswith("pec:"):
@@ -190,6 +200,8 @@ class RelayStage:
                     recipients=item.rcpts, detail={"reason": str(exc), "final": True})])
             delay = backoff(item.attempts, self.config.relay.retry_base,
                             self.config.relay.retry_max, random.random())
+            until = self.clock.now().timestamp() + delay
+            self._down[item.dest] = max(self._down.get(item.dest, 0.0), until)
             return Outcome(state="deferred", delay=delay, error=str(exc), events=[LedgerEvent(
                 event="deferred", msgid=event.msgid, sender=item.mail_from,
                 recipients=item.rcpts, detail={"reason": str(exc), "retry_in": round(delay, 1)})])
@@ -197,4 +209,5 @@ class RelayStage:
             return Outcome(state="hold", error=str(exc), events=[LedgerEvent(
                 event="relay-failed", msgid=event.msgid, sender=item.mail_from,
                 recipients=item.rcpts, detail={"reason": str(exc), "final": True})])
+        self._down.pop(item.dest, None)
         return Outcome(events=[event])

@@ -26,6 +26,15 @@ TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 NO_HEADERS = "554 5.6.0 Message has no header section"
 TEMPORARY = "451 4.3.0 Temporary failure, please retry (incident {})"
+AUTH_THROTTLED = "454 4.7.0 Too many failed authentication attempts, try again later"
+BAD_SENDER_SYNTAX = "553 5.1.7 Bad sender address syntax"
+BAD_RCPT_SYNTAX = "553 5.1.3 Bad recipient address syntax"
+BARE_LINE_ENDING = "554 5.6.11 Bare CR or LF in message: lines must end in CRLF (RFC 5321 2.3.8)"
+TOO_MANY_HEADERS = "554 5.6.0 Too many header fields (limit {})"
+HEADERS_TOO_BIG = "554 5.6.0 Header section too large (limit {} bytes)"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
+TOO_MANY_COMMANDS = "421 4.7.0 Too many commands in this session, closing"
+IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 
 
 class Refusal(Exception):
@@ -62,6 +71,20 @@ class MessageTooBig(Refusal):
 
 class BadMessage(Refusal):
     reply = NO_HEADERS
+
+
+class AuthThrottled(Refusal):
+    reply = AUTH_THROTTLED
+
+
+class BareLineEnding(Refusal):
+    """SMTP smuggling needs a bare CR or LF to make two readers see different message ends."""
+
+    reply = BARE_LINE_ENDING
+
+
+class TooManyHeaders(Refusal):
+    reply = TOO_MANY_HEADERS
 
 
 def reply_for(exc: BaseException) -> str:

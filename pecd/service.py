@@ -12,20 +12,23 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import pki, users
+from pecd import ledger, pki, users, virus
 from pecd.clock import Clock, SystemClock
 from pecd.cms import Signer
 from pecd.config import Config
 from pecd.db import Database
-from pecd.delivery import DeliveryPoint, Maildir
+from pecd.delivery import DeliveryPoint, Mailbox, Maildir
 from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
+from pecd.lmtp import LmtpMailbox
 from pecd.pec import Issuer
 from pecd.queue import Item, Kind, Outcome, Queue, Recovery
 from pecd.reception import ReceptionPoint
@@ -33,21 +36,37 @@ from pecd.relay import Connections, RelayStage, Router
 from pecd.smtp import InboundHandler, SubmissionHandler, listen, server_tls
 from pecd.spool import Spool
 from pecd.submission import AccessPoint
-from pecd.tsa import LocalTSA, RemoteTSA, Timestamper
+from pecd.timeouts import TimeoutWorker
+from pecd.tsa import FallbackTimestamper, FallbackUse, LocalTSA, RemoteTSA, Timestamper, key_matches
 
 log = logging.getLogger("pecd")
 
 Handler = Callable[[Item], Awaitable[Outcome]]
 
 
+def _index_version(conn: sqlite3.Connection) -> tuple[int, str]:
+    row = conn.execute("SELECT count(*), coalesce(max(imported), '') FROM providers").fetchone()
+    return int(row[0]), str(row[1])
+
+
+def _rows_since_checkpoint(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "SELECT coalesce((SELECT max(seq) FROM ledger), 0)"
+        " - coalesce((SELECT max(seq_to) FROM ledger_checkpoint), 0)"
+    ).fetchone()
+    return int(row[0])
+
+
 class Runner:
     """Leases items of one kind and runs a stage on them, at most ``concurrency`` at a time."""
 
-    def __init__(self, queue: Queue, kind: Kind, handler: Handler, concurrency: int) -> None:
+    def __init__(self, queue: Queue, kind: Kind, handler: Handler, concurrency: int,
+                 blocked: Callable[[], list[str]] | None = None) -> None:
         self.queue = queue
         self.kind = kind
         self.handler = handler
         self.concurrency = concurrency
+        self.blocked = blocked or list
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
 
@@ -73,7 +92,8 @@ class Runner:
     async def run(self) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
-            items = await self.queue.lease(self.kind, free) if free > 0 else []
+            items = (await self.queue.lease(self.kind, free, exclude_dests=self.blocked())
+                     if free > 0 else [])
             for item in items:
                 task = asyncio.create_task(self._process(item))
                 self._inflight.add(task)
@@ -101,17 +121,47 @@ class Ports:
     inbound: int = 0
 
 
-def make_timestamper(config: Config, clock: Clock) -> Timestamper:
-    if config.tsa_url:
-        cert = pki.load_cert(config.paths.tsa_cert) if config.paths.tsa_cert.exists() else None
+def make_timestamper(config: Config, clock: Clock, db: Database | None = None) -> Timestamper:
+    """The built-in TSA; or, with ``[tsa] url``, the external one.
+
+    If ``tsa_key``/``tsa_cert`` are still the built-in TSA's own pair, external tokens must chain
+    to ``ca_certs`` and the built-in TSA stands in while the external one is unavailable; each
+    such token becomes a ``tsa-fallback`` ledger row (when ``db`` is given). If ``tsa_cert`` is
+    another certificate (the external TSA's), it pins the external TSA and there is no fallback.
+    """
+    paths = config.paths
+    if not config.tsa_url:
+        return LocalTSA(pki.load_key(paths.tsa_key), pki.load_cert(paths.tsa_cert), clock)
+    cert = pki.load_cert(paths.tsa_cert) if paths.tsa_cert.exists() else None
+    key = pki.load_key(paths.tsa_key) if paths.tsa_key.exists() else None
+    if cert is None or key is None or not key_matches(key, cert):
         return RemoteTSA(config.tsa_url, cert)
-    return LocalTSA(pki.load_key(config.paths.tsa_key), pki.load_cert(config.paths.tsa_cert),
-                    clock)
+
+    def record(use: FallbackUse) -> None:
+        event = LedgerEvent(event="tsa-fallback", detail={
+            "tsa": "built-in", "external": use.primary, "reason": use.reason,
+            "imprint_sha256": use.imprint_sha256})
+        if db is not None:
+            db.transact_sync(lambda conn: ledger.append(conn, event, clock.now()))
+        log.warning("external TSA unavailable, built-in TSA used: %s", use.reason)
+
+    remote = RemoteTSA(config.tsa_url, None, roots=pki.load_certs(paths.ca_certs))
+    return FallbackTimestamper(remote, LocalTSA(key, cert, clock), name=config.tsa_url,
+                               on_fallback=record)
 
 
-def make_issuer(config: Config, clock: Clock) -> Issuer:
+def make_mailbox(config: Config) -> Mailbox:
+    """``[delivery] method``: Maildirs under the data directory, or an LMTP server (Dovecot)."""
+    if config.delivery.method == "lmtp":
+        return LmtpMailbox(config.delivery.lmtp_host, config.delivery.lmtp_port,
+                           journal=config.paths.data_dir / "lmtp-journal",
+                           local_hostname=config.hostname)
+    return Maildir(config.paths.mail, config.hostname)
+
+
+def make_issuer(config: Config, clock: Clock, timestamper: Timestamper) -> Issuer:
     signer = Signer(pki.load_key(config.paths.signing_key), pki.load_cert(config.paths.signing_cert),
-                    clock, timestamper=make_timestamper(config, clock))
+                    clock, timestamper=timestamper)
     return Issuer(config.name, config.domain, config.service_address, signer)
 
 
@@ -124,25 +174,32 @@ class Service:
         self.queue = Queue(self.db, self.spool, self.clock)
         self.index = ProviderIndex(self.db.transact_sync(index_mod.load_all))
         self.trust_roots = pki.load_certs(config.paths.ca_certs)
-        self.issuer = make_issuer(config, self.clock)
+        self.timestamper = make_timestamper(config, self.clock, self.db)
+        self.issuer = make_issuer(config, self.clock, self.timestamper)
         self.cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                       thread_name_prefix="pecd-cpu")
+        self.authenticator = users.Authenticator(self.db, self.cpu,
+                                                 config.limits.lock_after_failures)
         self.router = Router(config, self.index)
         self.connections = Connections(config)
         read = self.queue.read
-        self.access = AccessPoint(config, self.issuer, self.router, self.clock, read, self.cpu)
+        self.scanner = virus.scanner_for(config)  # None: [antivirus] unset, scanning off
+        self.access = AccessPoint(config, self.issuer, self.router, self.clock, read, self.cpu,
+                                  self.scanner)
         self.reception = ReceptionPoint(config, self.issuer, self.router, self.index,
-                                        self.trust_roots, self.clock, read, self.cpu)
+                                        self.trust_roots, self.clock, read, self.cpu,
+                                        self.scanner)
+        self.timeouts = TimeoutWorker(config, self.issuer, self.queue, self.clock, self.cpu)
         self.delivery = DeliveryPoint(config, self.issuer, self.router, self.db,
-                                      Maildir(config.paths.mail, config.hostname), self.clock,
+                                      make_mailbox(config), self.clock,
                                       read, self.cpu)
-        self.relay = RelayStage(config, self.index, self.connections, read)
+        self.relay = RelayStage(config, self.index, self.connections, read, self.clock)
         n = config.workers
         self.runners = {
             "submission": Runner(self.queue, "submission", self.access.handle, n),
             "inbound": Runner(self.queue, "inbound", self.reception.handle, n),
             "deliver": Runner(self.queue, "deliver", self.delivery.handle, n),
-            "relay": Runner(self.queue, "relay", self.relay.handle, n * 4),
+            "relay": Runner(self.queue, "relay", self.relay.handle, n * 4, self.relay.blocked),
         }
         self.ports = Ports()
         self.recovery: Recovery | None = None
@@ -150,9 +207,8 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def check_password(self, user: str, password: str) -> bool:
-        stored = await self.db.transact(lambda conn: users.password_hash(conn, user))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.cpu, users.check, stored, password)
+        """A login as the listeners do it (counts failures, honours the account lock)."""
+        return (await self.authenticator.login(user, password)).ok
 
     def reload_index(self) -> None:
         self.index.replace(self.db.transact_sync(index_mod.load_all))
@@ -161,13 +217,15 @@ class Service:
         self.recovery = self.queue.recover()
         if runners:
             self._tasks = [asyncio.create_task(r.run()) for r in self.runners.values()]
+            self._tasks.append(asyncio.create_task(self._housekeeping()))
+            self._tasks.append(asyncio.create_task(self.timeouts.run()))
         if listeners:
             await self._listen()
 
     async def _listen(self) -> None:
         cfg, tls = self.config, server_tls(self.config)
-        sub = SubmissionHandler(cfg, self.queue, self.check_password)
-        inbound = InboundHandler(cfg, self.queue)
+        sub = SubmissionHandler(cfg, self.queue, self.authenticator.login, self.clock)
+        inbound = InboundHandler(cfg, self.queue, self.index)
         specs = [
             ("submission", sub, cfg.listen.submission_port, False, True),
             ("smtps", sub, cfg.listen.smtps_port, True, True),
@@ -179,6 +237,37 @@ class Service:
             self._servers.append(server)
             setattr(self.ports, name, server.sockets[0].getsockname()[1])
             log.info("%s listening on %s:%s", name, cfg.listen.host, getattr(self.ports, name))
+
+    async def _housekeeping(self) -> None:
+        """Pick up operator changes to the index; checkpoint the ledger on schedule."""
+        loop = asyncio.get_running_loop()
+        index_version = await self.db.transact(_index_version)
+        last_checkpoint = self.clock.now().timestamp()
+        policy = self.config.ledger
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                version = await self.db.transact(_index_version)
+                if version != index_version:
+                    index_version = version
+                    self.index.replace(await self.db.transact(index_mod.load_all))
+                    log.info("provider index reloaded")
+                now = self.clock.now().timestamp()
+                pending = await self.db.transact(_rows_since_checkpoint)
+                if pending and (pending >= policy.checkpoint_rows
+                                or now - last_checkpoint >= policy.checkpoint_interval):
+                    await loop.run_in_executor(None, self.checkpoint)
+                    last_checkpoint = now
+            except Exception:  # housekeeping must outlive a bad moment (TSA down, disk full)
+                log.exception("housekeeping failed; retrying")
+
+    def checkpoint(self) -> int | None:
+        """Timestamp the ledger head now (own connection: a slow TSA never blocks the writer)."""
+        conn = db_mod.connect(self.config.paths.database)
+        try:
+            return ledger.checkpoint(conn, self.clock.now(), self.timestamper.timestamp)
+        finally:
+            conn.close()
 
     async def run_once(self) -> int:
         """One pass of every stage; tests use it to step the pipeline without background tasks."""
@@ -194,6 +283,7 @@ class Service:
             await server.wait_closed()
         for runner in self.runners.values():
             await runner.drain(timeout)
+        await self.timeouts.drain(timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

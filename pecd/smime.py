@@ -213,7 +213,5 @@ def verify_message(
 ) -> tuple[SignedMessage, SignatureInfo]:
     """Split, then verify the signature over the signed entity; cms.SignatureInvalid on failure."""
     signed = split_signed(message)
-    info = verify_detached(
-        signed.signature, signed.inner, trust_roots, tsa_roots, require_timestamp, at=at
-    )
+    info = verify_detached(signed.signature, signed.inner, trust_roots, tsa_roots, require_timestamp, at=at)
     return signed, info

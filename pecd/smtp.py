@@ -4,33 +4,192 @@ through :meth:`~pecd.queue.Queue.enqueue` and ``250`` is sent only after it retu
 
 Trusts: TLS and AUTH for the submission listeners (the authenticated login is the only identity
 a client has); nothing on the inbound listener, where the reception point judges each message.
+Every client, authenticated or not, is bounded by ``[limits]``: connections per address,
+commands per session, idle time, message size, header count and size, recipients, and
+(submission) failed logins per account and per address (:mod:`pecd.throttle`). aiosmtpd's own
+log lines that echo client input are redacted, so AUTH exchanges and message content never
+reach the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from pecd import headers, replies
-from pecd.config import Config
+from pecd.clock import Clock, SystemClock
+from pecd.config import Config, Limits
+from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
 from pecd.queue import NewItem, Queue
 from pecd.replies import Refusal
+from pecd.throttle import AuthThrottle, ConnectionLimiter
+from pecd.users import Login
 
 log = logging.getLogger("pecd.smtp")
 
-PasswordCheck = Callable[[str, str], Awaitable[bool]]
+PasswordCheck = Callable[[str, str], Awaitable[Login]]
+
+CRLF = b"\r\n"
+
+
+class _RedactClientData(logging.Filter):
+    """aiosmtpd logs command lines, AUTH continuation lines it cannot decode, DATA lines and the
+    replies that echo unknown commands; any of them can hold a password or private mail. Its
+    records keep their message and the peer, and lose every text argument."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                f"<{len(a)} redacted>" if isinstance(a, str | bytes | bytearray) else a
+                for a in record.args
+            )
+        elif isinstance(record.args, dict):  # logging's one-mapping form; aiosmtpd never uses it
+            record.args = {k: "<redacted>" for k in record.args}
+        return True
+
+
+_REDACT = _RedactClientData()
+logging.getLogger("mail.log").addFilter(_REDACT)
+
+
+def address_acceptable(address: str) -> bool:
+    """An envelope address pecd can carry into headers, daticert.xml and the ledger: printable
+    (no control, format or unpaired surrogate characters), not absurdly long."""
+    return 0 < len(address) <= 320 and address.isprintable()
+
+
+def content_refusal(data: bytes, limits: Limits) -> Refusal | None:
+    """Why the bytes of a DATA transaction are refused before anything reads them, or None.
+
+    A bare CR or LF is refused outright (SMTP smuggling: a next hop that ends DATA on
+    ``<LF>.<LF>`` or ``<CR>.<CR>`` would see a second message where pecd saw one), and so are
+    header sections over the configured size or field count.
+    """
+    crlf = data.count(CRLF)
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        return replies.BareLineEnding("bare CR or LF")
+    block = headers.header_block(data)
+    if len(block) > limits.max_header_bytes:
+        return replies.TooManyHeaders(f"header section of {len(block)} bytes",
+                                      replies.HEADERS_TOO_BIG.format(limits.max_header_bytes))
+    fields = sum(1 for line in block.split(CRLF) if line and line[:1] not in b" \t")
+    if fields > limits.max_header_fields:
+        return replies.TooManyHeaders(f"{fields} header fields",
+                                      replies.TOO_MANY_HEADERS.format(limits.max_header_fields))
+    return None
+
+
+def peer_address(peer: object) -> str:
+    """The client's IP address (the key for per-address limits), from aiosmtpd's peername."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
 
 
 class PecdSMTP(SMTP):
-    """aiosmtpd's protocol with the password check awaited (upstream calls it synchronously,
-    which would stall every session for the length of an argon2 hash)."""
+    """aiosmtpd 1.4.6's protocol with pecd's defences:
+
+    - the password check is awaited (upstream calls it synchronously, which would stall every
+      session for the length of an argon2 hash), and a throttled login gets ``454``;
+    - AUTH needs an encrypted transport, judged from the socket itself: after STARTTLS, or from
+      the start on the implicit-TLS port (upstream only knows about STARTTLS and would refuse
+      AUTH there, so that listener used to turn the TLS requirement off);
+    - concurrent connections per client address, commands per session and idle time are bounded,
+      each refusal answered with ``421`` before the connection closes;
+    - envelope addresses must be printable, and DATA content is refused when it holds a bare CR
+      or LF (SMTP smuggling) or too many header fields, before any handler sees it.
+    """
+
+    def __init__(self, handler: _Base, *, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self._counted_address: str | None = None
+        self._over_connection_limit = False
+        self._commands = 0
+        self._smtp_methods = {name: self._counting(method)
+                              for name, method in self._smtp_methods.items()}
+
+    # --- transport and session bounds ------------------------------------------------------
+
+    def _encrypted(self) -> bool:
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # STARTTLS calls this again with the TLS transport
+        if first and transport.get_extra_info("ssl_object") is not None:
+            self._auth_require_tls = False  # implicit TLS: encrypted before the greeting
+        super().connection_made(transport)
+        if first:
+            assert self.session is not None
+            address = peer_address(self.session.peer)
+            if self.event_handler.connections.acquire(address):
+                self._counted_address = address
+            else:
+                self._over_connection_limit = True
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted_address is not None:
+            self.event_handler.connections.release(self._counted_address)
+            self._counted_address = None
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._over_connection_limit:
+            assert self.session is not None and self.transport is not None
+            log.warning("%s: connection refused, over the per-address limit",
+                        peer_address(self.session.peer))
+            await self.push(replies.TOO_MANY_CONNECTIONS)
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self._writer.write(replies.IDLE_TIMEOUT.encode() + CRLF)  # flushed by close()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _counting(self, method: Callable[[str | None], Awaitable[None]]
+                  ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)
+        async def counted(arg: str | None) -> None:
+            self._commands += 1
+            if self._commands > self.limits.max_commands_per_session:
+                await self.push(replies.TOO_MANY_COMMANDS)
+                assert self.transport is not None
+                self.transport.close()
+                return
+            await method(arg)
+
+        return counted
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command in ("MAIL", "RCPT") and not address_acceptable(str(args[0])):
+            return replies.BAD_SENDER_SYNTAX if command == "MAIL" else replies.BAD_RCPT_SYNTAX
+        if command == "DATA":
+            assert self.envelope is not None and self.session is not None
+            refusal = content_refusal(self.envelope.original_content or b"", self.limits)
+            if refusal is not None:
+                return await self.event_handler.refused(self.session, self.envelope, refusal)
+        return await super()._call_handler_hook(command, *args)
+
+    # --- AUTH ------------------------------------------------------------------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self._encrypted():  # whatever aiosmtpd's own flag says
+            await self.push(replies.AUTH_TLS_REQUIRED)
+            return
+        await super().smtp_AUTH(arg)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -72,9 +231,15 @@ class PecdSMTP(SMTP):
             user, secret = login.decode(), password.decode()
         except UnicodeDecodeError:
             return refused
+        if not user or not address_acceptable(user):
+            return refused
         handler = self.event_handler
         peer = self.session.peer if self.session else None
-        if await handler.authenticate(user, secret, peer):
+        try:
+            ok = await handler.authenticate(user, secret, peer)
+        except Refusal as exc:
+            return AuthResult(success=False, handled=False, message=exc.reply)
+        if ok:
             return AuthResult(success=True, auth_data=user)
         return refused
 
@@ -90,6 +255,8 @@ class _Base:
     def __init__(self, config: Config, queue: Queue) -> None:
         self.config = config
         self.queue = queue
+        # shared by every listener this handler serves (submission + smtps share one)
+        self.connections = ConnectionLimiter(config.limits.max_connections_per_address)
 
     async def handle_exception(self, error: Exception) -> str:
         return replies.reply_for(error)
@@ -98,20 +265,58 @@ class _Base:
         await self.queue.record([event])
         return refusal.reply
 
+    async def refused(self, session: Session, envelope: Envelope, refusal: Refusal) -> str:
+        """DATA content refused by the protocol layer (:func:`content_refusal`): logged, and the
+        client gets a clear code; nothing is queued."""
+        return await self._refuse(refusal, LedgerEvent(
+            event="smtp-refused", sender=str(envelope.mail_from or "")[:320],
+            recipients=tuple(r[:320] for r in envelope.rcpt_tos),
+            detail={"reason": refusal.detail, "reply": refusal.reply,
+                    "peer": peer_address(session.peer),
+                    "size": len(envelope.original_content or b"")}))
+
 
 class SubmissionHandler(_Base):
     """Access point listener: authenticated users submit here."""
 
-    def __init__(self, config: Config, queue: Queue, check_password: PasswordCheck) -> None:
+    def __init__(self, config: Config, queue: Queue, check_password: PasswordCheck,
+                 clock: Clock | None = None) -> None:
         super().__init__(config, queue)
         self.check_password = check_password
+        limits = config.limits
+        self.throttle = AuthThrottle(clock or SystemClock(),
+                                     per_account=limits.auth_failures_per_account,
+                                     per_address=limits.auth_failures_per_address,
+                                     window=limits.auth_window)
 
     async def authenticate(self, user: str, password: str, peer: object) -> bool:
-        ok = await self.check_password(user, password)
-        if not ok:
-            await self.queue.record([LedgerEvent(event="auth-failed", sender=user[:320],
-                                                 detail={"peer": str(peer)})])
-        return ok
+        """True for a good login; False for a bad one; :class:`~pecd.replies.AuthThrottled`
+        when the account or the address failed too often lately (no password is checked)."""
+        address = peer_address(peer)
+        account = user.strip().lower()
+        verdict = self.throttle.check(account, address)
+        if not verdict.allowed:
+            if verdict.first:  # one ledger row per episode, not one per refused attempt
+                log.warning("AUTH throttled for %s %s", verdict.scope,
+                            address if verdict.scope == "address" else account[:320])
+                await self.queue.record([LedgerEvent(
+                    event="auth-throttled", sender=user[:320],
+                    detail={"peer": address, "scope": verdict.scope,
+                            "retry_after": round(verdict.retry_after)})])
+            raise replies.AuthThrottled(f"{verdict.scope} throttled")
+        login = await self.check_password(user, password)
+        if login.ok:
+            self.throttle.success(account, address)
+            return True
+        self.throttle.failure(account, address)
+        events = [LedgerEvent(event="auth-failed", sender=user[:320],
+                              detail={"peer": address, "locked": login.locked})]
+        if login.just_locked:
+            log.warning("account %s locked after %d failed logins", user[:320], login.failures)
+            events.append(LedgerEvent(event="account-locked", sender=user[:320],
+                                      detail={"peer": address, "failures": login.failures}))
+        await self.queue.record(events)
+        return False
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -154,13 +359,33 @@ class SubmissionHandler(_Base):
 
 
 class InboundHandler(_Base):
-    """Incoming point listener: other providers and the Internet deliver here."""
+    """Incoming point listener: other providers and the Internet deliver here.
+
+    A recipient in a domain we do not manage is refused, except from a PEC peer (over TLS, with a
+    reverse path in a domain another provider manages per our index): a peer whose index still
+    routes that domain to us sent a certified envelope, and its sender must get a signed
+    ``no-dominio`` notice (RFC 6109 §3.3.3), not an SMTP error that no PEC receipt reports.
+    Nothing received here is ever relayed onwards: the reception point only answers such
+    envelopes, and anything else for such a recipient ends as a ledger row.
+    """
+
+    def __init__(self, config: Config, queue: Queue, index: ProviderIndex | None = None) -> None:
+        super().__init__(config, queue)
+        self.index = index
+
+    def _from_pec_peer(self, session: Session, envelope: Envelope) -> bool:
+        sender = str(envelope.mail_from or "")
+        return (self.index is not None and session.ssl is not None
+                and not self.config.is_local(sender)
+                and self.index.for_address(sender) is not None)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if not self.config.is_local(address):
-            domain = address.rpartition("@")[2][:255]
-            return replies.RELAY_DENIED.format(domain)
+        local, at, domain = address.rpartition("@")
+        if not (local and at and domain):
+            return replies.BAD_ADDRESS
+        if not self.config.is_local(address) and not self._from_pec_peer(session, envelope):
+            return replies.RELAY_DENIED.format(domain[:255])
         if len(envelope.rcpt_tos) >= max(self.config.limits.max_recipients, 1000):
             return replies.TOO_MANY_RCPTS
         envelope.rcpt_tos.append(address)
@@ -182,23 +407,26 @@ class InboundHandler(_Base):
         return replies.OK_QUEUED.format(ids[0])
 
 
-async def listen(handler: object, host: str, port: int, config: Config,
+async def listen(handler: _Base, host: str, port: int, config: Config,
                  tls: ssl.SSLContext, *, implicit_tls: bool, auth: bool) -> asyncio.Server:
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
         return PecdSMTP(
             handler,
+            limits=config.limits,
             hostname=config.hostname,
             ident="pecd",
             data_size_limit=config.limits.max_message_size,
             tls_context=None if implicit_tls else tls,
-            # implicit TLS is TLS already; aiosmtpd 1.4.6 would refuse AUTH there otherwise
-            auth_require_tls=not implicit_tls,
+            auth_require_tls=True,  # PecdSMTP knows an implicit-TLS socket is encrypted
             auth_required=auth,
             auth_exclude_mechanism=[] if auth else ["LOGIN", "PLAIN"],
             timeout=config.limits.session_timeout,
             loop=loop,
         )
 
-    return await loop.create_server(factory, host, port, ssl=tls if implicit_tls else None)
+    # a client that never finishes the implicit-TLS handshake is dropped like an idle one
+    handshake = min(60.0, config.limits.session_timeout) if implicit_tls else None
+    return await loop.create_server(factory, host, port, ssl=tls if implicit_tls else None,
+                                    ssl_handshake_timeout=handshake)

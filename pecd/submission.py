@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import replace
 from datetime import datetime
 
-from pecd import checks, compose, daticert, envelope, headers, receipts
+from pecd import checks, compose, daticert, envelope, headers, receipts, virus
 from pecd.checks import FormalCheckFailed
 from pecd.clock import Clock
 from pecd.config import Config
@@ -53,7 +53,8 @@ def transaction_for(data: bytes, mail_from: str, rcpts: tuple[str, ...], router:
 
 class AccessPoint:
     def __init__(self, config: Config, issuer: Issuer, router: Router, clock: Clock,
-                 read: Callable[[Item], bytes], cpu: Executor) -> None:
+                 read: Callable[[Item], bytes], cpu: Executor,
+                 scanner: virus.Scanner | None = None) -> None:
         self.config = config
         self.issuer = issuer
         self.router = router
@@ -61,9 +62,19 @@ class AccessPoint:
         self.read = read
         self.cpu = cpu
         self.limits = checks.Limits(config.limits.max_message_size, config.limits.max_recipients)
+        self.scanner = scanner  # None: scanning is off, and no receipt says otherwise
+        self.quarantine = virus.Quarantine.for_config(config)
 
     async def handle(self, item: Item) -> Outcome:
         loop = asyncio.get_running_loop()
+        if self.scanner is not None:  # I/O first, then the CPU part in the executor
+            data = await loop.run_in_executor(self.cpu, self.read, item)
+            try:
+                found = await self.scanner.scan(data)
+            except virus.ScanError as exc:
+                return virus.unavailable(item, exc)
+            if found is not None:
+                return await loop.run_in_executor(self.cpu, self._infected, item, data, found)
         return await loop.run_in_executor(self.cpu, self._handle, item)
 
     def _handle(self, item: Item) -> Outcome:
@@ -106,4 +117,21 @@ class AccessPoint:
                             detail={"queue_id": item.id, "receipt_kind": tx.receipt_kind,
                                     "recipient_kinds": dict(tracked)})],
             effects=[track],
+        )
+
+    def _infected(self, item: Item, data: bytes, found: str) -> Outcome:
+        """Non-acceptance for virus (§3.1.3), never with the original; the message is kept."""
+        at = self.clock.now()
+        tx = transaction_for(data, item.mail_from, item.rcpts, self.router, self.issuer, at)
+        kept = self.quarantine.store(item.spool, data)
+        reason = f"virus {found}"
+        notice_id, notice = receipts.non_acceptance(tx, self.issuer, at, reason, virus=True)
+        return Outcome(
+            outputs=[NewItem("deliver", self.issuer.service_address, (tx.sender,), data=notice,
+                             meta={"mode": "plain", "msgid": notice_id, "what": "non-acceptance"})],
+            events=[LedgerEvent(event="refused", msgid=tx.identifier, ref_msgid=tx.ref_msgid,
+                                sender=tx.sender, recipients=item.rcpts, subject=tx.subject,
+                                provider=self.issuer.name, related=(notice_id,),
+                                detail={"reason": reason, "error": "virus", "virus": found,
+                                        "quarantine": kept.name, "queue_id": item.id})],
         )

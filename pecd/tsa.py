@@ -1,7 +1,9 @@
 """RFC 3161 time-stamping: the built-in TSA, a client for an external one, and token verification.
 
 LocalTSA receives requests (or bare data) from pecd itself or, through ``respond``, from anyone;
-it trusts only its clock. RemoteTSA trusts the TSA certificate it is configured with.
+it trusts only its clock. RemoteTSA trusts the TSA certificate it is configured with (or, without
+one, the roots it is given). FallbackTimestamper stands the built-in TSA in for an unavailable
+external one and reports every token it made that way.
 ``verify_token`` trusts nothing but the roots passed in.
 """
 
@@ -11,7 +13,10 @@ import hashlib
 import hmac
 import itertools
 import secrets
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -81,8 +86,7 @@ def _rejection(fail_info: str, text: str) -> bytes:
 _GRANTED = bytes(tsp.PKIStatusInfo({"status": "granted"}).dump())
 _NULL = b"\x05\x00"
 _HASH_OID_DER = {
-    name: bytes(core.ObjectIdentifier(algos.DigestAlgorithmId.unmap(name)).dump())
-    for name in REQUEST_HASHES
+    name: bytes(core.ObjectIdentifier(algos.DigestAlgorithmId.unmap(name)).dump()) for name in REQUEST_HASHES
 }
 
 
@@ -119,9 +123,7 @@ class LocalTSA:
         self.policy_oid: str = policy.dotted
         self._policy_der = bytes(policy.dump())
         self._accuracy_der = (
-            bytes(tsp.Accuracy({"seconds": accuracy_seconds}).dump())
-            if accuracy_seconds is not None
-            else b""
+            bytes(tsp.Accuracy({"seconds": accuracy_seconds}).dump()) if accuracy_seconds is not None else b""
         )
         self._content_type_attr = der_attribute(ID_CONTENT_TYPE, _oid(ID_CT_TST_INFO))
         # 127-bit serials: random per instance, then a counter, so never reused within a process
@@ -235,9 +237,7 @@ def _check_token(
     return gen_time, checked.signer
 
 
-def verify_token(
-    token_der: bytes, data: bytes, trust_roots: Sequence[x509.Certificate]
-) -> datetime:
+def verify_token(token_der: bytes, data: bytes, trust_roots: Sequence[x509.Certificate]) -> datetime:
     """genTime of a token whose imprint is hash(data), signed by a TSA that chains to trust_roots.
 
     The TSA certificate must be valid at genTime and carry the critical EKU timeStamping; the
@@ -263,13 +263,16 @@ class RemoteTSA:
     """An external RFC 3161 TSA over HTTP (rfc3161ng client).
 
     Always SHA-256, a fresh nonce, and certReq so the token carries the TSA certificate. With
-    ``cert`` the token must be signed by exactly that certificate; without it the token is only
-    checked for imprint and nonce and is trusted later by ``verify_token``'s roots.
+    ``cert`` the token must be signed by exactly that certificate; without it but with ``roots``
+    the TSA certificate must chain to one of them (and carry the timeStamping EKU); with neither
+    the token is only checked for imprint and nonce and is trusted later by ``verify_token``'s roots.
     """
 
-    def __init__(self, url: str, cert: x509.Certificate | None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, cert: x509.Certificate | None, timeout: float = 10.0, *,
+                 roots: Sequence[x509.Certificate] = ()) -> None:
         self.url = url
         self._cert = cert
+        self._roots = list(roots)
         # rfc3161ng's own check only knows RSA; for an EC TSA the check below is the one that counts
         rsa_cert = (
             cert.public_bytes(serialization.Encoding.PEM)
@@ -292,7 +295,8 @@ class RemoteTSA:
         except TimestampUnavailable:
             raise
         except rfc3161ng.TimestampingError as exc:
-            raise TimestampUnavailable(f"{self.url}: {exc.args[0]}: {exc.args[1:]}") from exc
+            detail = ": ".join(str(arg) for arg in exc.args)
+            raise TimestampUnavailable(f"{self.url}: {detail}") from exc
         except Exception as exc:  # rfc3161ng / pyasn1 report bad answers with many types
             raise TimestampInvalid(f"{self.url}: unusable response: {exc!r}") from exc
         token = bytes(raw)
@@ -300,6 +304,11 @@ class RemoteTSA:
             _, signer = _check_token(token, data, [self._cert], nonce=nonce)
             if signer != self._cert:
                 raise TimestampInvalid(f"{self.url}: token signed by another certificate")
+        elif self._roots:
+            try:
+                _check_token(token, data, self._roots, nonce=nonce)
+            except TimestampInvalid as exc:
+                raise TimestampInvalid(f"{self.url}: {exc}") from exc
         else:
             _check_token_unpinned(token, data, nonce)
         return token
@@ -312,3 +321,65 @@ def _check_token_unpinned(token: bytes, data: bytes, nonce: int) -> None:
     except SignatureInvalid as exc:
         raise TimestampInvalid(str(exc)) from exc
     _check_token(token, data, [checked.signer], nonce=nonce)
+
+
+def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
+    """Whether ``cert`` certifies ``key`` (same public key): tells the built-in TSA's own pair
+    apart from a pinned external TSA certificate configured in its place."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+
+
+@dataclass(frozen=True)
+class FallbackUse:
+    """One token made by the fallback TSA: over which bytes (``imprint_sha256``, the hex SHA-256
+    the token's messageImprint carries) and why the primary was not used."""
+
+    primary: str
+    reason: str
+    imprint_sha256: str
+
+
+class FallbackTimestamper:
+    """The primary (external) TSA first; the fallback (built-in) TSA when the primary cannot give a
+    usable token, so signing never stops because a remote TSA is down.
+
+    Nothing is hidden: every fallback token is reported to ``on_fallback`` before it is returned
+    (the service writes a ``tsa-fallback`` ledger row; if that fails, so does the signature), and
+    the token itself names the TSA that signed it. After a failure the primary is left alone for
+    ``retry_after`` seconds, so an outage costs one timeout, not one per signature. Thread-safe.
+    """
+
+    def __init__(self, primary: Timestamper, fallback: Timestamper, *, name: str,
+                 retry_after: float = 60.0,
+                 on_fallback: Callable[[FallbackUse], None] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.name = name
+        self.retry_after = retry_after
+        self.on_fallback = on_fallback
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._skip_until = float("-inf")
+        self._last_reason = ""
+
+    def timestamp(self, data: bytes) -> bytes:
+        with self._lock:
+            resting = self._monotonic() < self._skip_until
+            reason = self._last_reason
+        if resting:
+            reason = f"{reason} (primary not retried for {self.retry_after:g} s)"
+        else:
+            try:
+                return self.primary.timestamp(data)
+            except (TimestampUnavailable, TimestampInvalid) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self._skip_until = self._monotonic() + self.retry_after
+                    self._last_reason = reason
+        token = self.fallback.timestamp(data)
+        if self.on_fallback is not None:
+            self.on_fallback(FallbackUse(self.name, reason[:500], hashlib.sha256(data).hexdigest()))
+        return token

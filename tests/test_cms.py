@@ -224,6 +224,42 @@ def test_wrong_message_digest_attribute(prov: Provider, tmp_path: Path) -> None:
         cms.verify_detached(sig, DATA, [prov.ca.cert])  # no signingTime, no timestamp, no at
 
 
+def _crafted(prov: Provider, *, content_type: str, ess: bytes | None) -> bytes:
+    """A genuine signature by prov over hand-picked signed attributes."""
+    core = cms._SignerCore(prov.key, prov.cert)
+    attrs = [
+        cms.der_attribute(cms.ID_CONTENT_TYPE, cms._oid(content_type)),
+        cms.der_attribute(cms.ID_MESSAGE_DIGEST, cms._der_tlv(0x04, hashlib.sha256(DATA).digest())),
+        cms.der_attribute(cms.ID_SIGNING_TIME, cms.der_time(datetime.now(UTC))),
+    ]
+    if ess is not None:
+        attrs.append(ess)
+    signed_attrs, signature = core.sign_attrs(attrs)
+    return core.content_info(cms.ID_DATA, None, signed_attrs, signature)
+
+
+def test_signed_attributes_must_name_the_content_and_the_signer(
+    prov: Provider, stranger: Provider, tmp_path: Path
+) -> None:
+    own_ess = cms._SignerCore(prov.key, prov.cert).ess_attr_der
+    good = _crafted(prov, content_type=cms.ID_DATA, ess=own_ess)
+    cms.verify_detached(good, DATA, [prov.ca.cert])
+    assert openssl_verify_detached(prov, tmp_path, good, DATA)
+    # signingCertificateV2 naming another certificate (certificate substitution)
+    other_ess = cms._SignerCore(stranger.key, stranger.cert).ess_attr_der
+    bad = _crafted(prov, content_type=cms.ID_DATA, ess=other_ess)
+    with pytest.raises(cms.SignatureInvalid, match="signingCertificateV2"):
+        cms.verify_detached(bad, DATA, [prov.ca.cert])
+    # openssl 3.0 `cms -verify` does not look at ESS attributes (only `ts -verify` does), so it
+    # cannot be the judge here; it accepts this signature.
+    # contentType attribute disagreeing with the encapsulated content type
+    bad = _crafted(prov, content_type=cms.ID_CT_TST_INFO, ess=own_ess)
+    with pytest.raises(cms.SignatureInvalid, match="contentType"):
+        cms.verify_detached(bad, DATA, [prov.ca.cert])
+    # ESS is optional for CMS signatures (openssl makes it so), required in TSA tokens
+    cms.verify_detached(_crafted(prov, content_type=cms.ID_DATA, ess=None), DATA, [prov.ca.cert])
+
+
 def test_tampering_is_detected(prov: Provider) -> None:
     sig = prov.signer(ts=False).sign_detached(DATA)
     parsed = asn1_cms.ContentInfo.load(sig)
@@ -339,6 +375,9 @@ def test_chain_through_an_intermediate(prov: Provider, tmp_path: Path) -> None:
     grandchild = not_ca.issue_signing_cert(pki.new_key("ec"), "G", "g@g.test")
     with pytest.raises(cms.CertificateUntrusted, match="not a CA"):
         cms.chain_to_root(grandchild, [leaf, inter.cert], [prov.ca.cert], now)
+    with pytest.raises(cms.CertificateUntrusted, match="not a CA"):
+        cms.chain_to_root(grandchild, [], [leaf], now)  # not even as a trust root
+    assert cms.chain_to_root(leaf, [], [leaf], now) == [leaf]  # but a pinned leaf is trusted
     # pathLenConstraint 0: no further CA below the intermediate
     sub = _intermediate(inter)
     below = sub.issue_signing_cert(pki.new_key("ec"), "B", "b@b.test")

@@ -21,9 +21,7 @@ OPENSSL = "/usr/bin/openssl"
 
 
 def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [OPENSSL, *map(str, args)], capture_output=True, text=True, check=False, timeout=60
-    )
+    return subprocess.run([OPENSSL, *map(str, args)], capture_output=True, text=True, check=False, timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -125,9 +123,7 @@ def test_ca_files_are_created_once_and_reused(tmp_path: Path) -> None:
     assert second.key.public_key() == first.key.public_key()
 
 
-def test_ca_with_mismatched_or_half_files_is_refused(
-    tmp_path: Path, rsa_key: pki.PrivateKey
-) -> None:
+def test_ca_with_mismatched_or_half_files_is_refused(tmp_path: Path, rsa_key: pki.PrivateKey) -> None:
     pki.CertAuthority.load_or_create(tmp_path / "a")
     pki.write_key(tmp_path / "a" / "ca.key", rsa_key)  # someone else's key
     with pytest.raises(pki.PKIError, match="does not belong"):
@@ -183,29 +179,21 @@ def test_signing_cert_follows_rfc6109_section5(
     assert cert.not_valid_after_utc - cert.not_valid_before_utc <= timedelta(days=826)
 
     pki.write_cert(tmp_path / "leaf.pem", cert)
-    r = openssl(
-        "verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "smimesign", tmp_path / "leaf.pem"
-    )
+    r = openssl("verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "smimesign", tmp_path / "leaf.pem")
     assert r.returncode == 0, r.stderr
     # the same leaf must not pass as a TSA: that purpose needs the EKU
-    r = openssl(
-        "verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "timestampsign", tmp_path / "leaf.pem"
-    )
+    r = openssl("verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "timestampsign", tmp_path / "leaf.pem")
     assert r.returncode != 0
 
 
-def test_tsa_cert_passes_openssl_timestampsign(
-    tmp_path: Path, ca_dir: Path, ca: pki.CertAuthority
-) -> None:
+def test_tsa_cert_passes_openssl_timestampsign(tmp_path: Path, ca_dir: Path, ca: pki.CertAuthority) -> None:
     cert = ca.issue_tsa_cert(pki.new_key("ec"), "pecd TSA")
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
     assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.TIME_STAMPING]
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.digital_signature
     pki.write_cert(tmp_path / "tsa.pem", cert)
-    r = openssl(
-        "verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "timestampsign", tmp_path / "tsa.pem"
-    )
+    r = openssl("verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "timestampsign", tmp_path / "tsa.pem")
     assert r.returncode == 0, r.stderr
 
 
@@ -231,9 +219,7 @@ def test_tls_cert_completes_a_real_handshake(
 
     pki.write_key(tmp_path / "tls.key", key)
     pki.write_cert(tmp_path / "tls.pem", cert)
-    r = openssl(
-        "verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "sslserver", tmp_path / "tls.pem"
-    )
+    r = openssl("verify", "-CAfile", ca_dir / "ca.pem", "-purpose", "sslserver", tmp_path / "tls.pem")
     assert r.returncode == 0, r.stderr
 
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

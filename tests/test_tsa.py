@@ -25,9 +25,7 @@ T0 = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=123456)  # insi
 
 
 def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [OPENSSL, *map(str, args)], capture_output=True, text=True, check=False, timeout=60
-    )
+    return subprocess.run([OPENSSL, *map(str, args)], capture_output=True, text=True, check=False, timeout=60)
 
 
 @dataclass
@@ -85,8 +83,7 @@ def test_token_verifies_and_carries_the_clock_time(tsa_files: TSAFiles) -> None:
     )
     info = tst_info(token)
     assert (
-        info["message_imprint"]["hashed_message"].native
-        == hashlib.sha256(b"some signature value").digest()
+        info["message_imprint"]["hashed_message"].native == hashlib.sha256(b"some signature value").digest()
     )
     assert info["policy"].dotted == tsa.DEFAULT_POLICY
     with pytest.raises(tsa.TimestampInvalid, match="imprint"):
@@ -111,9 +108,7 @@ def test_openssl_ts_verify_accepts_local_tokens(tsa_files: TSAFiles, tmp_path: P
     assert r.returncode != 0
 
 
-def test_untrusted_tampered_and_expired_tokens_fail(
-    tsa_files: TSAFiles, other_ca: TSAFiles
-) -> None:
+def test_untrusted_tampered_and_expired_tokens_fail(tsa_files: TSAFiles, other_ca: TSAFiles) -> None:
     local = tsa.LocalTSA(tsa_files.key, tsa_files.cert, SystemClock())
     token = local.timestamp(b"x")
     with pytest.raises(tsa.TimestampInvalid, match="trusted root"):
@@ -206,7 +201,7 @@ def test_respond_honours_cert_req_false(tsa_files: TSAFiles, tmp_path: Path) -> 
     token = tsp.TimeStampResp.load(resp)["time_stamp_token"]
     assert isinstance(token["content"]["certificates"], core.Void)  # absent
     # without the certificate in the token openssl needs it as -untrusted
-    args = ["ts", "-verify", "-queryfile", req, "-in", tmp_path / "resp.tsr", "-CAfile"]
+    args: list[str | Path] = ["ts", "-verify", "-queryfile", req, "-in", tmp_path / "resp.tsr", "-CAfile"]
     assert openssl(*args, tsa_files.ca_pem).returncode != 0
     assert openssl(*args, tsa_files.ca_pem, "-untrusted", tsa_files.tsa_pem).returncode == 0
 
@@ -262,9 +257,7 @@ def test_openssl_made_tokens_pass_verify_token(
     data = b"the signature value of some CMS SignerInfo"
     req = _query(tmp_path, "-sha256", "-cert", data=data)
     before = datetime.now(UTC).replace(microsecond=0)
-    r = openssl(
-        "ts", "-reply", "-config", conf, "-queryfile", req, "-token_out", "-out", tmp_path / "t.der"
-    )
+    r = openssl("ts", "-reply", "-config", conf, "-queryfile", req, "-token_out", "-out", tmp_path / "t.der")
     assert r.returncode == 0, r.stderr
     token = (tmp_path / "t.der").read_bytes()
     when = tsa.verify_token(token, data, [tsa_files.ca.cert])
@@ -314,9 +307,7 @@ def http_tsa() -> Iterator[Callable[[Callable[[bytes], tuple[int, bytes]]], str]
         thread.join(timeout=10)
 
 
-def test_remote_tsa_against_a_real_http_server(
-    tsa_files: TSAFiles, http_tsa: Callable[..., str]
-) -> None:
+def test_remote_tsa_against_a_real_http_server(tsa_files: TSAFiles, http_tsa: Callable[..., str]) -> None:
     local = tsa.LocalTSA(tsa_files.key, tsa_files.cert, SystemClock())
     url = http_tsa(lambda body: (200, local.respond(body)))
     for cert in (tsa_files.cert, None):
@@ -349,9 +340,21 @@ def test_remote_tsa_rejects_a_token_from_another_tsa_certificate(
         tsa.RemoteTSA(url, other_ca.cert).timestamp(b"x")
 
 
-def test_remote_tsa_rejects_a_token_for_other_data(
-    tsa_files: TSAFiles, http_tsa: Callable[..., str]
-) -> None:
+def test_remote_tsa_rejects_a_replayed_nonce(tsa_files: TSAFiles, http_tsa: Callable[..., str]) -> None:
+    local = tsa.LocalTSA(tsa_files.key, tsa_files.cert, SystemClock())
+
+    def other_nonce(body: bytes) -> tuple[int, bytes]:
+        req = tsp.TimeStampReq.load(body)
+        req["nonce"] = req["nonce"].native + 1
+        return 200, local.respond(req.dump(force=True))
+
+    url = http_tsa(other_nonce)
+    for cert in (tsa_files.cert, None):
+        with pytest.raises(tsa.TimestampInvalid, match="nonce"):
+            tsa.RemoteTSA(url, cert).timestamp(b"x")
+
+
+def test_remote_tsa_rejects_a_token_for_other_data(tsa_files: TSAFiles, http_tsa: Callable[..., str]) -> None:
     local = tsa.LocalTSA(tsa_files.key, tsa_files.cert, SystemClock())
 
     def wrong_data(body: bytes) -> tuple[int, bytes]:

@@ -1,0 +1,1287 @@
+"""``scripts/bench``: how fast certified mail is, next to plain relays, in one run on 127.0.0.1.
+
+Two providers A and B are made with ``pecd init`` in a temporary directory (shared dev CA, free
+ports, default settings) and each runs as its own ``pecd -c CONF serve`` process, so CPU and RSS
+are read per daemon from ``/proc/PID``. A separate load process (``bench_load.py``) submits over
+persistent STARTTLS + AUTH sessions. Phases:
+
+1. certified, max rate: N messages of 10 KiB from A's user to one recipient at B; a cycle ends
+   when the delivery receipt (``X-Ricevuta: avvenuta-consegna``) whose X-Riferimento-Message-ID is
+   the client's Message-ID lands in the sender's Maildir ``new/``;
+2. certified at half the measured cycle rate (open-loop), for the DATA-end → ``250`` target;
+3. baselines with the same client and messages: a plain aiosmtpd → aiosmtplib relay and a
+   throwaway Postfix instance, both relaying to an aiosmtpd sink (``bench_relay.py``);
+4. one big message (25 MB with attachments) through the full cycle: peak RSS growth per daemon;
+5. deep queue: with B down, N messages are queued at A, then B starts: RSS queued vs empty,
+   drain time, and that every delivery receipt arrived.
+
+Nothing here asserts a speed. Every wait is bounded; every process started is stopped on exit,
+Ctrl-C or failure; traffic goes only to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from base64 import encodebytes
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+PY = sys.executable
+PECD = str(Path(sys.executable).parent / "pecd")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MARK = b"@@N@@"  # bench_load.py replaces it with the message's index
+PASSWORD = "bench-password-1"
+SENDER = "alice@a.test"
+RCPT = "bob@b.test"
+MiB = 1024 * 1024
+
+
+class BenchError(Exception):
+    """A phase could not run (a daemon died, a port never opened); the message says which."""
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    messages: int
+    clients: int
+    half_seconds: float
+    big_mb: float
+    deep: int
+    deep_hold: float
+    drain_timeout: float
+    stall: float
+    postfix: bool
+    profile: Path | None
+    keep: bool
+    json: Path | None
+    quick: bool
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Certified throughput, latency and memory of pecd against a plain relay and "
+                    "Postfix, on 127.0.0.1. Prints a table; never asserts a speed.")
+    p.add_argument("--quick", action="store_true",
+                   help="~30 s smoke run: few messages, 5 MB big message, 500 queued")
+    p.add_argument("-n", "--messages", type=int, help="messages per max-rate phase (default 600)")
+    p.add_argument("-c", "--clients", type=int, help="concurrent SMTP sessions (default 8)")
+    p.add_argument("--half-seconds", type=float, help="length of the half-rate phase (default 20)")
+    p.add_argument("--big-mb", type=float, help="size of the big message in MB (default 25)")
+    p.add_argument("--deep", type=int, help="messages queued with B down (default 100000)")
+    p.add_argument("--deep-hold", type=float, help="seconds A runs with B down (default 10)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="longest wait for the deep queue to drain, seconds (default 60)")
+    p.add_argument("--no-postfix", action="store_true", help="skip the Postfix baseline")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record py-spy profiles of A and B during the max-rate phase into DIR")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
+    a = p.parse_args(argv)
+    q = a.quick
+
+    def pick(value: Any, default: Any, quick: Any) -> Any:
+        return value if value is not None else (quick if q else default)
+
+    s = Settings(
+        messages=pick(a.messages, 600, 40),
+        clients=pick(a.clients, 8, 4),
+        half_seconds=pick(a.half_seconds, 20.0, 3.0),
+        big_mb=pick(a.big_mb, 25.0, 5.0),
+        deep=pick(a.deep, 100_000, 500),
+        deep_hold=pick(a.deep_hold, 10.0, 2.0),
+        drain_timeout=pick(a.drain_timeout, 60.0, 5.0),
+        stall=20.0 if q else 60.0,
+        postfix=not a.no_postfix,
+        profile=a.profile,
+        keep=a.keep,
+        json=a.json,
+        quick=q,
+    )
+    if s.messages < 1 or s.clients < 1 or s.deep < 1:
+        p.error("--messages, --clients and --deep must be positive")
+    return s
+
+
+# --- /proc ------------------------------------------------------------------------------------
+
+def proc_cpu(pid: int, children: bool = False) -> float:
+    """utime + stime (+ reaped children's) of one process, in seconds; 0 once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def proc_mem(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes; zeros once the process is gone."""
+    rss = hwm = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, hwm
+
+
+def reset_hwm(pid: int) -> bool:
+    """Set VmHWM back to the current RSS (Linux ≥ 4.0, writing 5 to clear_refs)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / CLK_TCK
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+class Meter(threading.Thread):
+    """Samples the RSS of named process groups every 50 ms; ``peak`` is the highest sum seen."""
+
+    def __init__(self) -> None:
+        super().__init__(name="bench-meter", daemon=True)
+        self._groups: dict[str, Callable[[], list[int]]] = {}
+        self._peak: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def watch(self, label: str, pids: Callable[[], list[int]]) -> None:
+        with self._lock:
+            self._groups[label] = pids
+            self._peak[label] = 0
+
+    def unwatch(self, label: str) -> None:
+        with self._lock:
+            self._groups.pop(label, None)
+
+    def reset(self, label: str) -> None:
+        with self._lock:
+            self._peak[label] = 0
+
+    def peak(self, label: str) -> int:
+        with self._lock:
+            return self._peak.get(label, 0)
+
+    def run(self) -> None:
+        while not self._stop.wait(0.05):
+            with self._lock:
+                groups = list(self._groups.items())
+            for label, pids in groups:
+                total = sum(proc_mem(p)[0] for p in pids())
+                with self._lock:
+                    self._peak[label] = max(self._peak.get(label, 0), total)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# --- processes --------------------------------------------------------------------------------
+
+class Procs:
+    """Every child process the benchmark starts, by name; ``stop_all`` ends them by pid."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], stdout: Path | None = None,
+              stdin: Path | None = None) -> subprocess.Popen[bytes]:
+        if name in self.procs:
+            raise BenchError(f"{name} is already running")
+        with contextlib.ExitStack() as files:  # Popen holds its own copies
+            out = files.enter_context(open(stdout or self.logs / f"{name}.log", "ab"))
+            err = files.enter_context(open(self.logs / f"{name}.err", "ab")) if stdout else out
+            inp = files.enter_context(open(stdin, "rb")) if stdin else None
+            proc = subprocess.Popen(argv, stdout=out, stderr=err,
+                                    stdin=inp if inp is not None else subprocess.DEVNULL,
+                                    cwd=ROOT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def running(self, name: str) -> bool:
+        return name in self.procs and self.procs[name].poll() is None
+
+    def forget(self, name: str) -> subprocess.Popen[bytes] | None:
+        return self.procs.pop(name, None)
+
+    def stop(self, name: str, timeout: float = 20.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            with contextlib.suppress(Exception):
+                self.stop(name)
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        path = self.logs / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float, alive: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise BenchError(f"{what} exited before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def run(argv: list[str], stdin: str | None = None, timeout: float = 120.0) -> str:
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:4])} … failed: {proc.stderr.strip() or proc.stdout}")
+    return proc.stdout
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+def small_message(label: str, size: int = 10 * 1024) -> bytes:
+    """A 10 KiB text message; MARK in Subject and Message-ID becomes the message's index."""
+    head = (f"From: Alice <{SENDER}>\r\nTo: Bob <{RCPT}>\r\nSubject: bench {label} @@N@@\r\n"
+            f"Message-ID: <{label}.@@N@@@client.a.test>\r\n"
+            "Date: Mon, 23 Nov 2026 10:00:00 +0100\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=us-ascii\r\n\r\n")
+    rng = random.Random(label)
+    words = ["certified", "mail", "receipt", "provider", "timestamp", "signature", "ledger",
+             "queue", "transport", "envelope", "delivery", "acceptance", "notice", "domain"]
+    lines = [head]
+    total = len(head)
+    while total < size - 80:
+        line = " ".join(rng.choice(words) for _ in range(10)) + "\r\n"
+        lines.append(line)
+        total += len(line)
+    lines.append("x" * max(0, size - total - 2) + "\r\n")
+    return "".join(lines).encode()
+
+
+def big_message(label: str, size: int) -> bytes:
+    """About ``size`` bytes: a text part and three base64 attachments (a PDF-like blob each)."""
+    boundary = "bench-boundary-7f3a"
+    head = (f"From: Alice <{SENDER}>\r\nTo: Bob <{RCPT}>\r\nSubject: bench {label} @@N@@\r\n"
+            f"Message-ID: <{label}.@@N@@@client.a.test>\r\n"
+            "Date: Mon, 23 Nov 2026 10:00:00 +0100\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'
+            f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+            "Three attachments follow.\r\n").encode()
+    rng = random.Random(label)
+    parts = [head]
+    raw_each = int((size - len(head) - 1000) / 3 * 57 / 78)  # base64 76 chars + CRLF per 57 bytes
+    for n in range(3):
+        blob = rng.randbytes(raw_each)
+        body = encodebytes(blob).replace(b"\n", b"\r\n")
+        parts.append(f"--{boundary}\r\nContent-Type: application/pdf; name=\"allegato-{n}.pdf\""
+                     f"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment;"
+                     f" filename=\"allegato-{n}.pdf\"\r\n\r\n".encode())
+        parts.append(body)
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+# --- watching results -------------------------------------------------------------------------
+
+_RICEVUTA = re.compile(rb"^X-Ricevuta:[ \t]*([^\r\n]+)", re.M | re.I)
+_RIF = re.compile(rb"^X-Riferimento-Message-ID:[ \t]*([^\r\n]+)", re.M | re.I)
+
+
+def norm_id(value: str) -> str:
+    return value.strip().strip("<>").strip()
+
+
+class Receipts:
+    """Delivery receipts landing in a Maildir's ``new/``: message id → time stored (ctime)."""
+
+    def __init__(self, maildir: Path, kind: str = "avvenuta-consegna") -> None:
+        self.new = maildir / "new"
+        self.kind = kind.encode()
+        self.seen: set[str] = set()
+        self.found: dict[str, float] = {}
+        self.other = 0
+
+    def poll(self) -> int:
+        try:
+            names = os.listdir(self.new)
+        except FileNotFoundError:
+            return 0
+        added = 0
+        for name in names:
+            if name in self.seen:
+                continue
+            path = self.new / name
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(16384)
+                ctime = os.stat(path).st_ctime
+            except FileNotFoundError:
+                continue
+            self.seen.add(name)
+            end = head.find(b"\r\n\r\n")
+            block = head if end < 0 else head[:end]
+            kind, ref = _RICEVUTA.search(block), _RIF.search(block)
+            if kind and ref and kind.group(1).strip() == self.kind:
+                self.found[norm_id(ref.group(1).decode("latin-1"))] = ctime
+                added += 1
+            else:
+                self.other += 1
+        return added
+
+
+class SinkLog:
+    """Arrivals the sink logged: message id → time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.found: dict[str, float] = {}
+
+    def poll(self) -> int:
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        added = 0
+        for line in chunk[:end].decode("latin-1").splitlines():
+            mid, _, at = line.rpartition(" ")
+            if mid:
+                self.found[norm_id(mid)] = float(at)
+                added += 1
+        return added
+
+
+Watch = Receipts | SinkLog
+
+
+def wait_arrivals(watch: Watch, wanted: set[str], timeout: float, stall: float) -> bool:
+    """Poll until every wanted id has arrived; False on timeout or ``stall`` s without progress."""
+    deadline = time.monotonic() + timeout
+    last_progress = time.monotonic()
+    while True:
+        if watch.poll():
+            last_progress = time.monotonic()
+        if wanted <= watch.found.keys():
+            return True
+        now = time.monotonic()
+        if now > deadline or now - last_progress > stall:
+            return False
+        time.sleep(0.05)
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+def lat(values: list[float]) -> dict[str, float | None]:
+    return {"p50": pct(values, 50), "p95": pct(values, 95), "p99": pct(values, 99),
+            "max": max(values) if values else None}
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+@dataclass
+class Provider:
+    name: str
+    domain: str
+    root: Path
+    submission: int
+    inbound: int
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "pecd.toml"
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.root / "data" / "mail" / domain / local
+
+    def cli(self, *args: str, stdin: str | None = None) -> str:
+        return run([PECD, "-c", str(self.conf), *args], stdin=stdin)
+
+
+@dataclass
+class Bench:
+    s: Settings
+    tmp: Path
+    procs: Procs
+    meter: Meter
+    a: Provider | None = None
+    b: Provider | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    ca: Path | None = None
+
+    def say(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    # ---- providers -----------------------------------------------------------------------
+
+    def make_providers(self) -> None:
+        ca_dir = self.tmp / "ca"
+        made = []
+        for name in ("a", "b"):
+            sub, smtps, inbound = free_port(), free_port(), free_port()
+            root = self.tmp / name
+            run([PECD, "init", str(root), "--domain", f"{name}.test", "--ca", str(ca_dir),
+                 "--submission-port", str(sub), "--smtps-port", str(smtps),
+                 "--inbound-port", str(inbound)])
+            made.append(Provider(name.upper(), f"{name}.test", root, sub, inbound))
+        self.a, self.b = made
+        for p, q in ((self.a, self.b), (self.b, self.a)):
+            card = self.tmp / f"{p.name}.card"
+            card.write_text(p.cli("index", "export"))
+            q.cli("index", "import", str(card))
+        self.a.cli("user", "add", SENDER, "--password-stdin", stdin=PASSWORD + "\n")
+        self.b.cli("user", "add", RCPT, "--password-stdin", stdin=PASSWORD + "\n")
+        self.ca = self.a.root / "keys" / "ca.pem"
+
+    def start_pecd(self, p: Provider) -> None:
+        proc = self.procs.start(p.name, [PECD, "-c", str(p.conf), "serve"])
+        alive = lambda: proc.poll() is None  # noqa: E731
+        try:
+            wait_port(p.submission, 60, alive, f"provider {p.name}")
+            wait_port(p.inbound, 30, alive, f"provider {p.name}")
+        except BenchError as exc:
+            raise BenchError(f"{exc}\n{self.procs.tail(p.name)}") from None
+        pid = proc.pid
+        self.meter.watch(p.name, lambda: [pid])
+
+    def stop_pecd(self, p: Provider) -> None:
+        self.meter.unwatch(p.name)
+        self.procs.stop(p.name)
+
+    def pid(self, p: Provider) -> int:
+        return self.procs.pid(p.name)
+
+    # ---- load ----------------------------------------------------------------------------
+
+    def load(self, label: str, template: bytes, count: int, port: int, watch: Watch | None,
+             rate: float = 0.0, concurrency: int | None = None, auth: bool = True,
+             tls: bool = True, deadline: float = 600.0) -> dict[str, Any]:
+        """Run the load process; poll ``watch`` meanwhile so arrival times stay fresh."""
+        tpl = self.tmp / f"{label}.eml"
+        tpl.write_bytes(template)
+        job = {"port": port, "ca": str(self.ca) if tls else None, "users": [[SENDER, PASSWORD]],
+               "rcpt": RCPT, "template": str(tpl), "count": count,
+               "concurrency": concurrency or self.s.clients, "rate": rate, "auth": auth,
+               "deadline": deadline}
+        spec = self.tmp / f"{label}.job.json"
+        spec.write_text(json.dumps(job))
+        out = self.tmp / f"{label}.out.json"
+        name = f"load-{label}"
+        proc = self.procs.start(name, [PY, str(SCRIPTS / "bench_load.py")], stdout=out, stdin=spec)
+        limit = time.monotonic() + deadline + 60
+        while proc.poll() is None:
+            if time.monotonic() > limit:
+                self.procs.stop(name)
+                raise BenchError(f"load process {label} overran its deadline")
+            if watch is not None:
+                watch.poll()
+            time.sleep(0.05)
+        self.procs.forget(name)
+        if proc.returncode != 0:
+            err = (self.tmp / "logs" / f"{name}.err").read_text(errors="replace")[-2000:]
+            raise BenchError(f"load process {label} failed ({proc.returncode}): {err}")
+        result: dict[str, Any] = json.loads(out.read_text())
+        for e in result["errors"][:3]:
+            self.say(f"  client error: {e}")
+        return result
+
+    def measure(self, label: str, template: bytes, count: int, port: int, watch: Watch,
+                cpu: dict[str, Callable[[], float]], rss: list[str], rate: float = 0.0,
+                auth: bool = True, concurrency: int | None = None,
+                settle: float | None = None) -> dict[str, Any]:
+        """One load phase: submit, wait for every acknowledged message to arrive, summarise."""
+        for r in rss:
+            self.meter.reset(r)
+        cpu0 = {k: f() for k, f in cpu.items()}
+        busy0 = machine_busy()
+        t0 = time.time()
+        res = self.load(label, template, count, port, watch, rate=rate, auth=auth,
+                        concurrency=concurrency)
+        recs = res["records"]
+        wanted = {norm_id(r["msgid"]) for r in recs}
+        complete = wait_arrivals(watch, wanted, timeout=settle or max(120.0, 2.0 * count),
+                                 stall=self.s.stall)
+        cpu1 = {k: f() for k, f in cpu.items()}
+        busy1 = machine_busy()
+        wall = time.time() - t0
+        arrived = {m: watch.found[m] for m in wanted if m in watch.found}
+        n = len(recs)
+        first = min((r["start"] for r in recs), default=t0)
+        last_ack = max((r["acked"] for r in recs), default=t0)
+        last_arrival = max(arrived.values(), default=first)
+        by_id = {norm_id(r["msgid"]): r for r in recs}
+        cpu_used = {k: cpu1[k] - cpu0[k] for k in cpu}
+        out = {
+            "sent": count, "acked": n, "arrived": len(arrived), "missing": n - len(arrived),
+            "complete": complete, "client_errors": res["errors"],
+            "submissions_per_s": n / (last_ack - first) if n and last_ack > first else None,
+            "end_to_end_per_s": (len(arrived) / (last_arrival - first)
+                                 if arrived and last_arrival > first else None),
+            "data_end_to_250_s": lat([r["acked"] - r["data_end"] for r in recs]),
+            "submit_to_arrival_s": lat([arrived[m] - by_id[m]["start"] for m in arrived]),
+            "cpu_s": cpu_used,
+            "cpu_s_per_msg": {k: v / max(1, len(arrived)) for k, v in cpu_used.items()},
+            "server_cpu_s_per_msg": (sum(cpu_used.values()) / len(arrived)) if arrived else None,
+            "client_cpu_s": res["cpu"],
+            "client_cpu_s_per_msg": res["cpu"] / max(1, n),
+            "client_cpu_share": res["cpu"] / max(1e-9, res["ended"] - res["started"]),
+            "machine_cpu_s_per_msg": (busy1 - busy0) / max(1, len(arrived)),
+            "machine_cpu_share": (busy1 - busy0) / max(1e-9, wall) / (os.cpu_count() or 1),
+            "peak_rss": {r: self.meter.peak(r) for r in rss},
+            "offered_rate": rate or None,
+            "wall_s": wall,
+        }
+        return out
+
+    # ---- phases --------------------------------------------------------------------------
+
+    def certified(self, label: str, count: int, rate: float = 0.0,
+                  profile: Path | None = None) -> dict[str, Any]:
+        assert self.a and self.b
+        a_pid, b_pid = self.pid(self.a), self.pid(self.b)
+        watch = Receipts(self.a.maildir(SENDER))
+        spies: list[tuple[str, subprocess.Popen[bytes]]] = []
+        if profile is not None:
+            spies = self.start_profiles(profile, label)
+        try:
+            out = self.measure(label, small_message(label), count, self.a.submission, watch,
+                               cpu={"A": lambda: proc_cpu(a_pid), "B": lambda: proc_cpu(b_pid)},
+                               rss=["A", "B"], rate=rate)
+        finally:
+            self.stop_profiles(spies)
+        out["hwm"] = {"A": proc_mem(a_pid)[1], "B": proc_mem(b_pid)[1]}
+        return out
+
+    def start_profiles(self, where: Path, label: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        assert self.a and self.b
+        spy = Path(PY).parent / "py-spy"
+        if not spy.exists():
+            self.notes.append("--profile: py-spy is not installed in the venv (pip install py-spy)")
+            return []
+        where.mkdir(parents=True, exist_ok=True)
+        spies = []
+        for p in (self.a, self.b):
+            raw = where / f"{label}-{p.name}.raw"
+            name = f"py-spy-{p.name}"
+            spies.append((str(raw), self.procs.start(name, [
+                str(spy), "record", "--pid", str(self.pid(p)), "--rate", "100", "--format", "raw",
+                "--threads", "--nonblocking", "--output", str(raw)])))
+        return spies
+
+    def stop_profiles(self, spies: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+        for _raw, proc in spies:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for raw, proc in spies:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            self.procs.forget(f"py-spy-{Path(raw).stem.rsplit('-', 1)[1]}")
+            if Path(raw).exists():
+                sys.path.insert(0, str(SCRIPTS))
+                from bench_profile import summary
+                self.results.setdefault("profile", {})[Path(raw).name] = summary(
+                    Path(raw), 15, title=f"{Path(raw).stem} ({raw})")
+
+    def plain_relay(self, sink: SinkLog, sink_port: int) -> dict[str, Any]:
+        assert self.a
+        port = free_port()
+        proc = self.procs.start("relay", [
+            PY, str(SCRIPTS / "bench_relay.py"), "relay", "--port", str(port),
+            "--spool", str(self.tmp / "relay-spool"), "--sink-port", str(sink_port),
+            "--cert", str(self.a.root / "keys" / "tls.pem"),
+            "--key", str(self.a.root / "keys" / "tls.key"), "--user", f"{SENDER}:{PASSWORD}"])
+        wait_port(port, 30, lambda: proc.poll() is None, "plain relay")
+        pid = proc.pid
+        self.meter.watch("relay", lambda: [pid])
+        try:
+            return self.measure("relay", small_message("relay"), self.s.messages, port, sink,
+                                cpu={"relay": lambda: proc_cpu(pid)}, rss=["relay"])
+        finally:
+            self.meter.unwatch("relay")
+            self.procs.stop("relay")
+
+    def postfix(self, sink: SinkLog, sink_port: int) -> dict[str, Any] | None:
+        pf = Postfix(self.tmp / "postfix", self.a.root / "keys" if self.a else self.tmp, sink_port)
+        why = pf.unavailable()
+        if why:
+            self.notes.append(f"Postfix baseline skipped: {why}")
+            return None
+        try:
+            pf.start()
+            master = pf.master_pid()
+
+            def group() -> list[int]:
+                return [master, *children_of(master)]
+
+            def cpu() -> float:  # exited children count in the master's cutime + cstime
+                return sum(proc_cpu(p, children=p == master) for p in group())
+
+            self.meter.watch("postfix", group)
+            out = self.measure("postfix", small_message("postfix"), self.s.messages, pf.port,
+                               sink, cpu={"postfix": cpu}, rss=["postfix"], auth=pf.auth)
+            out["auth"] = pf.auth
+            if not pf.auth:
+                self.notes.append("Postfix: saslpasswd2 missing, so submission is STARTTLS "
+                                  "without AUTH (apt-get install sasl2-bin for AUTH)")
+            return out
+        finally:
+            self.meter.unwatch("postfix")
+            pf.stop()
+
+    def big(self) -> dict[str, Any]:
+        assert self.a and self.b
+        size = int(self.s.big_mb * 1_000_000)
+        data = big_message("big", size)
+        a_pid, b_pid = self.pid(self.a), self.pid(self.b)
+        watch = Receipts(self.a.maildir(SENDER))
+        watch.poll()
+        time.sleep(1.0)
+        base = {"A": proc_mem(a_pid)[0], "B": proc_mem(b_pid)[0]}
+        exact = reset_hwm(a_pid) and reset_hwm(b_pid)
+        for r in ("A", "B"):
+            self.meter.reset(r)
+        t0 = time.time()
+        res = self.load("big", data, 1, self.a.submission, watch, concurrency=1, deadline=300)
+        mid = {norm_id(r["msgid"]) for r in res["records"]}
+        done = wait_arrivals(watch, mid, timeout=300, stall=120) if mid else False
+        hwm = {"A": proc_mem(a_pid)[1], "B": proc_mem(b_pid)[1]}
+        peak = {r: hwm[r] if exact else max(hwm[r], self.meter.peak(r)) for r in ("A", "B")}
+        growth = {r: max(0, peak[r] - base[r]) for r in ("A", "B")}
+        return {
+            "size": len(data), "complete": done, "acked": len(res["records"]),
+            "cycle_s": (max(watch.found[m] for m in mid) - t0) if done else None,
+            "rss_before": base, "peak_rss": peak, "growth": growth,
+            "growth_per_size": {r: growth[r] / len(data) for r in growth},
+            "hwm_reset": exact,
+        }
+
+    def deep(self) -> dict[str, Any]:
+        assert self.a and self.b
+        a, b, n = self.a, self.b, self.s.deep
+        # retries every few seconds instead of 30 s doubling to an hour: the drain then measures
+        # pecd's throughput, not the retry schedule; and no item reaches max_attempts meanwhile
+        conf = a.conf.read_text()
+        conf = re.sub(r"(?m)^retry_base = .*$", "retry_base = 1.0", conf)
+        conf = re.sub(r"(?m)^retry_max = .*$", "retry_max = 4.0", conf)
+        conf = re.sub(r"(?m)^max_attempts = .*$", "max_attempts = 100000", conf)
+        a.conf.write_text(conf)
+        self.stop_pecd(a)
+        self.start_pecd(a)
+        # RSS with an empty queue: a fresh A after a short warm-up, idle
+        warm = self.certified("warm", 5 if self.s.quick else 20)
+        time.sleep(1.0)
+        empty = 0
+        for _ in range(10):
+            empty = max(empty, proc_mem(self.pid(a))[0])
+            time.sleep(0.1)
+        self.stop_pecd(b)
+        self.stop_pecd(a)
+        template = small_message("deep")
+        t0 = time.monotonic()
+        seed(a.conf, n, template)
+        seed_s = time.monotonic() - t0
+        self.say(f"  seeded {n} messages into A's queue in {seed_s:.1f} s; A up, B down")
+        self.start_pecd(a)
+        a_pid = self.pid(a)
+        self.meter.reset("A")
+        reset_hwm(a_pid)
+        time.sleep(self.s.deep_hold)
+        queued_rss = max(self.meter.peak("A"), proc_mem(a_pid)[0])
+        queued_hwm = proc_mem(a_pid)[1]
+        counts_before = queue_counts(a.root)
+        watch = Receipts(a.maildir(SENDER))
+        watch.poll()
+        wanted = {f"deep.{i}@client.a.test" for i in range(n)}
+        self.say(f"  B up: draining (at most {self.s.drain_timeout:.0f} s)")
+        t1 = time.time()
+        self.start_pecd(b)
+        done = wait_arrivals(watch, wanted, timeout=self.s.drain_timeout, stall=self.s.stall)
+        drain_s = time.time() - t1
+        got = len(wanted & watch.found.keys())
+        counts_a, counts_b = queue_counts(a.root), queue_counts(b.root)
+        stuck = sum(v for k, v in {**counts_a, **counts_b}.items()
+                    if k.endswith("/hold") or k.endswith("/corrupt"))
+        rate = got / drain_s if got else 0.0
+        return {
+            "queued": n, "seed_s": seed_s, "warmup_cycles_per_s": warm["end_to_end_per_s"],
+            "rss_empty": empty, "rss_queued": queued_rss, "hwm_queued": queued_hwm,
+            "rss_ratio": queued_rss / empty if empty else None,
+            "queue_at_a_while_b_down": counts_before,
+            "drained": got, "complete": done, "drain_s": drain_s if done else None,
+            "waited_s": drain_s, "drain_rate_per_s": rate,
+            "projected_drain_s": (n / rate) if rate and not done else (drain_s if done else None),
+            "lost": (n - got) if done else None,
+            "held_or_corrupt": stuck, "queue_left_a": counts_a, "queue_left_b": counts_b,
+        }
+
+
+def queue_counts(root: Path) -> dict[str, int]:
+    """``kind/state`` → count, read-only (the daemon keeps writing meanwhile)."""
+    db = root / "data" / "pecd.sqlite"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = conn.execute("SELECT kind, state, count(*) FROM queue GROUP BY 1, 2").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+    return {f"{k}/{s}": c for k, s, c in rows}
+
+
+def seed(conf: Path, n: int, template: bytes) -> None:
+    """Queue ``n`` submissions at A (stopped) through pecd's own durable ``Queue.enqueue``: the
+    path the submission listener takes before its ``250``, minus SMTP, so 100 000 messages take
+    seconds, not the hours SMTP at today's submission rate would."""
+    sys.path.insert(0, str(ROOT))
+    from pecd import config as config_mod
+    from pecd import headers
+    from pecd.clock import SystemClock
+    from pecd.db import Database
+    from pecd.ledger import LedgerEvent
+    from pecd.queue import NewItem, Queue
+    from pecd.spool import Spool
+
+    cfg = config_mod.load(conf)
+    db = Database(cfg.paths.database)
+    queue = Queue(db, Spool(cfg.paths.spool), SystemClock())
+
+    async def fill() -> None:
+        for start in range(0, n, 500):
+            items, events = [], []
+            for i in range(start, min(n, start + 500)):
+                data = template.replace(MARK, str(i).encode())
+                msg = headers.parse(data)
+                items.append(NewItem("submission", SENDER, (RCPT,), data=data))
+                events.append(LedgerEvent(
+                    event="submitted", ref_msgid=headers.message_id(msg), sender=SENDER,
+                    recipients=(RCPT,), subject=headers.text(msg, "Subject"),
+                    detail={"size": len(data), "peer": "bench-seed"}))
+            await queue.enqueue(items, events)
+
+    try:
+        asyncio.run(fill())
+    finally:
+        db.close()
+
+
+class Postfix:
+    """A throwaway Postfix on 127.0.0.1: its own config, queue and data directories under the
+    benchmark's temporary directory; submission with STARTTLS + AUTH (Cyrus sasldb); relayhost
+    the sink. Stopped with ``postfix stop`` (then ``abort``, then SIGKILL to its master pid)."""
+
+    def __init__(self, root: Path, keys: Path, sink_port: int) -> None:
+        self.root = root
+        self.keys = keys
+        self.sink_port = sink_port
+        self.port = free_port()
+        self.etc = root / "etc"
+        self.auth = shutil.which("saslpasswd2") is not None
+        self.started = False
+        self._master: int | None = None
+
+    @staticmethod
+    def unavailable() -> str | None:
+        if not Path("/usr/sbin/postfix").exists():
+            return "postfix is not installed (apt-get install postfix)"
+        if os.geteuid() != 0:
+            return "a throwaway Postfix instance needs root"
+        try:
+            import pwd
+            pwd.getpwnam("postfix")
+        except KeyError:
+            return "no postfix user"
+        return None
+
+    def _postfix(self, *args: str, check: bool = True) -> None:
+        proc = subprocess.run(["/usr/sbin/postfix", "-c", str(self.etc), *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+        if check and proc.returncode != 0:
+            log = self.root / "maillog"
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise BenchError(f"postfix {' '.join(args)} failed: {proc.stderr}{tail}")
+
+    def start(self) -> None:
+        r = self.root
+        for d in (r, self.etc, self.etc / "sasl", r / "queue", r / "data"):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o755)
+        shutil.chown(r / "data", "postfix")
+        shutil.copy(self.keys / "tls.pem", self.etc / "tls.pem")
+        shutil.copy(self.keys / "tls.key", self.etc / "tls.key")
+        (self.etc / "main.cf").write_text(f"""\
+compatibility_level = 3.6
+queue_directory = {r}/queue
+data_directory = {r}/data
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = bench.localhost
+mydomain = localhost
+myorigin = localhost
+mydestination =
+local_recipient_maps =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:{self.sink_port}
+smtp_dns_support_level = disabled
+alias_maps =
+alias_database =
+smtpd_tls_cert_file = {self.etc}/tls.pem
+smtpd_tls_key_file = {self.etc}/tls.key
+smtpd_tls_security_level = may
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+smtp_tls_security_level = none
+maillog_file = {r}/maillog
+maillog_file_prefixes = {r}
+biff = no
+""")
+        submission = [f"127.0.0.1:{self.port} inet n - n - - smtpd",
+                      "  -o smtpd_tls_security_level=encrypt"]
+        if self.auth:
+            submission += ["  -o smtpd_sasl_auth_enable=yes", "  -o smtpd_tls_auth_only=yes",
+                           "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject"]
+        else:
+            submission += ["  -o smtpd_relay_restrictions=permit_mynetworks,reject"]
+        services = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+        (self.etc / "master.cf").write_text("\n".join(submission) + "\n" + services)
+        if self.auth:
+            # Debian's Postfix reads Cyrus settings from $config_directory/sasl/smtpd.conf
+            db = self.etc / "sasl" / "sasldb2"
+            (self.etc / "sasl" / "smtpd.conf").write_text(
+                f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
+                f"sasldb_path: {db}\n")
+            local, _, domain = SENDER.partition("@")
+            run(["saslpasswd2", "-f", str(db), "-p", "-c", "-u", domain, local],
+                stdin=PASSWORD + "\n")
+            shutil.chown(db, "postfix")
+            db.chmod(0o600)
+        self._postfix("check")
+        self._postfix("start")
+        self.started = True
+        wait_port(self.port, 30, lambda: True, "postfix")
+
+    def master_pid(self) -> int:
+        if self._master is None:
+            path = self.root / "queue" / "pid" / "master.pid"
+            deadline = time.monotonic() + 10
+            while not path.exists() or not path.read_text().strip():
+                if time.monotonic() > deadline:
+                    raise BenchError("postfix wrote no master.pid")
+                time.sleep(0.05)
+            self._master = int(path.read_text().strip())
+        return self._master
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        master = self._master
+        with contextlib.suppress(Exception):
+            master = self.master_pid()
+        self._postfix("stop", check=False)
+        if master is None:
+            return
+        for attempt in range(3):
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if not Path(f"/proc/{master}").exists():
+                    return
+                time.sleep(0.1)
+            if attempt == 0:
+                self._postfix("abort", check=False)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(master, signal.SIGKILL)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def ms(v: float | None) -> str:
+    return "—" if v is None else f"{v * 1000:.1f}"
+
+
+def num(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def mib(v: float | None) -> str:
+    return "—" if v is None else f"{v / MiB:.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+
+
+def lat3(d: dict[str, float | None]) -> str:
+    return f"{ms(d['p50'])} / {ms(d['p95'])} / {ms(d['p99'])}"
+
+
+def report(results: dict[str, Any], notes: list[str]) -> str:
+    out: list[str] = []
+    env = results["env"]
+    s = results["settings"]
+    out.append(f"pecd benchmark  {env['when']}  {env['cpus']} CPUs  {env['kernel']}  "
+               f"Python {env['python']}  load average at start {env['loadavg']}")
+    out.append(f"N = {s['messages']} messages of 10 KiB, one recipient, {s['clients']} persistent "
+               "STARTTLS + AUTH sessions, one load process; all on 127.0.0.1")
+    c = results.get("certified")
+    rel = results.get("relay")
+    pf = results.get("postfix")
+    cols = [("pecd certified", c), ("plain relay", rel), ("postfix", pf)]
+    out.append("")
+    out.append("1. Max rate (certified: until the delivery receipt is in the sender's Maildir;"
+               " baselines: until the sink has it)")
+    width = 44
+
+    def row(name: str, fmt: Callable[[dict[str, Any]], str],
+            val: Callable[[dict[str, Any]], float | None] | None = None) -> None:
+        cells = [fmt(r) if r else "—" for _, r in cols]
+        ratios = []
+        if val is not None and c:
+            for base in (rel, pf):
+                ratios.append(ratio(val(c), val(base)) if base else "—")
+        else:
+            ratios = ["", ""]
+        out.append(f"  {name:<{width}}" + "".join(f"{x:>17}" for x in cells)
+                   + "".join(f"{x:>14}" for x in ratios))
+
+    out.append(f"  {'':<{width}}" + "".join(f"{n:>17}" for n, _ in cols)
+               + f"{'pecd/relay':>14}{'pecd/postfix':>14}")
+    row("submissions/s (250s per second)", lambda r: num(r["submissions_per_s"]),
+        lambda r: r["submissions_per_s"])
+    row("end-to-end/s (certified cycles; relayed)", lambda r: num(r["end_to_end_per_s"]),
+        lambda r: r["end_to_end_per_s"])
+    for metric, name in (("data_end_to_250_s", "DATA-end → 250"),
+                         ("submit_to_arrival_s", "submit → receipt stored / at sink")):
+        for key in ("p50", "p95", "p99"):
+            value = _getter(metric, key)
+            row(f"{name} {key}, ms", _fmt_ms(value), value)
+    row("server CPU s per message", lambda r: num(r["server_cpu_s_per_msg"], 4),
+        lambda r: r["server_cpu_s_per_msg"])
+    row("  of which, per process", lambda r: " ".join(
+        f"{k} {v:.4f}" for k, v in r["cpu_s_per_msg"].items()))
+    row("whole machine CPU s per message", lambda r: num(r["machine_cpu_s_per_msg"], 4),
+        lambda r: r["machine_cpu_s_per_msg"])
+    row("machine CPU busy (all cores)", lambda r: f"{100 * r['machine_cpu_share']:.0f}%")
+    row("client CPU s per message", lambda r: num(r["client_cpu_s_per_msg"], 4))
+    row("client CPU (share of one core)", lambda r: f"{100 * r['client_cpu_share']:.0f}%")
+    row("peak RSS MiB", lambda r: " ".join(f"{k} {mib(v)}" for k, v in r["peak_rss"].items()),
+        lambda r: sum(r["peak_rss"].values()))
+    row("acknowledged / arrived / missing", lambda r: f"{r['acked']}/{r['arrived']}/{r['missing']}")
+    if pf and not pf.get("auth", True):
+        out.append("  (postfix submission without AUTH: see notes)")
+    h = results.get("half")
+    if h:
+        out.append("")
+        out.append(f"2. Half rate: pecd certified at {h['offered_rate']:.1f} msg/s offered "
+                   "(half the max certified cycle rate), open loop")
+        out.append(f"  DATA-end → 250 p50 / p95 / p99 ms: {lat3(h['data_end_to_250_s'])}")
+        out.append(f"  submit → receipt p50 / p95 / p99 ms: {lat3(h['submit_to_arrival_s'])}")
+        out.append(f"  certified cycles/s {num(h['end_to_end_per_s'])};  acknowledged {h['acked']},"
+                   f" receipts {h['arrived']}, missing {h['missing']}")
+    big = results.get("big")
+    if big:
+        out.append("")
+        out.append(f"3. Big message: {big['size'] / 1e6:.1f} MB with 3 attachments, full cycle "
+                   f"{num(big['cycle_s'])} s{'' if big['complete'] else ' (DID NOT COMPLETE)'}")
+        for r in ("A", "B"):
+            out.append(f"  {r}: RSS before {mib(big['rss_before'][r])} MiB, peak "
+                       f"{mib(big['peak_rss'][r])} MiB, growth {mib(big['growth'][r])} MiB = "
+                       f"{big['growth_per_size'][r]:.2f} × message size")
+    d = results.get("deep")
+    if d:
+        out.append("")
+        out.append(f"4. Deep queue: {d['queued']} messages queued at A with B down "
+                   f"(seeded in {d['seed_s']:.1f} s)")
+        out.append(f"  A RSS empty queue {mib(d['rss_empty'])} MiB; with the queue "
+                   f"{mib(d['rss_queued'])} MiB (ratio {num(d['rss_ratio'], 2)})")
+        out.append(f"  queue at A while B down: {_counts(d['queue_at_a_while_b_down'])}")
+        if d["complete"]:
+            out.append(f"  drained in {d['drain_s']:.1f} s ({d['drain_rate_per_s']:.1f}/s); "
+                       f"delivery receipts {d['drained']}/{d['queued']}; lost {d['lost']}")
+        else:
+            proj = d["projected_drain_s"]
+            out.append(f"  NOT drained within {d['waited_s']:.0f} s: {d['drained']}/{d['queued']} "
+                       f"delivery receipts ({d['drain_rate_per_s']:.1f}/s; full drain projected "
+                       f"{'—' if proj is None else f'{proj / 60:.0f} min'})")
+            out.append(f"  left at A: {_counts(d['queue_left_a'])}; at B: "
+                       f"{_counts(d['queue_left_b'])}")
+        out.append(f"  items in hold or corrupt: {d['held_or_corrupt']}")
+    out.append("")
+    out.append("Targets")
+    for t in results.get("targets", []):
+        out.append(f"  [{t['verdict']:>6}] {t['target']}: {t['detail']}")
+    if notes:
+        out.append("")
+        out.append("Notes")
+        out += [f"  - {n}" for n in notes]
+    for text in results.get("profile", {}).values():
+        out.append("")
+        out.append(text.rstrip())
+    return "\n".join(out)
+
+
+def _getter(metric: str, key: str) -> Callable[[dict[str, Any]], float | None]:
+    def get(r: dict[str, Any]) -> float | None:
+        value: float | None = r[metric][key]
+        return value
+
+    return get
+
+
+def _fmt_ms(get: Callable[[dict[str, Any]], float | None]) -> Callable[[dict[str, Any]], str]:
+    return lambda r: ms(get(r))
+
+
+def _counts(c: dict[str, int]) -> str:
+    shown = {k: v for k, v in c.items() if v}
+    return ", ".join(f"{k} {v}" for k, v in sorted(shown.items())) or "empty"
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, str]]:
+    out = []
+    c, pf, h = results.get("certified"), results.get("postfix"), results.get("half")
+    if c and pf and c["end_to_end_per_s"] and pf["end_to_end_per_s"]:
+        need = 0.5 * pf["end_to_end_per_s"]
+        got = c["end_to_end_per_s"]
+        out.append({"target": "certified cycles/s ≥ 0.5 × Postfix relay rate",
+                    "verdict": "met" if got >= need else "MISSED",
+                    "detail": f"{got:.1f} vs {need:.1f} needed ({got / pf['end_to_end_per_s']:.3f}"
+                              f" × Postfix" + ("" if got >= need else
+                                               f"; {need / got:.1f}× short") + ")"})
+    else:
+        out.append({"target": "certified cycles/s ≥ 0.5 × Postfix relay rate",
+                    "verdict": "n/a", "detail": "no Postfix figure in this run"})
+    if h and h["data_end_to_250_s"]["p99"] is not None:
+        p99 = h["data_end_to_250_s"]["p99"]
+        out.append({"target": "p99 DATA-end → 250 ≤ 25 ms at half the max rate",
+                    "verdict": "met" if p99 <= 0.025 else "MISSED",
+                    "detail": f"{p99 * 1000:.1f} ms" + ("" if p99 <= 0.025 else
+                                                        f" ({p99 / 0.025:.1f}× the limit)")})
+    big = results.get("big")
+    if big:
+        worst = max(big["growth_per_size"].values())
+        out.append({"target": "peak RSS growth ≤ 2 × message size (big message)",
+                    "verdict": ("met" if worst <= 2 else "MISSED") if big["complete"] else "n/a",
+                    "detail": ", ".join(f"{r} {v:.2f}×" for r, v in big["growth_per_size"].items())
+                              + ("" if big["complete"] else " (cycle did not complete)")})
+    d = results.get("deep")
+    if d and d["rss_ratio"]:
+        out.append({"target": f"RSS with {d['queued']} queued ≤ 1.5 × RSS with an empty queue",
+                    "verdict": "met" if d["rss_ratio"] <= 1.5 else "MISSED",
+                    "detail": f"{d['rss_ratio']:.2f}×"})
+        out.append({"target": "deep queue: nothing lost",
+                    "verdict": ("met" if d["lost"] == 0 else "MISSED") if d["lost"] is not None
+                    else "n/a",
+                    "detail": (f"{d['drained']}/{d['queued']} delivery receipts" +
+                               ("" if d["complete"] else ", drain not finished in this run"))})
+    return out
+
+
+# --- main -------------------------------------------------------------------------------------
+
+def environment(s: Settings) -> dict[str, Any]:
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+@contextlib.contextmanager
+def interrupts_as_exceptions() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run like Ctrl-C does: through ``finally`` and cleanup."""
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(argv)
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="pecd-bench-"))
+    tmp.chmod(0o711)  # Postfix's unprivileged processes must traverse it
+    (tmp / "logs").mkdir()
+    procs = Procs(tmp / "logs")
+    meter = Meter()
+    meter.start()
+    bench = Bench(s, tmp, procs, meter)
+    results: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v
+                                            for k, v in vars(s).items()},
+                               "env": environment(s)}
+    bench.results = results
+    status = 0
+    try:
+        with interrupts_as_exceptions():
+            bench.say(f"working in {tmp}")
+            bench.make_providers()
+            assert bench.a and bench.b
+            bench.start_pecd(bench.a)
+            bench.start_pecd(bench.b)
+            bench.say(f"1. certified, max rate: {s.messages} messages, {s.clients} sessions")
+            results["certified"] = c = bench.certified("max", s.messages, profile=s.profile)
+            rate = c["end_to_end_per_s"] or 1.0
+            half = rate / 2
+            count = max(5, round(half * s.half_seconds))
+            bench.say(f"2. certified, half rate: {count} messages at {half:.1f}/s")
+            results["half"] = bench.certified("half", count, rate=half)
+            sink_port = free_port()
+            sink = SinkLog(tmp / "sink.log")
+            proc = procs.start("sink", [PY, str(SCRIPTS / "bench_relay.py"), "sink", "--port",
+                                        str(sink_port), "--log", str(sink.path)])
+            wait_port(sink_port, 30, lambda: proc.poll() is None, "sink")
+            bench.say("3a. plain relay baseline")
+            results["relay"] = bench.plain_relay(sink, sink_port)
+            if s.postfix:
+                bench.say("3b. Postfix baseline")
+                results["postfix"] = bench.postfix(sink, sink_port)
+            else:
+                bench.notes.append("Postfix baseline skipped (--no-postfix)")
+            procs.stop("sink")
+            bench.say(f"4. big message: {s.big_mb:g} MB")
+            results["big"] = bench.big()
+            bench.say(f"5. deep queue: {s.deep} messages")
+            results["deep"] = bench.deep()
+    except KeyboardInterrupt:
+        bench.say("interrupted: stopping every process started")
+        status = 130
+    except (BenchError, subprocess.SubprocessError, OSError) as exc:
+        bench.say(f"benchmark failed: {exc}")
+        results["error"] = str(exc)
+        status = 1
+    finally:
+        procs.stop_all()
+        meter.stop()
+    results["targets"] = targets(results)
+    results["notes"] = bench.notes
+    results["duration_s"] = time.monotonic() - started
+    if status == 0:
+        print(report(results, bench.notes))
+        print(f"\n(total {results['duration_s']:.0f} s; logs and data in {tmp}"
+              f"{'' if s.keep else ', removed'})")
+    if s.json:
+        s.json.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    if not s.keep and status == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif status != 0:
+        bench.say(f"logs kept in {tmp}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
