@@ -319,8 +319,8 @@ def status(ctx: Context, message_id: str | None) -> None:
             cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()[0]
             click.echo(f"ledger rows: {rows[0]} (head {rows[1]}), checkpoints: {cps}")
             return
-        rows = ledger.events_for(conn, message_id.strip().strip("<>")) or \
-            ledger.events_for(conn, message_id.strip())
+        bare = message_id.strip().strip("<>")
+        rows = ledger.events_for(conn, bare) or ledger.events_for(conn, f"<{bare}>")
     finally:
         conn.close()
     if not rows:

@@ -178,19 +178,14 @@ class Queue:
 
         await self.db.transact(txn)
 
-    async def lease(self, kind: Kind, limit: int, lease_seconds: float = 600.0,
-                    exclude_dests: Iterable[str] = ()) -> list[Item]:
+    async def lease(self, kind: Kind, limit: int, lease_seconds: float = 600.0) -> list[Item]:
         now = self.clock.now().timestamp()
-        excluded = list(exclude_dests)
 
         def txn(conn: sqlite3.Connection) -> list[Item]:
-            sql = ("SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
-                   " AND next_at <= ?")
-            args: list[Any] = [kind, now]
-            if excluded:
-                sql += f" AND dest NOT IN ({','.join('?' * len(excluded))})"
-                args += excluded
-            rows = conn.execute(sql + " ORDER BY next_at, id LIMIT ?", [*args, limit]).fetchall()
+            rows = conn.execute(
+                "SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
+                " AND next_at <= ? ORDER BY next_at, id LIMIT ?", (kind, now, limit),
+            ).fetchall()
             items = []
             for row in rows:
                 conn.execute(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -164,14 +165,6 @@ class RelayStage:
         self.connections = connections
         self.read = read
         self.clock = clock
-        self._down: dict[str, float] = {}  # destination -> retry not before (per-destination backoff)
-
-    def blocked(self) -> list[str]:
-        """Destinations in backoff: their items stay queued instead of each failing alone."""
-        now = self.clock.now().timestamp()
-        for dest in [d for d, until in self._down.items() if until <= now]:
-            del self._down[dest]
-        return list(self._down)
 
     def hop(self, item: Item) -> Hop:
         if item.dest.startswith("pec:"):
@@ -201,13 +194,30 @@ class RelayStage:
             delay = backoff(item.attempts, self.config.relay.retry_base,
                             self.config.relay.retry_max, random.random())
             until = self.clock.now().timestamp() + delay
-            self._down[item.dest] = max(self._down.get(item.dest, 0.0), until)
-            return Outcome(state="deferred", delay=delay, error=str(exc), events=[LedgerEvent(
-                event="deferred", msgid=event.msgid, sender=item.mail_from,
-                recipients=item.rcpts, detail={"reason": str(exc), "retry_in": round(delay, 1)})])
+            return Outcome(
+                state="deferred", delay=delay, error=str(exc),
+                events=[LedgerEvent(event="deferred", msgid=event.msgid, sender=item.mail_from,
+                                    recipients=item.rcpts,
+                                    detail={"reason": str(exc), "retry_in": round(delay, 1)})],
+                effects=[_defer_destination(item.dest, until)],
+            )
         except PermanentFailure as exc:
             return Outcome(state="hold", error=str(exc), events=[LedgerEvent(
                 event="relay-failed", msgid=event.msgid, sender=item.mail_from,
                 recipients=item.rcpts, detail={"reason": str(exc), "final": True})])
-        self._down.pop(item.dest, None)
         return Outcome(events=[event])
+
+
+def _defer_destination(dest: str, until: float) -> Callable[[sqlite3.Connection], None]:
+    """Per-destination backoff: the other messages waiting for a hop that just failed wait too,
+    instead of each failing on its own. Kept in the queue, so it survives restarts and an
+    operator's ``pecd queue retry`` still overrides it."""
+
+    def effect(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE queue SET state='deferred', next_at=max(next_at, ?)"
+            " WHERE dest=? AND state IN ('incoming', 'deferred')",
+            (until, dest),
+        )
+
+    return effect

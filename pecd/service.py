@@ -60,13 +60,11 @@ def _rows_since_checkpoint(conn: sqlite3.Connection) -> int:
 class Runner:
     """Leases items of one kind and runs a stage on them, at most ``concurrency`` at a time."""
 
-    def __init__(self, queue: Queue, kind: Kind, handler: Handler, concurrency: int,
-                 blocked: Callable[[], list[str]] | None = None) -> None:
+    def __init__(self, queue: Queue, kind: Kind, handler: Handler, concurrency: int) -> None:
         self.queue = queue
         self.kind = kind
         self.handler = handler
         self.concurrency = concurrency
-        self.blocked = blocked or list
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
 
@@ -92,8 +90,7 @@ class Runner:
     async def run(self) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
-            items = (await self.queue.lease(self.kind, free, exclude_dests=self.blocked())
-                     if free > 0 else [])
+            items = await self.queue.lease(self.kind, free) if free > 0 else []
             for item in items:
                 task = asyncio.create_task(self._process(item))
                 self._inflight.add(task)
@@ -199,7 +196,7 @@ class Service:
             "submission": Runner(self.queue, "submission", self.access.handle, n),
             "inbound": Runner(self.queue, "inbound", self.reception.handle, n),
             "deliver": Runner(self.queue, "deliver", self.delivery.handle, n),
-            "relay": Runner(self.queue, "relay", self.relay.handle, n * 4, self.relay.blocked),
+            "relay": Runner(self.queue, "relay", self.relay.handle, n * 4),
         }
         self.ports = Ports()
         self.recovery: Recovery | None = None

@@ -41,6 +41,7 @@ import threading
 import time
 from base64 import encodebytes
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,14 +88,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                     "Postfix, on 127.0.0.1. Prints a table; never asserts a speed.")
     p.add_argument("--quick", action="store_true",
                    help="~30 s smoke run: few messages, 5 MB big message, 500 queued")
-    p.add_argument("-n", "--messages", type=int, help="messages per max-rate phase (default 600)")
+    p.add_argument("-n", "--messages", type=int, help="messages per max-rate phase (default 400)")
     p.add_argument("-c", "--clients", type=int, help="concurrent SMTP sessions (default 8)")
     p.add_argument("--half-seconds", type=float, help="length of the half-rate phase (default 20)")
     p.add_argument("--big-mb", type=float, help="size of the big message in MB (default 25)")
     p.add_argument("--deep", type=int, help="messages queued with B down (default 100000)")
     p.add_argument("--deep-hold", type=float, help="seconds A runs with B down (default 10)")
     p.add_argument("--drain-timeout", type=float,
-                   help="longest wait for the deep queue to drain, seconds (default 60)")
+                   help="longest wait for the deep queue to drain, seconds (default 30)")
     p.add_argument("--no-postfix", action="store_true", help="skip the Postfix baseline")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record py-spy profiles of A and B during the max-rate phase into DIR")
@@ -107,13 +108,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         return value if value is not None else (quick if q else default)
 
     s = Settings(
-        messages=pick(a.messages, 600, 40),
+        messages=pick(a.messages, 400, 30),
         clients=pick(a.clients, 8, 4),
         half_seconds=pick(a.half_seconds, 20.0, 3.0),
         big_mb=pick(a.big_mb, 25.0, 5.0),
         deep=pick(a.deep, 100_000, 500),
         deep_hold=pick(a.deep_hold, 10.0, 2.0),
-        drain_timeout=pick(a.drain_timeout, 60.0, 5.0),
+        drain_timeout=pick(a.drain_timeout, 30.0, 4.0),
         stall=20.0 if q else 60.0,
         postfix=not a.no_postfix,
         profile=a.profile,
@@ -185,19 +186,34 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
+def proc_pss(pid: int) -> int:
+    """Proportional set size in bytes (shared pages split between their users); 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Meter(threading.Thread):
-    """Samples the RSS of named process groups every 50 ms; ``peak`` is the highest sum seen."""
+    """Every 50 ms: the memory of named process groups (peak kept per group) and the CPU seconds
+    of named counters plus the whole machine (kept as a time series, so a phase's CPU can be
+    taken between its first submit and its last arrival rather than around the waiting)."""
 
     def __init__(self) -> None:
         super().__init__(name="bench-meter", daemon=True)
-        self._groups: dict[str, Callable[[], list[int]]] = {}
+        self._groups: dict[str, tuple[Callable[[], list[int]], bool]] = {}
         self._peak: dict[str, int] = {}
+        self._cpu: dict[str, Callable[[], float]] = {}
+        self.series: list[tuple[float, dict[str, float], float]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
-    def watch(self, label: str, pids: Callable[[], list[int]]) -> None:
+    def watch(self, label: str, pids: Callable[[], list[int]], pss: bool = False) -> None:
         with self._lock:
-            self._groups[label] = pids
+            self._groups[label] = (pids, pss)
             self._peak[label] = 0
 
     def unwatch(self, label: str) -> None:
@@ -212,14 +228,43 @@ class Meter(threading.Thread):
         with self._lock:
             return self._peak.get(label, 0)
 
+    def count_cpu(self, counters: dict[str, Callable[[], float]]) -> None:
+        """Start a fresh CPU series over ``counters``."""
+        with self._lock:
+            self._cpu = dict(counters)
+            self.series = []
+        self._sample_cpu()
+
+    def cpu_between(self, start: float, end: float) -> tuple[dict[str, float], float]:
+        """CPU seconds per counter and for the whole machine between two ``time.time()``s."""
+        self._sample_cpu()
+        with self._lock:
+            series = list(self.series)
+        if not series:
+            return {}, 0.0
+        before = [x for x in series if x[0] <= start] or series[:1]
+        after = [x for x in series if x[0] >= end] or series[-1:]
+        _, c0, m0 = before[-1]
+        _, c1, m1 = after[0]
+        return {k: c1[k] - c0.get(k, 0.0) for k in c1}, m1 - m0
+
+    def _sample_cpu(self) -> None:
+        with self._lock:
+            counters = dict(self._cpu)
+        if counters:
+            sample = (time.time(), {k: f() for k, f in counters.items()}, machine_busy())
+            with self._lock:
+                self.series.append(sample)
+
     def run(self) -> None:
         while not self._stop.wait(0.05):
             with self._lock:
                 groups = list(self._groups.items())
-            for label, pids in groups:
-                total = sum(proc_mem(p)[0] for p in pids())
+            for label, (pids, pss) in groups:
+                total = sum(proc_pss(p) if pss else proc_mem(p)[0] for p in pids())
                 with self._lock:
                     self._peak[label] = max(self._peak.get(label, 0), total)
+            self._sample_cpu()
 
     def stop(self) -> None:
         self._stop.set()
@@ -427,18 +472,34 @@ class SinkLog:
 Watch = Receipts | SinkLog
 
 
-def wait_arrivals(watch: Watch, wanted: set[str], timeout: float, stall: float) -> bool:
-    """Poll until every wanted id has arrived; False on timeout or ``stall`` s without progress."""
+def wait_arrivals(watch: Watch, wanted: set[str], timeout: float, stall: float,
+                  idle: Callable[[], bool] | None = None) -> str:
+    """Poll until every wanted id has arrived. Returns ``complete``; ``idle`` when ``idle()``
+    held twice a second apart with nothing arriving (the systems have nothing left: whatever is
+    missing is lost); ``stalled`` after ``stall`` s without progress; ``timeout``."""
     deadline = time.monotonic() + timeout
     last_progress = time.monotonic()
+    next_idle_check = time.monotonic() + 1.0
+    idle_seen = False
     while True:
         if watch.poll():
             last_progress = time.monotonic()
+            idle_seen = False
         if wanted <= watch.found.keys():
-            return True
+            return "complete"
         now = time.monotonic()
-        if now > deadline or now - last_progress > stall:
-            return False
+        if idle is not None and now >= next_idle_check:
+            next_idle_check = now + 1.0
+            if idle():
+                if idle_seen and not watch.poll():
+                    return "idle"
+                idle_seen = True
+            else:
+                idle_seen = False
+        if now > deadline:
+            return "timeout"
+        if now - last_progress > stall:
+            return "stalled"
         time.sleep(0.05)
 
 
@@ -496,22 +557,34 @@ class Bench:
     # ---- providers -----------------------------------------------------------------------
 
     def make_providers(self) -> None:
+        """``pecd init`` twice (shared dev CA), cards exchanged, one user each; independent
+        steps run side by side (each is a CLI process that mostly waits on imports or argon2)."""
         ca_dir = self.tmp / "ca"
-        made = []
-        for name in ("a", "b"):
-            sub, smtps, inbound = free_port(), free_port(), free_port()
-            root = self.tmp / name
-            run([PECD, "init", str(root), "--domain", f"{name}.test", "--ca", str(ca_dir),
-                 "--submission-port", str(sub), "--smtps-port", str(smtps),
-                 "--inbound-port", str(inbound)])
-            made.append(Provider(name.upper(), f"{name}.test", root, sub, inbound))
-        self.a, self.b = made
-        for p, q in ((self.a, self.b), (self.b, self.a)):
-            card = self.tmp / f"{p.name}.card"
-            card.write_text(p.cli("index", "export"))
-            q.cli("index", "import", str(card))
-        self.a.cli("user", "add", SENDER, "--password-stdin", stdin=PASSWORD + "\n")
-        self.b.cli("user", "add", RCPT, "--password-stdin", stdin=PASSWORD + "\n")
+        self.a, self.b = [
+            Provider(n.upper(), f"{n}.test", self.tmp / n, free_port(), free_port())
+            for n in ("a", "b")]
+
+        def init(p: Provider) -> None:
+            run([PECD, "init", str(p.root), "--domain", p.domain, "--ca", str(ca_dir),
+                 "--submission-port", str(p.submission), "--smtps-port", str(free_port()),
+                 "--inbound-port", str(p.inbound)])
+
+        def export(p: Provider) -> None:
+            (self.tmp / f"{p.name}.card").write_text(p.cli("index", "export"))
+
+        a, b = self.a, self.b
+        init(a)  # makes the CA that B's init then uses
+        with ThreadPoolExecutor(4) as pool:
+            for step in (
+                [lambda: init(b),
+                 lambda: a.cli("user", "add", SENDER, "--password-stdin", stdin=PASSWORD + "\n")],
+                [lambda: export(a), lambda: export(b),
+                 lambda: b.cli("user", "add", RCPT, "--password-stdin", stdin=PASSWORD + "\n")],
+                [lambda: a.cli("index", "import", str(self.tmp / "B.card")),
+                 lambda: b.cli("index", "import", str(self.tmp / "A.card"))],
+            ):
+                for f in [pool.submit(fn) for fn in step]:
+                    f.result()
         self.ca = self.a.root / "keys" / "ca.pem"
 
     def start_pecd(self, p: Provider) -> None:
@@ -567,34 +640,36 @@ class Bench:
         return result
 
     def measure(self, label: str, template: bytes, count: int, port: int, watch: Watch,
-                cpu: dict[str, Callable[[], float]], rss: list[str], rate: float = 0.0,
-                auth: bool = True, concurrency: int | None = None,
-                settle: float | None = None) -> dict[str, Any]:
-        """One load phase: submit, wait for every acknowledged message to arrive, summarise."""
+                cpu: dict[str, Callable[[], float]], rss: list[str], idle: Callable[[], bool],
+                rate: float = 0.0, auth: bool = True) -> dict[str, Any]:
+        """One load phase: submit, wait for every acknowledged message to arrive (or for the
+        systems to go idle without it: then it is lost), summarise. CPU is counted from the
+        first submit to the last arrival."""
         for r in rss:
             self.meter.reset(r)
-        cpu0 = {k: f() for k, f in cpu.items()}
-        busy0 = machine_busy()
+        self.meter.count_cpu(cpu)
         t0 = time.time()
-        res = self.load(label, template, count, port, watch, rate=rate, auth=auth,
-                        concurrency=concurrency)
+        res = self.load(label, template, count, port, watch, rate=rate, auth=auth)
         recs = res["records"]
         wanted = {norm_id(r["msgid"]) for r in recs}
-        complete = wait_arrivals(watch, wanted, timeout=settle or max(120.0, 2.0 * count),
-                                 stall=self.s.stall)
-        cpu1 = {k: f() for k, f in cpu.items()}
-        busy1 = machine_busy()
-        wall = time.time() - t0
+        ended = wait_arrivals(watch, wanted, timeout=max(120.0, 2.0 * count),
+                              stall=self.s.stall, idle=idle)
         arrived = {m: watch.found[m] for m in wanted if m in watch.found}
         n = len(recs)
         first = min((r["start"] for r in recs), default=t0)
         last_ack = max((r["acked"] for r in recs), default=t0)
-        last_arrival = max(arrived.values(), default=first)
+        last_arrival = max(arrived.values(), default=last_ack)
+        used, busy = self.meter.cpu_between(first, max(last_arrival, last_ack))
+        self.meter.count_cpu({})
+        cpu_used = {k: v for k, v in used.items() if k != "sink"}
+        client_share = res["cpu"] / max(1e-9, res["ended"] - res["started"])
+        ours = sum(used.values()) + client_share * (min(res["ended"], max(last_arrival, last_ack))
+                                                    - first)
+        window = max(1e-9, max(last_arrival, last_ack) - first)
         by_id = {norm_id(r["msgid"]): r for r in recs}
-        cpu_used = {k: cpu1[k] - cpu0[k] for k in cpu}
-        out = {
+        return {
             "sent": count, "acked": n, "arrived": len(arrived), "missing": n - len(arrived),
-            "complete": complete, "client_errors": res["errors"],
+            "wait_ended": ended, "client_errors": res["errors"],
             "submissions_per_s": n / (last_ack - first) if n and last_ack > first else None,
             "end_to_end_per_s": (len(arrived) / (last_arrival - first)
                                  if arrived and last_arrival > first else None),
@@ -603,16 +678,24 @@ class Bench:
             "cpu_s": cpu_used,
             "cpu_s_per_msg": {k: v / max(1, len(arrived)) for k, v in cpu_used.items()},
             "server_cpu_s_per_msg": (sum(cpu_used.values()) / len(arrived)) if arrived else None,
+            "server_cpu_share": {k: v / window for k, v in cpu_used.items()},
             "client_cpu_s": res["cpu"],
             "client_cpu_s_per_msg": res["cpu"] / max(1, n),
-            "client_cpu_share": res["cpu"] / max(1e-9, res["ended"] - res["started"]),
-            "machine_cpu_s_per_msg": (busy1 - busy0) / max(1, len(arrived)),
-            "machine_cpu_share": (busy1 - busy0) / max(1e-9, wall) / (os.cpu_count() or 1),
+            "client_cpu_share": client_share,
+            "machine_cpu_s_per_msg": busy / max(1, len(arrived)),
+            "machine_cpu_share": busy / window / (os.cpu_count() or 1),
+            "sink_cpu_s_per_msg": used["sink"] / max(1, len(arrived)) if "sink" in used else None,
+            "others_cpu_share": max(0.0, busy - ours) / window,
             "peak_rss": {r: self.meter.peak(r) for r in rss},
             "offered_rate": rate or None,
-            "wall_s": wall,
+            "window_s": window,
         }
-        return out
+
+    def pecd_idle(self) -> bool:
+        """Nothing queued at A or B (a receipt is in the Maildir before its item is removed)."""
+        assert self.a and self.b
+        counts = [queue_counts(self.a.root), queue_counts(self.b.root)]
+        return all(c is not None and not any(c.values()) for c in counts)
 
     # ---- phases --------------------------------------------------------------------------
 
@@ -627,7 +710,7 @@ class Bench:
         try:
             out = self.measure(label, small_message(label), count, self.a.submission, watch,
                                cpu={"A": lambda: proc_cpu(a_pid), "B": lambda: proc_cpu(b_pid)},
-                               rss=["A", "B"], rate=rate)
+                               rss=["A", "B"], idle=self.pecd_idle, rate=rate)
         finally:
             self.stop_profiles(spies)
         out["hwm"] = {"A": proc_mem(a_pid)[1], "B": proc_mem(b_pid)[1]}
@@ -665,7 +748,7 @@ class Bench:
                 self.results.setdefault("profile", {})[Path(raw).name] = summary(
                     Path(raw), 15, title=f"{Path(raw).stem} ({raw})")
 
-    def plain_relay(self, sink: SinkLog, sink_port: int) -> dict[str, Any]:
+    def plain_relay(self, sink: SinkLog, sink_port: int, sink_pid: int) -> dict[str, Any]:
         assert self.a
         port = free_port()
         proc = self.procs.start("relay", [
@@ -677,13 +760,16 @@ class Bench:
         pid = proc.pid
         self.meter.watch("relay", lambda: [pid])
         try:
+            spool = self.tmp / "relay-spool"
             return self.measure("relay", small_message("relay"), self.s.messages, port, sink,
-                                cpu={"relay": lambda: proc_cpu(pid)}, rss=["relay"])
+                                cpu={"relay": lambda: proc_cpu(pid),
+                                     "sink": lambda: proc_cpu(sink_pid)}, rss=["relay"],
+                                idle=lambda: not any(spool.iterdir()))
         finally:
             self.meter.unwatch("relay")
             self.procs.stop("relay")
 
-    def postfix(self, sink: SinkLog, sink_port: int) -> dict[str, Any] | None:
+    def postfix(self, sink: SinkLog, sink_port: int, sink_pid: int) -> dict[str, Any] | None:
         pf = Postfix(self.tmp / "postfix", self.a.root / "keys" if self.a else self.tmp, sink_port)
         why = pf.unavailable()
         if why:
@@ -699,9 +785,11 @@ class Bench:
             def cpu() -> float:  # exited children count in the master's cutime + cstime
                 return sum(proc_cpu(p, children=p == master) for p in group())
 
-            self.meter.watch("postfix", group)
+            self.meter.watch("postfix", group, pss=True)
             out = self.measure("postfix", small_message("postfix"), self.s.messages, pf.port,
-                               sink, cpu={"postfix": cpu}, rss=["postfix"], auth=pf.auth)
+                               sink, cpu={"postfix": cpu, "sink": lambda: proc_cpu(sink_pid)},
+                               rss=["postfix"], idle=pf.idle,
+                               auth=pf.auth)
             out["auth"] = pf.auth
             if not pf.auth:
                 self.notes.append("Postfix: saslpasswd2 missing, so submission is STARTTLS "
@@ -726,7 +814,8 @@ class Bench:
         t0 = time.time()
         res = self.load("big", data, 1, self.a.submission, watch, concurrency=1, deadline=300)
         mid = {norm_id(r["msgid"]) for r in res["records"]}
-        done = wait_arrivals(watch, mid, timeout=300, stall=120) if mid else False
+        done = bool(mid) and wait_arrivals(watch, mid, timeout=300, stall=120,
+                                           idle=self.pecd_idle) == "complete"
         hwm = {"A": proc_mem(a_pid)[1], "B": proc_mem(b_pid)[1]}
         peak = {r: hwm[r] if exact else max(hwm[r], self.meter.peak(r)) for r in ("A", "B")}
         growth = {r: max(0, peak[r] - base[r]) for r in ("A", "B")}
@@ -751,7 +840,7 @@ class Bench:
         self.stop_pecd(a)
         self.start_pecd(a)
         # RSS with an empty queue: a fresh A after a short warm-up, idle
-        warm = self.certified("warm", 5 if self.s.quick else 20)
+        warm = self.certified("warm", 3 if self.s.quick else 20)
         time.sleep(1.0)
         empty = 0
         for _ in range(10):
@@ -764,10 +853,11 @@ class Bench:
         seed(a.conf, n, template)
         seed_s = time.monotonic() - t0
         self.say(f"  seeded {n} messages into A's queue in {seed_s:.1f} s; A up, B down")
+        t0 = time.monotonic()
         self.start_pecd(a)
+        start_s = time.monotonic() - t0
         a_pid = self.pid(a)
         self.meter.reset("A")
-        reset_hwm(a_pid)
         time.sleep(self.s.deep_hold)
         queued_rss = max(self.meter.peak("A"), proc_mem(a_pid)[0])
         queued_hwm = proc_mem(a_pid)[1]
@@ -777,28 +867,35 @@ class Bench:
         wanted = {f"deep.{i}@client.a.test" for i in range(n)}
         self.say(f"  B up: draining (at most {self.s.drain_timeout:.0f} s)")
         t1 = time.time()
+        self.meter.reset("A")
         self.start_pecd(b)
-        done = wait_arrivals(watch, wanted, timeout=self.s.drain_timeout, stall=self.s.stall)
+        ended = wait_arrivals(watch, wanted, timeout=self.s.drain_timeout, stall=self.s.stall,
+                              idle=self.pecd_idle)
+        done = ended == "complete"
         drain_s = time.time() - t1
+        draining_rss = self.meter.peak("A")
         got = len(wanted & watch.found.keys())
-        counts_a, counts_b = queue_counts(a.root), queue_counts(b.root)
-        stuck = sum(v for k, v in {**counts_a, **counts_b}.items()
+        counts_a, counts_b = queue_counts(a.root) or {}, queue_counts(b.root) or {}
+        stuck = sum(v for k, v in [*counts_a.items(), *counts_b.items()]
                     if k.endswith("/hold") or k.endswith("/corrupt"))
         rate = got / drain_s if got else 0.0
         return {
-            "queued": n, "seed_s": seed_s, "warmup_cycles_per_s": warm["end_to_end_per_s"],
+            "queued": n, "seed_s": seed_s, "start_with_queue_s": start_s,
+            "warmup_cycles_per_s": warm["end_to_end_per_s"],
             "rss_empty": empty, "rss_queued": queued_rss, "hwm_queued": queued_hwm,
             "rss_ratio": queued_rss / empty if empty else None,
-            "queue_at_a_while_b_down": counts_before,
-            "drained": got, "complete": done, "drain_s": drain_s if done else None,
+            "rss_peak_draining": draining_rss,
+            "queue_at_a_while_b_down": counts_before or {},
+            "drained": got, "complete": done, "wait_ended": ended,
+            "drain_s": drain_s if done else None,
             "waited_s": drain_s, "drain_rate_per_s": rate,
             "projected_drain_s": (n / rate) if rate and not done else (drain_s if done else None),
-            "lost": (n - got) if done else None,
+            "lost": (n - got) if ended in ("complete", "idle") else None,
             "held_or_corrupt": stuck, "queue_left_a": counts_a, "queue_left_b": counts_b,
         }
 
 
-def queue_counts(root: Path) -> dict[str, int]:
+def queue_counts(root: Path) -> dict[str, int] | None:
     """``kind/state`` → count, read-only (the daemon keeps writing meanwhile)."""
     db = root / "data" / "pecd.sqlite"
     try:
@@ -808,7 +905,7 @@ def queue_counts(root: Path) -> dict[str, int]:
         finally:
             conn.close()
     except sqlite3.Error:
-        return {}
+        return None
     return {f"{k}/{s}": c for k, s, c in rows}
 
 
@@ -829,18 +926,28 @@ def seed(conf: Path, n: int, template: bytes) -> None:
     db = Database(cfg.paths.database)
     queue = Queue(db, Spool(cfg.paths.spool), SystemClock())
 
+    def batch(start: int) -> tuple[list[Any], list[Any]]:
+        items, events = [], []
+        for i in range(start, min(n, start + 250)):
+            data = template.replace(MARK, str(i).encode())
+            msg = headers.parse(data)
+            items.append(NewItem("submission", SENDER, (RCPT,), data=data))
+            events.append(LedgerEvent(
+                event="submitted", ref_msgid=headers.message_id(msg), sender=SENDER,
+                recipients=(RCPT,), subject=headers.text(msg, "Subject"),
+                detail={"size": len(data), "peer": "bench-seed"}))
+        return items, events
+
     async def fill() -> None:
-        for start in range(0, n, 500):
-            items, events = [], []
-            for i in range(start, min(n, start + 500)):
-                data = template.replace(MARK, str(i).encode())
-                msg = headers.parse(data)
-                items.append(NewItem("submission", SENDER, (RCPT,), data=data))
-                events.append(LedgerEvent(
-                    event="submitted", ref_msgid=headers.message_id(msg), sender=SENDER,
-                    recipients=(RCPT,), subject=headers.text(msg, "Subject"),
-                    detail={"size": len(data), "peer": "bench-seed"}))
-            await queue.enqueue(items, events)
+        # several enqueue calls in flight, as several SMTP sessions would have: spool writes
+        # overlap in the executor and the single writer commits them in groups
+        starts = iter(range(0, n, 250))
+
+        async def worker() -> None:
+            for start in starts:
+                await queue.enqueue(*batch(start))
+
+        await asyncio.gather(*(worker() for _ in range(4)))
 
     try:
         asyncio.run(fill())
@@ -967,6 +1074,14 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         self.started = True
         wait_port(self.port, 30, lambda: True, "postfix")
 
+    def idle(self) -> bool:
+        """No queue file in incoming, active or deferred."""
+        for d in ("incoming", "active", "deferred"):
+            for _dirpath, _dirs, files in os.walk(self.root / "queue" / d):
+                if files:
+                    return False
+        return True
+
     def master_pid(self) -> int:
         if self._master is None:
             path = self.root / "queue" / "pid" / "master.pid"
@@ -1070,11 +1185,16 @@ def report(results: dict[str, Any], notes: list[str]) -> str:
     row("whole machine CPU s per message", lambda r: num(r["machine_cpu_s_per_msg"], 4),
         lambda r: r["machine_cpu_s_per_msg"])
     row("machine CPU busy (all cores)", lambda r: f"{100 * r['machine_cpu_share']:.0f}%")
+    row("  processes outside the benchmark (cores)", lambda r: f"{r['others_cpu_share']:.2f}")
     row("client CPU s per message", lambda r: num(r["client_cpu_s_per_msg"], 4))
+    row("sink CPU s per message", lambda r: num(r["sink_cpu_s_per_msg"], 4))
     row("client CPU (share of one core)", lambda r: f"{100 * r['client_cpu_share']:.0f}%")
     row("peak RSS MiB", lambda r: " ".join(f"{k} {mib(v)}" for k, v in r["peak_rss"].items()),
         lambda r: sum(r["peak_rss"].values()))
+    row("server CPU busy (share of one core)", lambda r: " ".join(
+        f"{k} {100 * v:.0f}%" for k, v in r["server_cpu_share"].items()))
     row("acknowledged / arrived / missing", lambda r: f"{r['acked']}/{r['arrived']}/{r['missing']}")
+    row("wait ended (idle = queues empty)", lambda r: str(r["wait_ended"]))
     if pf and not pf.get("auth", True):
         out.append("  (postfix submission without AUTH: see notes)")
     h = results.get("half")
@@ -1085,7 +1205,8 @@ def report(results: dict[str, Any], notes: list[str]) -> str:
         out.append(f"  DATA-end → 250 p50 / p95 / p99 ms: {lat3(h['data_end_to_250_s'])}")
         out.append(f"  submit → receipt p50 / p95 / p99 ms: {lat3(h['submit_to_arrival_s'])}")
         out.append(f"  certified cycles/s {num(h['end_to_end_per_s'])};  acknowledged {h['acked']},"
-                   f" receipts {h['arrived']}, missing {h['missing']}")
+                   f" receipts {h['arrived']}, missing {h['missing']} (wait ended: "
+                   f"{h['wait_ended']})")
     big = results.get("big")
     if big:
         out.append("")
@@ -1099,16 +1220,19 @@ def report(results: dict[str, Any], notes: list[str]) -> str:
     if d:
         out.append("")
         out.append(f"4. Deep queue: {d['queued']} messages queued at A with B down "
-                   f"(seeded in {d['seed_s']:.1f} s)")
-        out.append(f"  A RSS empty queue {mib(d['rss_empty'])} MiB; with the queue "
-                   f"{mib(d['rss_queued'])} MiB (ratio {num(d['rss_ratio'], 2)})")
+                   f"(seeded in {d['seed_s']:.1f} s; A then listening after "
+                   f"{d['start_with_queue_s']:.1f} s)")
+        out.append(f"  A RSS empty queue {mib(d['rss_empty'])} MiB; with the queue, B down "
+                   f"{mib(d['rss_queued'])} MiB (ratio {num(d['rss_ratio'], 2)}); peak while "
+                   f"draining {mib(d['rss_peak_draining'])} MiB")
         out.append(f"  queue at A while B down: {_counts(d['queue_at_a_while_b_down'])}")
         if d["complete"]:
             out.append(f"  drained in {d['drain_s']:.1f} s ({d['drain_rate_per_s']:.1f}/s); "
                        f"delivery receipts {d['drained']}/{d['queued']}; lost {d['lost']}")
         else:
             proj = d["projected_drain_s"]
-            out.append(f"  NOT drained within {d['waited_s']:.0f} s: {d['drained']}/{d['queued']} "
+            out.append(f"  NOT drained ({d['wait_ended']} after {d['waited_s']:.0f} s): "
+                       f"{d['drained']}/{d['queued']} "
                        f"delivery receipts ({d['drain_rate_per_s']:.1f}/s; full drain projected "
                        f"{'—' if proj is None else f'{proj / 60:.0f} min'})")
             out.append(f"  left at A: {_counts(d['queue_left_a'])}; at B: "
@@ -1172,6 +1296,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
                     "verdict": ("met" if worst <= 2 else "MISSED") if big["complete"] else "n/a",
                     "detail": ", ".join(f"{r} {v:.2f}×" for r, v in big["growth_per_size"].items())
                               + ("" if big["complete"] else " (cycle did not complete)")})
+    lost = {k: results[k]["missing"] for k in ("certified", "half", "relay", "postfix")
+            if results.get(k) and results[k]["wait_ended"] == "idle" and results[k]["missing"]}
+    phases = [k for k in ("certified", "half", "relay", "postfix") if results.get(k)]
+    if phases:
+        out.append({"target": "nothing lost in the load phases (all queues empty, receipt absent)",
+                    "verdict": "MISSED" if lost else "met",
+                    "detail": ", ".join(f"{k}: {v} lost" for k, v in lost.items()) or
+                    ", ".join(f"{k}: {results[k]['arrived']}/{results[k]['acked']}"
+                              for k in phases)})
     d = results.get("deep")
     if d and d["rss_ratio"]:
         out.append({"target": f"RSS with {d['queued']} queued ≤ 1.5 × RSS with an empty queue",
@@ -1246,10 +1379,10 @@ def main(argv: list[str] | None = None) -> int:
                                         str(sink_port), "--log", str(sink.path)])
             wait_port(sink_port, 30, lambda: proc.poll() is None, "sink")
             bench.say("3a. plain relay baseline")
-            results["relay"] = bench.plain_relay(sink, sink_port)
+            results["relay"] = bench.plain_relay(sink, sink_port, proc.pid)
             if s.postfix:
                 bench.say("3b. Postfix baseline")
-                results["postfix"] = bench.postfix(sink, sink_port)
+                results["postfix"] = bench.postfix(sink, sink_port, proc.pid)
             else:
                 bench.notes.append("Postfix baseline skipped (--no-postfix)")
             procs.stop("sink")

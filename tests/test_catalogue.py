@@ -311,6 +311,12 @@ def test_brief_original_golden() -> None:
     original = (GOLDEN / "original.eml").read_bytes()
     expected = (GOLDEN / "brief.eml").read_bytes()
     assert receipts.brief_original(original) == expected
+    # the golden file's own claim, checked independently: the PDF's base64 text, hashed
+    pdf = original.split(b"fattura%20n%C2%B01.pdf\r\n\r\n")[1].split(b"\r\n--mix")[0]
+    assert b"\r\n" + hashlib.sha1(pdf).hexdigest().encode() + b"\r\n--mix" in expected
+    assert pdf not in expected
+    signature = original[original.index(b"------sig\r\nContent-Type: application/pkcs7"):]
+    assert expected.endswith(signature)  # the sender's signature part is left as it was
 
 
 def test_brief_original_edge_cases() -> None:

@@ -1,0 +1,71 @@
+"""The benchmark's smoke run: ``scripts/bench --quick`` completes and reports every figure.
+
+It asserts no speed (figures come from the benchmark, never from timed tests); it checks that
+each phase produced its numbers, that the JSON matches the table, and that nothing it started is
+left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pecd_serves() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(b"pecd-bench-" in part for part in cmd):
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    before = _pecd_serves()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_run.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=140, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    r = json.loads(out.read_text())
+
+    for phase in ("certified", "half", "relay"):
+        p = r[phase]
+        assert p["acked"] > 0 and p["arrived"] > 0, phase
+        for figure in ("submissions_per_s", "end_to_end_per_s", "server_cpu_s_per_msg",
+                       "client_cpu_s_per_msg", "machine_cpu_s_per_msg"):
+            assert p[figure] is not None, (phase, figure)
+        for kind in ("data_end_to_250_s", "submit_to_arrival_s"):
+            assert all(p[kind][q] is not None for q in ("p50", "p95", "p99")), (phase, kind)
+        assert all(v > 0 for v in p["peak_rss"].values()), phase
+    assert set(r["certified"]["peak_rss"]) == {"A", "B"}
+    assert r["half"]["offered_rate"] > 0
+    if Path("/usr/sbin/postfix").exists() and os.geteuid() == 0:
+        assert r["postfix"]["end_to_end_per_s"] is not None
+    big = r["big"]
+    assert big["complete"] and set(big["growth_per_size"]) == {"A", "B"}
+    deep = r["deep"]
+    assert deep["queued"] == 500 and deep["rss_empty"] > 0 and deep["rss_queued"] > 0
+    assert deep["drained"] >= 0 and deep["drain_rate_per_s"] is not None
+    verdicts = {t["target"].split(" ")[0]: t["verdict"] for t in r["targets"]}
+    assert len(r["targets"]) >= 5 and set(verdicts.values()) <= {"met", "MISSED", "n/a"}
+
+    table = proc.stdout
+    for heading in ("1. Max rate", "2. Half rate", "3. Big message", "4. Deep queue", "Targets"):
+        assert heading in table
+    assert _pecd_serves() <= before, "the benchmark left processes running"

@@ -1,0 +1,212 @@
+"""Nothing lost, nothing doubled: recovery, replay, operator actions, SIGTERM, checkpoints,
+signed ledger exports, and a short run of scripts/crash_test (SIGKILLs at random moments)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import smtplib
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pecd import cms, ledger, pki
+from pecd.clock import ManualClock
+from pecd.queue import NewItem, Queue
+from pecd.service import Service
+
+from .conftest import ProviderDir, openssl, submit, wait_for
+from .test_end_to_end import ORIGINAL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_crash_test_short_run(tmp_path: Path) -> None:
+    """The crash test script, shortened: SIGKILLs of both daemons while clients submit."""
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "crash_test"), "-n", "30", "--kills", "4", "--clients", "2",
+         "--seed", "7", "--timeout", "200", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["acknowledged"] == 30
+    assert figures["lost"] == 0 and figures["duplicates"] == 0
+    assert figures["kills_total"] == 4
+    assert figures["delivery_receipts"] >= 60
+
+
+def test_recovery_releases_leases_and_drops_unacknowledged_files(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, _ = two_providers
+
+    async def scenario() -> None:
+        svc = Service(a.config)
+        q = svc.queue
+        ids = await q.enqueue([NewItem("relay", "alice@a.test", ("bob@b.test",), data=b"x",
+                                       dest="pec:test")])
+        leased = await q.lease("relay", 10)
+        assert [i.id for i in leased] == ids
+        svc.db.close()  # the process "dies" holding the lease
+        orphan = svc.spool.q / "never-acknowledged"
+        orphan.write_bytes(b"half written")
+        (svc.spool.tmp / "partial").write_bytes(b"half")
+        svc2 = Service(a.config)
+        recovery = svc2.queue.recover()
+        assert recovery.released == 1 and recovery.orphans_removed == 1
+        assert not orphan.exists() and not (svc2.spool.tmp / "partial").exists()
+        again = await svc2.queue.lease("relay", 10)
+        assert [i.id for i in again] == ids
+        svc2.db.close()
+        svc2.cpu.shutdown()
+        svc.cpu.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_replayed_envelope_is_delivered_once(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    """A peer that lost our 250 and sends the envelope again gets its take-charge again,
+    and the recipient does not get the message twice."""
+    a, b = two_providers
+
+    async def scenario() -> None:
+        svc_a, svc_b = Service(a.config), Service(b.config)
+        await svc_a.start()
+        await svc_b.start()
+        loop = asyncio.get_running_loop()
+        try:
+            code, _ = await loop.run_in_executor(
+                None, submit, a, "alice@a.test", "alice-secret", "alice@a.test", ["bob@b.test"],
+                ORIGINAL, svc_a.ports.submission)
+            assert code == 250
+            await wait_for(lambda: len(a.messages("alice@a.test")) == 2
+                           and len(a.messages("posta-certificata@a.test")) == 1)
+            envelope = b.messages("bob@b.test")[0]
+
+            def replay() -> None:  # what A's relay would send after a lost reply
+                with smtplib.SMTP("127.0.0.1", svc_b.ports.inbound, timeout=30) as s:
+                    s.starttls()
+                    s.sendmail("alice@a.test", ["bob@b.test"], envelope)
+
+            await loop.run_in_executor(None, replay)
+            db = b.root / "data" / "pecd.sqlite"
+            await wait_for(lambda: sqlite3.connect(db).execute(
+                "SELECT count(*) FROM ledger WHERE event='duplicate'").fetchone()[0] == 1)
+            await wait_for(lambda: sqlite3.connect(a.root / "data" / "pecd.sqlite").execute(
+                "SELECT count(*) FROM ledger WHERE event='duplicate'").fetchone()[0] == 1)
+        finally:
+            await svc_a.stop()
+            await svc_b.stop()
+        assert len(b.messages("bob@b.test")) == 1
+        assert len(a.messages("alice@a.test")) == 2  # one acceptance, one delivery receipt
+        assert len(a.messages("posta-certificata@a.test")) == 1  # same take-charge, kept once
+
+    asyncio.run(scenario())
+
+
+def test_peer_down_defers_then_operator_retry_delivers(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+
+    async def scenario() -> None:
+        svc_a = Service(a.config)
+        await svc_a.start()
+        loop = asyncio.get_running_loop()
+        try:
+            code, _ = await loop.run_in_executor(
+                None, submit, a, "alice@a.test", "alice-secret", "alice@a.test", ["bob@b.test"],
+                ORIGINAL, svc_a.ports.submission)
+            assert code == 250
+            await wait_for(lambda: "relay/deferred" in a.cli("status"))
+            listing = a.cli("queue", "list", "--state", "deferred")
+            item_id = listing.split()[0]
+            a.cli("queue", "hold", item_id)
+            assert "relay/hold: 1" in a.cli("status")
+            a.cli("queue", "hold", item_id, ok=False)  # already held: a clear refusal
+            a.cli("queue", "release", item_id)
+            svc_b = Service(b.config)
+            await svc_b.start()
+            try:
+                a.cli("queue", "retry", item_id, ok=False)  # released items are not deferred
+                await wait_for(lambda: len(a.messages("alice@a.test")) == 2, timeout=60)
+            finally:
+                await svc_b.stop()
+        finally:
+            await svc_a.stop()
+        assert len(b.messages("bob@b.test")) == 1
+        events = a.cli("status", "<original-1@client.a.test>")
+        assert '"event": "accepted"' in events
+        rows = [r[0] for r in sqlite3.connect(a.root / "data" / "pecd.sqlite").execute(
+            "SELECT event FROM ledger WHERE event LIKE 'operator-%' OR event='deferred'")]
+        assert "deferred" in rows and "operator-hold" in rows and "operator-release" in rows
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_stops_gracefully(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, _ = two_providers
+    proc = subprocess.Popen([sys.executable, "-m", "pecd.cli", "-c", str(a.conf), "serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        port = a.config.listen.submission_port
+        while True:
+            try:
+                smtplib.SMTP("127.0.0.1", port, timeout=5).quit()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "serve did not start"
+                time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_checkpoints_and_signed_export_verify_with_openssl(
+        two_providers: tuple[ProviderDir, ProviderDir], tmp_path: Path) -> None:
+    a, _ = two_providers
+    clock = ManualClock()
+
+    async def scenario() -> None:
+        svc = Service(a.config, clock)
+        q: Queue = svc.queue
+        for i in range(5):
+            await q.record([ledger.LedgerEvent(event="test-event", msgid=f"m{i}")])
+        assert svc.checkpoint() is not None
+        assert svc.checkpoint() is None  # nothing new since
+        await q.record([ledger.LedgerEvent(event="test-event", msgid="m5")])
+        assert svc.checkpoint() is not None
+        svc.db.close()
+        svc.cpu.shutdown()
+
+    asyncio.run(scenario())
+    assert "2 checkpoints" in a.cli("ledger", "verify")
+    # the checkpoint token is an RFC 3161 token over the head hash: openssl judges it
+    conn = sqlite3.connect(a.root / "data" / "pecd.sqlite")
+    head, token = conn.execute(
+        "SELECT head_hash, token FROM ledger_checkpoint ORDER BY id DESC LIMIT 1").fetchone()
+    (tmp_path / "head.bin").write_bytes(bytes.fromhex(head))
+    (tmp_path / "tok.der").write_bytes(token)
+    openssl("ts", "-verify", "-data", str(tmp_path / "head.bin"), "-in", str(tmp_path / "tok.der"),
+            "-token_in", "-CAfile", str(a.ca), "-untrusted", str(a.tsa_cert))
+    # signed export: pecd verify and openssl both accept it; one changed byte fails both
+    export = tmp_path / "ledger.jsonl"
+    a.cli("ledger", "export", "-o", str(export))
+    assert "hash chain intact" in a.cli("verify", str(export))
+    openssl("cms", "-verify", "-binary", "-inform", "DER", "-in", f"{export}.p7s", "-content",
+            str(export), "-CAfile", str(a.ca), "-out", "/dev/null")
+    sig = Path(f"{export}.p7s").read_bytes()
+    assert cms.extract_timestamp_token(sig) is not None
+    data = export.read_bytes()
+    export.write_bytes(data.replace(b"test-event", b"tost-event", 1))
+    a.cli("verify", str(export), ok=False)
+    openssl("cms", "-verify", "-binary", "-inform", "DER", "-in", f"{export}.p7s", "-content",
+            str(export), "-CAfile", str(a.ca), "-out", "/dev/null", ok=False)
+    assert pki.load_cert(a.ca)  # the CA the auditor needs is a plain PEM file
