@@ -7,9 +7,7 @@ take mail (disabled, over quota, refused by the store).
 Mailboxes are Maildirs at ``<data>/mail/<domain>/<local part>/`` (Dovecot's ``%d/%n``). A file
 is written in ``tmp/``, fsynced and linked into ``new/`` under a name made only from the queue
 item (never from message content), so a retry after a crash finds its own earlier delivery and
-does not deliver twice. The name uses the item's spool name (a fresh UUID per item), not its row
-id: SQLite reuses the id of a deleted row, and two items with the same id in the same second
-would otherwise look like one delivery and the second would be lost.
+does not deliver twice (queue ids are never reused: ``AUTOINCREMENT``).
 """
 
 from __future__ import annotations
@@ -127,7 +125,7 @@ class DeliveryPoint:
                                           recipients=(rcpt,),
                                           detail={"reason": _UNDELIVERABLE[states[rcpt]]}))
                 continue
-            self.mailbox.store(rcpt, f"{item.spool}-{_slot(item, rcpt)}", item.created, data)
+            self.mailbox.store(rcpt, f"{item.id}-{_slot(item, rcpt)}", item.created, data)
             events.append(LedgerEvent(event="stored", msgid=_msgid(item), recipients=(rcpt,),
                                       detail={"what": item.meta.get("what", "receipt")}))
         return Outcome(events=events)
@@ -155,7 +153,7 @@ class DeliveryPoint:
             error, reason = _NON_DELIVERY[state]
             return refuse(error, reason)
         try:
-            self.mailbox.store(rcpt, f"{item.spool}-0", item.created, data)
+            self.mailbox.store(rcpt, f"{item.id}-0", item.created, data)
         except MailboxError as exc:  # over quota, unsafe name, refused by the store
             return refuse("altro", f"the mailbox cannot take the message: {exc}")
         original = headers.parse(parsed.original or b"")

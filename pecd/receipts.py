@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import re
+from collections.abc import Iterator
 from datetime import datetime
 from email.header import decode_header, make_header
 from email.message import Message
@@ -237,22 +239,20 @@ def brief_original(original: bytes) -> bytes:
     part stays, and will no longer verify, as the RFC says); an ``application/pkcs7-mime``
     original cannot be opened and is kept whole. Pure; an entity it cannot read stays as it is.
     """
-    counter = [0]
-    return _brief_entity(original, top=True, counter=counter)
+    return _brief_entity(original, top=True, counter=itertools.count(1))
 
 
-def _brief_entity(entity: bytes, top: bool, counter: list[int]) -> bytes:
-    head, body = compose.split_entity(entity)
-    if not head:
+def _brief_entity(entity: bytes, top: bool, counter: Iterator[int]) -> bytes:
+    if b"\r\n\r\n" not in entity:  # no header section, or no CRLF line ends: leave it alone
         return entity
+    head, body = compose.split_entity(entity)
     info = headers.parse(head)
     ctype = info.get_content_type()
     if ctype in _CMS_TYPES:
         return entity
     filename = _filename(info)
     if filename is None and ctype == "message/rfc822" and not top:
-        counter[0] += 1
-        filename = f"messaggio-{counter[0]}.eml"
+        filename = f"messaggio-{next(counter)}.eml"
     multipart = info.get_content_maintype() == "multipart"
     if filename is not None and not multipart:
         digest = part_hash(body)

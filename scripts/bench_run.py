@@ -41,7 +41,6 @@ import threading
 import time
 from base64 import encodebytes
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,6 +343,19 @@ def wait_port(port: int, timeout: float, alive: Callable[[], bool], what: str) -
     raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
+def pecd_cli(*args: str, stdin: str | None = None) -> str:
+    """Run a ``pecd`` command in this process (click's test runner, as tests/conftest.py does)."""
+    sys.path.insert(0, str(ROOT))
+    from click.testing import CliRunner
+
+    from pecd.cli import main as cli_main
+
+    result = CliRunner().invoke(cli_main, list(args), input=stdin, catch_exceptions=False)
+    if result.exit_code != 0:
+        raise BenchError(f"pecd {' '.join(args[:3])} … failed: {result.output.strip()}")
+    return result.output
+
+
 def run(argv: list[str], stdin: str | None = None, timeout: float = 120.0) -> str:
     proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, check=False)
@@ -535,9 +547,6 @@ class Provider:
         local, _, domain = address.rpartition("@")
         return self.root / "data" / "mail" / domain / local
 
-    def cli(self, *args: str, stdin: str | None = None) -> str:
-        return run([PECD, "-c", str(self.conf), *args], stdin=stdin)
-
 
 @dataclass
 class Bench:
@@ -557,34 +566,23 @@ class Bench:
     # ---- providers -----------------------------------------------------------------------
 
     def make_providers(self) -> None:
-        """``pecd init`` twice (shared dev CA), cards exchanged, one user each; independent
-        steps run side by side (each is a CLI process that mostly waits on imports or argon2)."""
+        """``pecd init`` twice (shared dev CA), cards exchanged, one user each: pecd's own CLI,
+        invoked in this process (as the tests do) to spare eight interpreter start-ups."""
         ca_dir = self.tmp / "ca"
         self.a, self.b = [
             Provider(n.upper(), f"{n}.test", self.tmp / n, free_port(), free_port())
             for n in ("a", "b")]
-
-        def init(p: Provider) -> None:
-            run([PECD, "init", str(p.root), "--domain", p.domain, "--ca", str(ca_dir),
-                 "--submission-port", str(p.submission), "--smtps-port", str(free_port()),
-                 "--inbound-port", str(p.inbound)])
-
-        def export(p: Provider) -> None:
-            (self.tmp / f"{p.name}.card").write_text(p.cli("index", "export"))
-
-        a, b = self.a, self.b
-        init(a)  # makes the CA that B's init then uses
-        with ThreadPoolExecutor(4) as pool:
-            for step in (
-                [lambda: init(b),
-                 lambda: a.cli("user", "add", SENDER, "--password-stdin", stdin=PASSWORD + "\n")],
-                [lambda: export(a), lambda: export(b),
-                 lambda: b.cli("user", "add", RCPT, "--password-stdin", stdin=PASSWORD + "\n")],
-                [lambda: a.cli("index", "import", str(self.tmp / "B.card")),
-                 lambda: b.cli("index", "import", str(self.tmp / "A.card"))],
-            ):
-                for f in [pool.submit(fn) for fn in step]:
-                    f.result()
+        for p in (self.a, self.b):
+            pecd_cli("init", str(p.root), "--domain", p.domain, "--ca", str(ca_dir),
+                     "--submission-port", str(p.submission), "--smtps-port", str(free_port()),
+                     "--inbound-port", str(p.inbound))
+        for p, q in ((self.a, self.b), (self.b, self.a)):
+            card = self.tmp / f"{p.name}.card"
+            card.write_text(pecd_cli("-c", str(p.conf), "index", "export"))
+            pecd_cli("-c", str(q.conf), "index", "import", str(card))
+        for p, user in ((self.a, SENDER), (self.b, RCPT)):
+            pecd_cli("-c", str(p.conf), "user", "add", user, "--password-stdin",
+                     stdin=PASSWORD + "\n")
         self.ca = self.a.root / "keys" / "ca.pem"
 
     def start_pecd(self, p: Provider) -> None:

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from argon2 import PasswordHasher
+
 from pecd import pec
 from pecd.service import Service
 
@@ -31,9 +33,33 @@ def provider_pair(base: Path) -> tuple[ProviderDir, ProviderDir]:
     a = make_provider(base, "a.test", base / "ca")
     b = make_provider(base, "b.test", base / "ca")
     exchange_cards(a, b)
-    a.add_user(ALICE, ALICE_PW)
-    b.add_user(BOB, BOB_PW)
+    add_user_fast(a, ALICE, ALICE_PW)
+    add_user_fast(b, BOB, BOB_PW)
     return a, b
+
+
+# The stored hash carries its argon2id parameters, so an account made with light ones costs
+# milliseconds to check: tests can try many passwords. Unknown and locked accounts still cost
+# the full dummy hash, as in production.
+LIGHT = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+def add_user_fast(p: ProviderDir, address: str, password: str) -> None:
+    conn = sqlite3.connect(p.root / "data" / "pecd.sqlite")
+    try:
+        with conn:
+            conn.execute("INSERT INTO users (address, password_hash, created) VALUES (?, ?, ?)",
+                         (address, LIGHT.hash(password), "2026-01-01T00:00:00+00:00"))
+    finally:
+        conn.close()
+
+
+def single_provider(base: Path, domain: str = "a.test") -> ProviderDir:
+    p = make_provider(base, domain, base / "ca")
+    local = {"a.test": (ALICE, ALICE_PW), "b.test": (BOB, BOB_PW)}.get(domain)
+    if local:
+        add_user_fast(p, *local)
+    return p
 
 
 def set_limits(provider: ProviderDir, **values: float) -> None:

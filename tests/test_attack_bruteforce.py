@@ -4,16 +4,32 @@ failures until the operator runs ``pecd user enable`` or ``pecd user passwd``.""
 
 from __future__ import annotations
 
+import asyncio
+import smtplib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from pecd import users
 from pecd.clock import ManualClock
+from pecd.db import Database
 from pecd.throttle import AuthThrottle, ConnectionLimiter, SlidingWindow
 
-from .attack_support import ALICE, ALICE_PW, Raw, ledger_rows, login, provider_pair, serving, set_limits
-from .conftest import ProviderDir
+from .attack_support import (
+    ALICE,
+    ALICE_PW,
+    LIGHT,
+    Raw,
+    add_user_fast,
+    ledger_rows,
+    login,
+    serving,
+    set_limits,
+    single_provider,
+)
+from .conftest import ProviderDir, client_tls
 
 # --- the pure core: pecd.throttle with a manual clock --------------------------------------------
 
@@ -81,12 +97,43 @@ def test_connection_limiter_counts_and_releases() -> None:
     assert limiter.count("x") == 0
 
 
+# --- the durable lock: pecd.users.Authenticator on a real database ---------------------------
+
+
+def test_lock_counts_consecutive_failures_and_passwd_resets_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        db = Database(tmp_path / "pecd.sqlite")
+        cpu = ThreadPoolExecutor(2)
+        try:
+            await db.transact(lambda conn: conn.execute(
+                "INSERT INTO users (address, password_hash, created) VALUES (?, ?, '')",
+                ("erin@a.test", LIGHT.hash("erin-secret"))))
+            auth = users.Authenticator(db, cpu, lock_after=3)
+            for _ in range(2):  # a good login in between: never three in a row
+                assert not (await auth.login("erin@a.test", "typo")).ok
+            assert (await auth.login("erin@a.test", "erin-secret")).ok
+            results = [await auth.login("erin@a.test", "typo") for _ in range(3)]
+            assert [r.failures for r in results] == [1, 2, 3]
+            assert [r.just_locked for r in results] == [False, False, True]
+            assert not (await auth.login("erin@a.test", "erin-secret")).ok  # locked
+            await db.transact(lambda conn: users.set_password(conn, "erin@a.test", "erin-new"))
+            assert (await auth.login("erin@a.test", "erin-new")).ok
+        finally:
+            cpu.shutdown()
+            db.close()
+
+    asyncio.run(scenario())
+
+
 # --- real sessions ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ProviderDir, ProviderDir]:
-    return provider_pair(tmp_path_factory.mktemp("bruteforce"))
+def a(tmp_path_factory: pytest.TempPathFactory) -> ProviderDir:
+    p = single_provider(tmp_path_factory.mktemp("bruteforce"))
+    for name in ("carol", "dave", "frank", "gina", "hal", "ivan"):
+        add_user_fast(p, f"{name}@a.test", f"{name}-secret")
+    return p
 
 
 def _attempt(a: ProviderDir, port: int, user: str, password: str) -> tuple[int, str]:
@@ -94,10 +141,7 @@ def _attempt(a: ProviderDir, port: int, user: str, password: str) -> tuple[int, 
         return login(raw, a.ca, user, password)
 
 
-def test_guessing_one_account_gets_454_and_one_ledger_row(
-        pair: tuple[ProviderDir, ProviderDir]) -> None:
-    a, _ = pair
-    a.add_user("carol@a.test", "carol-secret")
+def test_guessing_one_account_gets_454_and_one_ledger_row(a: ProviderDir) -> None:
     set_limits(a, auth_failures_per_account=3, auth_failures_per_address=50,
                lock_after_failures=50)
     before = len(ledger_rows(a, "auth-throttled"))
@@ -113,24 +157,20 @@ def test_guessing_one_account_gets_454_and_one_ledger_row(
     rows = ledger_rows(a, "auth-throttled")[before:]
     assert len(rows) == 1, rows  # one row per episode, not per refused attempt
     assert rows[0]["sender"] == ALICE and rows[0]["detail"]["scope"] == "account"
+    assert rows[0]["detail"]["peer"] == "127.0.0.1"
 
 
-def test_guessing_many_accounts_from_one_address_gets_454(
-        pair: tuple[ProviderDir, ProviderDir]) -> None:
-    a, _ = pair
+def test_guessing_many_accounts_from_one_address_gets_454(a: ProviderDir) -> None:
     set_limits(a, auth_failures_per_account=50, auth_failures_per_address=4,
                lock_after_failures=50)
     before = len(ledger_rows(a, "auth-throttled"))
     with serving(a, runners=False) as (svc,):
         port = svc.ports.submission
-        for name in ("admin", "root", "info", "postmaster"):
+        for name in ("frank", "gina", "hal", "ivan"):
             assert _attempt(a, port, f"{name}@a.test", "guess")[0] == 535
         code, text = _attempt(a, port, ALICE, ALICE_PW)
         assert code == 454, text
         # the implicit-TLS listener shares the same bookkeeping
-        import smtplib
-
-        from .conftest import client_tls
         with smtplib.SMTP_SSL("127.0.0.1", svc.ports.smtps, timeout=15,
                               context=client_tls(a.ca)) as s:
             s.ehlo()
@@ -138,52 +178,23 @@ def test_guessing_many_accounts_from_one_address_gets_454(
             assert code == 454
     rows = ledger_rows(a, "auth-throttled")[before:]
     assert [r["detail"]["scope"] for r in rows] == ["address"]
-    assert rows[0]["detail"]["peer"] == "127.0.0.1"
 
 
-def test_account_locks_and_only_the_operator_unlocks(
-        pair: tuple[ProviderDir, ProviderDir]) -> None:
-    a, _ = pair
-    a.add_user("dave@a.test", "dave-secret")
+def test_account_locks_and_only_the_operator_unlocks(a: ProviderDir) -> None:
     set_limits(a, auth_failures_per_account=50, auth_failures_per_address=50,
                lock_after_failures=3)
     with serving(a, runners=False) as (svc,):
         port = svc.ports.submission
         for _ in range(3):
             assert _attempt(a, port, "dave@a.test", "nope")[0] == 535
+    locks = [r for r in ledger_rows(a, "account-locked") if r["sender"] == "dave@a.test"]
+    assert len(locks) == 1 and locks[0]["detail"]["failures"] == 3
+    with serving(a, runners=False) as (svc,):  # the lock is in the database, not in memory
+        port = svc.ports.submission
         locked = _attempt(a, port, "dave@a.test", "dave-secret")
         unknown = _attempt(a, port, "nobody@a.test", "dave-secret")
         assert locked == unknown  # the right password on a locked account: no oracle
         assert locked[0] == 535
-    locks = [r for r in ledger_rows(a, "account-locked") if r["sender"] == "dave@a.test"]
-    assert len(locks) == 1 and locks[0]["detail"]["failures"] == 3
-
-    # the lock is in the database: a restarted service still refuses
-    with serving(a, runners=False) as (svc,):
-        assert _attempt(a, svc.ports.submission, "dave@a.test", "dave-secret")[0] == 535
     a.cli("user", "enable", "dave@a.test")
     with serving(a, runners=False) as (svc,):
-        port = svc.ports.submission
-        assert _attempt(a, port, "dave@a.test", "dave-secret")[0] == 235
-        for _ in range(3):
-            assert _attempt(a, port, "dave@a.test", "nope")[0] == 535
-        assert _attempt(a, port, "dave@a.test", "dave-secret")[0] == 535
-    a.cli("user", "passwd", "dave@a.test", "--password-stdin", input="dave-new\n")
-    with serving(a, runners=False) as (svc,):
-        assert _attempt(a, svc.ports.submission, "dave@a.test", "dave-new")[0] == 235
-
-
-def test_a_good_login_resets_the_consecutive_count(
-        pair: tuple[ProviderDir, ProviderDir], tmp_path: Path) -> None:
-    a, _ = pair
-    a.add_user("erin@a.test", "erin-secret")
-    set_limits(a, auth_failures_per_account=50, auth_failures_per_address=50,
-               lock_after_failures=3)
-    with serving(a, runners=False) as (svc,):
-        port = svc.ports.submission
-        for _ in range(2):
-            assert _attempt(a, port, "erin@a.test", "typo")[0] == 535
-        assert _attempt(a, port, "erin@a.test", "erin-secret")[0] == 235
-        for _ in range(2):
-            assert _attempt(a, port, "erin@a.test", "typo")[0] == 535
-        assert _attempt(a, port, "erin@a.test", "erin-secret")[0] == 235  # never 3 in a row
+        assert _attempt(a, svc.ports.submission, "dave@a.test", "dave-secret")[0] == 235

@@ -363,9 +363,20 @@ def test_non_delivery_no_dest_no_dominio_altro(
                     None, send_inbound, b, svc_b.ports.inbound, sender, ["u@gone.test"],
                     b"Subject: x\r\n\r\nx\r\n", tls)
                 assert code == 554, (sender, tls)
+            # one that looks like a PEC peer gets past RCPT, but what it sends is judged: not
+            # certified, so nothing goes on to the foreign domain (the listener is no open relay)
+            code, _ = await loop.run_in_executor(
+                None, send_inbound, b, svc_b.ports.inbound, ALICE, ["u@gone.test"],
+                b"From: alice@a.test\r\nSubject: inoltra\r\n\r\nx\r\n", True)
+            assert code == 250
+            await wait_for(lambda: len(ledger(b, "undeliverable")) == 1)
 
     asyncio.run(scenario())
     judge_all(a, b)
+    (dropped,) = ledger(b, "undeliverable")
+    assert dropped["recipients"] == ["u@gone.test"]
+    assert dropped["detail"]["reason"] == "domain not managed here"
+    assert all(r["recipients"] in ([ALICE], [SERVICE_A]) for r in ledger(b, "relayed"))
     notices = {m.certdata.delivered_to: m for m in mailbox(a, ALICE)
                if m.certdata and m.kind == "errore-consegna"}
     errors = {r: (m.certdata.error, m.certdata.extended_error)

@@ -20,7 +20,7 @@ from pecd import daticert, pec
 from pecd.delivery import MailboxError
 from pecd.lmtp import LmtpMailbox, MailboxTemporaryError
 
-from .conftest import ProviderDir, free_port, openssl_verifies, submit
+from .conftest import OPENSSL, ProviderDir, free_port, openssl_verifies, submit
 from .interop_support import (
     RunningService,
     configure,
@@ -242,3 +242,20 @@ def test_certified_mail_read_over_imap(two_providers: tuple[ProviderDir, Provide
 
     delivered = ledger_rows(b, "delivered")
     assert len(delivered) == 1 and "bob@b.test" in str(delivered[0]["recipients"])
+
+
+def test_sample_config_is_accepted_by_dovecot(tmp_path: Path) -> None:
+    """conf/dovecot-pecd.conf, with its site paths filled in, is a configuration doveconf takes."""
+    doveconf = require("doveconf", "dovecot-core")
+    sample = (Path(__file__).parents[1] / "conf" / "dovecot-pecd.conf").read_text()
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(tmp_path / "tls.key"), "-out", str(tmp_path / "tls.pem"), "-days", "1",
+                    "-subj", "/CN=localhost"], check=True, capture_output=True)
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(sample.replace("/srv/pecd/keys/", f"{tmp_path}/")
+                    .replace("uid=vmail gid=vmail", "uid=65534 gid=65534"))
+    done = subprocess.run([doveconf, "-c", str(conf), "-n"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert "port = 24" in done.stdout and "address = 127.0.0.1" in done.stdout
+    assert "ssl = required" in done.stdout
