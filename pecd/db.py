@@ -10,6 +10,7 @@ call returns.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import sqlite3
 import threading
@@ -129,6 +130,8 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 def open_database(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # password hashes and the ledger: owner only (SQLite gives -wal/-shm the file's own mode)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     conn = connect(path)
     migrate(conn)
     return conn

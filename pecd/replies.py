@@ -35,6 +35,7 @@ HEADERS_TOO_BIG = "554 5.6.0 Header section too large (limit {} bytes)"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_COMMANDS = "421 4.7.0 Too many commands in this session, closing"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
 
 
 class Refusal(Exception):

@@ -19,7 +19,7 @@ import logging
 import ssl
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
@@ -157,6 +157,14 @@ class PecdSMTP(SMTP):
         if transport is not None and not transport.is_closing():
             self._writer.write(replies.IDLE_TIMEOUT.encode() + CRLF)  # flushed by close()
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def push(self, status: AnyStr) -> None:
+        # upstream echoes an unknown command back: when a client pipelines AUTH LOGIN and it is
+        # refused, that "command" is the base64 of a password, so it is never repeated
+        if isinstance(status, str) and status.startswith('500 Error: command "'):
+            await super().push(replies.UNKNOWN_COMMAND)
+            return
+        await super().push(status)
 
     def _counting(self, method: Callable[[str | None], Awaitable[None]]
                   ) -> Callable[[str | None], Awaitable[None]]:

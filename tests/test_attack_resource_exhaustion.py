@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -105,7 +106,7 @@ def test_commands_per_session(a: ProviderDir) -> None:
 
 
 @pytest.fixture
-def impatient(a: ProviderDir) -> ProviderDir:
+def impatient(a: ProviderDir) -> Iterator[ProviderDir]:
     set_limits(a, session_timeout=1.0)
     yield a
     set_limits(a, session_timeout=300.0)

@@ -77,7 +77,7 @@ def test_bad_input_fails_cleanly(tmp_path: Path) -> None:
 
 def test_init_writes_private_keys_0600(tmp_path: Path) -> None:
     a = make_provider(tmp_path, "a.test", tmp_path / "ca")
-    keys = sorted((a.root / "keys").glob("*.key")) + [tmp_path / "ca" / "ca.key"]
+    keys = [*sorted((a.root / "keys").glob("*.key")), tmp_path / "ca" / "ca.key"]
     assert len(keys) == 4
     for key in keys:
         assert key.stat().st_mode & 0o777 == 0o600, key
