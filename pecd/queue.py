@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
+import sqlite_utils
+
 from pecd import ledger
 from pecd.clock import Clock
 from pecd.db import Database
@@ -351,18 +353,18 @@ def figures(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def listing(conn: sqlite3.Connection, state: str | None = None) -> list[dict[str, Any]]:
-    sql = ("SELECT id, kind, state, mail_from, rcpts, dest, attempts, next_at, last_error"
-           " FROM queue")
-    rows = conn.execute(sql + (" WHERE state=? ORDER BY id" if state else " ORDER BY id"),
-                        (state,) if state else ()).fetchall()
-    return [dict(r) for r in rows]
+    table = sqlite_utils.Database(conn).table("queue")
+    columns = ["id", "kind", "state", "mail_from", "rcpts", "dest", "attempts", "next_at",
+               "last_error"]
+    where, args = ("state = ?", [state]) if state else (None, None)
+    return list(table.rows_where(where, args, select=", ".join(columns), order_by="id"))
 
 
 def show(conn: sqlite3.Connection, item_id: int) -> dict[str, Any]:
-    row = conn.execute("SELECT * FROM queue WHERE id=?", (item_id,)).fetchone()
-    if row is None:
-        raise QueueError(f"no queue item {item_id}")
-    return dict(row)
+    try:
+        return dict(sqlite_utils.Database(conn).table("queue").get(item_id))
+    except sqlite_utils.db.NotFoundError:
+        raise QueueError(f"no queue item {item_id}") from None
 
 
 def _operator(conn: sqlite3.Connection, item_id: int, at: datetime, event: str,
