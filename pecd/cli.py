@@ -59,7 +59,10 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    aiosmtpd_log = logging.getLogger("mail.log")
+    aiosmtpd_log.setLevel(logging.WARNING)
+    # aiosmtpd warns about its own use of a deprecated attribute on every login
+    aiosmtpd_log.addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
     ctx.obj = Context(config_path)
 
 

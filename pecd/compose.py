@@ -119,7 +119,11 @@ def xml_part(xml: bytes, filename: str = "daticert.xml") -> bytes:
 
 
 def rfc822_part(original: bytes, filename: str = "postacert.eml") -> bytes:
-    """The original message, byte for byte (RFC 2046 forbids encoding message/rfc822)."""
+    """The original message, byte for byte (RFC 2046 forbids encoding message/rfc822); only a
+    bare CR or LF, which a signed entity cannot hold (and pecd's listeners refuse), becomes CRLF."""
+    crlf = original.count(CRLF)
+    if original.count(b"\n") != crlf or original.count(b"\r") != crlf:
+        original = re.sub(rb"\r\n|\r|\n", CRLF, original)
     cte = b"7bit" if original.isascii() else b"8bit"
     return entity([
         f'Content-Type: message/rfc822; name="{filename}"\r\n'.encode(),

@@ -33,7 +33,7 @@ from pecd.spool import Spool
 T = TypeVar("T")
 Kind = Literal["submission", "inbound", "deliver", "relay"]
 KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay")
-MAX_LEASES = 5  # an item whose handling killed the process this often is parked in hold
+MAX_LEASES = 5  # leased this often with no outcome (each time the process died): park in hold
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class NewItem:
     same_as: str | None = None  # spool name whose bytes this item shares (hard link)
     dest: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
+    delay: float = 0.0  # not to be tried before this many seconds from now
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class Queue:
                 "INSERT INTO queue (kind, state, spool, mail_from, rcpts, dest, meta, next_at, created)"
                 " VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?)",
                 (item.kind, name, item.mail_from, json.dumps(list(item.rcpts)), item.dest,
-                 json.dumps(dict(item.meta), sort_keys=True), now, now),
+                 json.dumps(dict(item.meta), sort_keys=True), now + item.delay, now),
             )
             assert cur.lastrowid is not None
             ids.append(cur.lastrowid)
@@ -247,12 +248,13 @@ class Queue:
             elif outcome.state == "deferred":
                 conn.execute(
                     "UPDATE queue SET state='deferred', attempts=attempts+1, next_at=?,"
-                    " lease_until=NULL, last_error=? WHERE id=?",
+                    " lease_until=NULL, leases=0, last_error=? WHERE id=?",
                     (now + outcome.delay, outcome.error, item.id),
                 )
             else:
                 conn.execute(
-                    "UPDATE queue SET state='hold', lease_until=NULL, last_error=? WHERE id=?",
+                    "UPDATE queue SET state='hold', lease_until=NULL, leases=0, last_error=?"
+                    " WHERE id=?",
                     (outcome.error, item.id),
                 )
             return True

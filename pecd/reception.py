@@ -154,7 +154,7 @@ class ReceptionPoint:
                                    meta={"mode": "certified", "msgid": tx.identifier}))
         return Outcome(
             outputs=outputs,
-            seen=(v.provider.fingerprint, tx.identifier),
+            seen=(v.provider.fingerprint, _transaction_key(tx.identifier, item.rcpts)),
             replay=replay,
             events=[LedgerEvent(event="taken-in-charge", msgid=tx.identifier,
                                 ref_msgid=tx.ref_msgid, sender=tx.sender, recipients=item.rcpts,
@@ -206,7 +206,7 @@ class ReceptionPoint:
             related.append(notice_id)
         return Outcome(
             outputs=outputs,
-            seen=(v.provider.fingerprint, tx.identifier),
+            seen=(v.provider.fingerprint, _transaction_key(tx.identifier, item.rcpts)),
             replay=list(outputs),
             events=[LedgerEvent(event="virus-detected", msgid=tx.identifier,
                                 ref_msgid=tx.ref_msgid, sender=tx.sender, recipients=item.rcpts,
@@ -256,3 +256,9 @@ def _track(column: str, pec_id: str, recipients: Sequence[str], at: float,
             )
 
     return effect
+
+
+def _transaction_key(identifier: str, rcpts: Sequence[str]) -> str:
+    """What makes an envelope arrival unique: a retry after a lost reply repeats it exactly,
+    while a later attempt for recipients refused the first time names other recipients."""
+    return f"{identifier} {','.join(sorted(r.lower() for r in rcpts))}"

@@ -14,7 +14,7 @@ import random
 import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiosmtplib
 
@@ -27,6 +27,7 @@ from pecd.queue import Item, Kind, NewItem, Outcome, backoff
 log = logging.getLogger("pecd.relay")
 
 EXTERNAL = "external"
+REUSE_LIMIT = 100  # messages per connection: peers limit commands per session (pecd: 1000)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,14 @@ class TemporaryFailure(Exception):
     """The next hop is unreachable or said 4xx; retry later."""
 
 
+class PartialDelivery(Exception):
+    """The next hop took the message for some recipients and refused the others."""
+
+    def __init__(self, refused: dict[str, str]) -> None:
+        super().__init__(", ".join(f"{r}: {why}" for r, why in refused.items()))
+        self.refused = refused
+
+
 @dataclass(frozen=True)
 class Hop:
     host: str
@@ -91,6 +100,7 @@ class Connections:
         self.config = config
         self._clients: dict[Hop, aiosmtplib.SMTP] = {}
         self._locks: dict[Hop, asyncio.Lock] = {}
+        self._sent: dict[Hop, int] = {}
         self._tls = ssl.create_default_context(cafile=str(config.paths.ca_certs))
         if not config.relay.tls_verify:
             self._tls.check_hostname = False
@@ -99,48 +109,64 @@ class Connections:
     def lock(self, hop: Hop) -> asyncio.Lock:
         return self._locks.setdefault(hop, asyncio.Lock())
 
-    async def _client(self, hop: Hop) -> aiosmtplib.SMTP:
+    async def _client(self, hop: Hop) -> tuple[aiosmtplib.SMTP, bool]:
+        """A connected client and whether it is a reused one."""
         client = self._clients.get(hop)
-        if client is not None and client.is_connected:
+        if client is not None and client.is_connected and self._sent[hop] < REUSE_LIMIT:
             try:
                 await client.rset()
-                return client
+                return client, True
             except aiosmtplib.SMTPException:
                 client.close()
+        elif client is not None:
+            self._drop(hop)
         client = aiosmtplib.SMTP(
             hostname=hop.host, port=hop.port, local_hostname=self.config.hostname,
             timeout=self.config.relay.connect_timeout, tls_context=self._tls,
             start_tls=hop.tls, use_tls=False,
         )
-        await client.connect()
+        try:
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+            raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
         self._clients[hop] = client
-        return client
+        self._sent[hop] = 0
+        return client, False
 
     async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str], data: bytes) -> None:
         async with self.lock(hop):
+            client, reused = await self._client(hop)
             try:
-                client = await self._client(hop)
-                errors, _ = await client.sendmail(mail_from, list(rcpts), data)
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                self._drop(hop)
-                codes = [r.code for r in exc.recipients]
-                if all(c >= 500 for c in codes):
-                    raise PermanentFailure(str(exc)) from None
-                raise TemporaryFailure(str(exc)) from None
-            except aiosmtplib.SMTPResponseException as exc:
-                self._drop(hop)
-                if exc.code >= 500:
-                    raise PermanentFailure(f"{exc.code} {exc.message}") from None
-                raise TemporaryFailure(f"{exc.code} {exc.message}") from None
-            except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
-                self._drop(hop)
-                raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
-            if errors:
-                # some recipients refused: the item is retried for those only by the caller
-                refused = {r: e for r, e in errors.items()}
-                if all(e.code >= 500 for e in refused.values()):
-                    raise PermanentFailure(f"refused: {', '.join(refused)}")
-                raise TemporaryFailure(f"refused: {', '.join(refused)}")
+                await self._transaction(hop, client, mail_from, rcpts, data)
+            except TemporaryFailure:
+                if not reused:
+                    raise
+                # a reused connection may have been closed by the peer meanwhile (idle time,
+                # command limits): one more try on a fresh one before deferring. A duplicate
+                # that could result is recognised by the peer's reception point.
+                client, _ = await self._client(hop)
+                await self._transaction(hop, client, mail_from, rcpts, data)
+
+    async def _transaction(self, hop: Hop, client: aiosmtplib.SMTP, mail_from: str,
+                           rcpts: Sequence[str], data: bytes) -> None:
+        try:
+            errors, _ = await client.sendmail(mail_from, list(rcpts), data)
+            self._sent[hop] += 1
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            self._drop(hop)
+            if all(r.code >= 500 for r in exc.recipients):
+                raise PermanentFailure(str(exc)) from None
+            raise TemporaryFailure(str(exc)) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            self._drop(hop)
+            if exc.code >= 500:
+                raise PermanentFailure(f"{exc.code} {exc.message}") from None
+            raise TemporaryFailure(f"{exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+            self._drop(hop)
+            raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
+        if errors:
+            raise PartialDelivery({r: f"{e.code} {e.message}" for r, e in errors.items()})
 
     def _drop(self, hop: Hop) -> None:
         client = self._clients.pop(hop, None)
@@ -205,6 +231,20 @@ class RelayStage:
             return Outcome(state="hold", error=str(exc), events=[LedgerEvent(
                 event="relay-failed", msgid=event.msgid, sender=item.mail_from,
                 recipients=item.rcpts, detail={"reason": str(exc), "final": True})])
+        except PartialDelivery as exc:
+            # done for the recipients taken; the refused ones go on as an item of their own
+            refused = tuple(r for r in item.rcpts if r in exc.refused)
+            delay = backoff(item.attempts, self.config.relay.retry_base,
+                            self.config.relay.retry_max, random.random())
+            rest = NewItem("relay", item.mail_from, refused, same_as=item.spool, dest=item.dest,
+                           meta=item.meta, delay=delay)
+            taken = tuple(r for r in item.rcpts if r not in exc.refused)
+            return Outcome(outputs=[rest], events=[
+                replace(event, recipients=taken),
+                LedgerEvent(event="deferred", msgid=event.msgid, sender=item.mail_from,
+                            recipients=refused, detail={"reason": str(exc),
+                                                        "retry_in": round(delay, 1)}),
+            ])
         return Outcome(events=[event])
 
 

@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                     "Postfix, on 127.0.0.1. Prints a table; never asserts a speed.")
     p.add_argument("--quick", action="store_true",
                    help="~30 s smoke run: few messages, 5 MB big message, 500 queued")
-    p.add_argument("-n", "--messages", type=int, help="messages per max-rate phase (default 400)")
+    p.add_argument("-n", "--messages", type=int, help="messages per max-rate phase (default 250)")
     p.add_argument("-c", "--clients", type=int, help="concurrent SMTP sessions (default 8)")
     p.add_argument("--half-seconds", type=float, help="length of the half-rate phase (default 20)")
     p.add_argument("--big-mb", type=float, help="size of the big message in MB (default 25)")
@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         return value if value is not None else (quick if q else default)
 
     s = Settings(
-        messages=pick(a.messages, 400, 30),
+        messages=pick(a.messages, 250, 30),
         clients=pick(a.clients, 8, 4),
         half_seconds=pick(a.half_seconds, 20.0, 3.0),
         big_mb=pick(a.big_mb, 25.0, 5.0),
@@ -1180,6 +1180,9 @@ def report(results: dict[str, Any], notes: list[str]) -> str:
         lambda r: r["server_cpu_s_per_msg"])
     row("  of which, per process", lambda r: " ".join(
         f"{k} {v:.4f}" for k, v in r["cpu_s_per_msg"].items()))
+    row("CPU-bound ceiling, msg/s (cores / server CPU)", lambda r: num(
+        (os.cpu_count() or 1) / r["server_cpu_s_per_msg"] if r["server_cpu_s_per_msg"] else None),
+        lambda r: 1 / r["server_cpu_s_per_msg"] if r["server_cpu_s_per_msg"] else None)
     row("whole machine CPU s per message", lambda r: num(r["machine_cpu_s_per_msg"], 4),
         lambda r: r["machine_cpu_s_per_msg"])
     row("machine CPU busy (all cores)", lambda r: f"{100 * r['machine_cpu_share']:.0f}%")

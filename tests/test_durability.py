@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+from aiosmtpd.smtp import SMTP, Envelope
+
 from pecd import cms, ledger, pki
 from pecd.clock import ManualClock
 from pecd.queue import NewItem, Queue
 from pecd.service import Service
 
 from .conftest import ProviderDir, openssl, submit, wait_for
+from .pechelpers import SinkHandler, configure
 from .test_end_to_end import ORIGINAL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,3 +213,48 @@ def test_checkpoints_and_signed_export_verify_with_openssl(
     openssl("cms", "-verify", "-binary", "-inform", "DER", "-in", f"{export}.p7s", "-content",
             str(export), "-CAfile", str(a.ca), "-out", "/dev/null", ok=False)
     assert pki.load_cert(a.ca)  # the CA the auditor needs is a plain PEM file
+
+
+class _RefusesOnce(SinkHandler):
+    """An ordinary server that refuses one recipient with 451 the first time only."""
+
+    refused_once = False
+
+    async def handle_RCPT(self, server: object, session: object, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if address == "x2@ext.test" and not self.refused_once:
+            self.refused_once = True
+            return "451 4.2.0 try later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def test_partial_refusal_retries_only_the_refused_recipient(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, _ = two_providers
+
+    async def scenario() -> None:
+        handler = _RefusesOnce()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: SMTP(handler, hostname="sink.test", loop=loop),
+                                          "127.0.0.1", 0)
+        configure(a, "relay", smarthost="127.0.0.1",
+                  smarthost_port=int(server.sockets[0].getsockname()[1]), retry_base=0.1,
+                  retry_max=0.2)
+        svc = Service(a.config)
+        await svc.start()
+        msg = ORIGINAL.replace(b"To: Bob <bob@b.test>", b"To: x1@ext.test, x2@ext.test")
+        try:
+            code, _ = await loop.run_in_executor(
+                None, submit, a, "alice@a.test", "alice-secret", "alice@a.test",
+                ["x1@ext.test", "x2@ext.test"], msg, svc.ports.submission)
+            assert code == 250
+            await wait_for(lambda: len(handler.got) == 2)
+            await svc.run_once()
+        finally:
+            await svc.stop()
+            server.close()
+        assert handler.refused_once
+        assert [g.rcpts for g in handler.got] == [["x1@ext.test"], ["x2@ext.test"]]
+
+    asyncio.run(scenario())
