@@ -196,9 +196,15 @@ def split_multipart(entity: bytes) -> list[bytes]:
 
 
 def decode_body(info: Message, body: bytes) -> bytes:
+    """The body without its transfer encoding. Lenient, as mail readers are, and never raises:
+    broken base64 (a peer's or an attacker's) decodes to what it holds, and the caller's own
+    checks (XML, signature) judge the result."""
     cte = str(info.get("Content-Transfer-Encoding", "7bit")).strip().lower()
     if cte == "base64":
-        return base64.b64decode(body)
+        data = re.sub(rb"[^A-Za-z0-9+/]", b"", body)
+        if len(data) % 4 == 1:  # a lone trailing character carries no whole byte
+            data = data[:-1]
+        return base64.b64decode(data + b"=" * (-len(data) % 4))
     if cte == "quoted-printable":
         return quopri.decodestring(body)
     return body

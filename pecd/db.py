@@ -90,6 +90,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX tracking_open ON tracking(closed, accepted);
         """,
     ),
+    (
+        "0002_ready_index",
+        # leasing walks ready items in due order without sorting, however deep the queue
+        """
+        CREATE INDEX queue_ready ON queue(kind, next_at, id)
+            WHERE state IN ('incoming', 'deferred');
+        """,
+    ),
 ]
 
 

@@ -84,6 +84,8 @@ def anomaly_envelope(original: bytes, recipients: tuple[str, ...], issuer: Issue
         "This message could not be certified; the original is attached as postacert.eml.\n"
     )
     kept_id = compose.clean(headers.bare_id(headers.message_id(src)) or "").strip()
+    if not kept_id.isascii():  # an 8-bit id cannot go into the ASCII outer headers
+        kept_id = ""
     msg = SystemMessage(
         message_id=kept_id or compose.message_id(issuer.domain, at),
         subject=f"ANOMALIA MESSAGGIO: {subject}",

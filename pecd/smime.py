@@ -174,7 +174,10 @@ def split_signed(message: bytes) -> SignedMessage:
     boundary = headers.get_boundary()
     if not boundary:
         raise NotSigned("multipart/signed without a boundary")
-    delim = b"--" + boundary.encode("ascii", "surrogateescape")
+    try:
+        delim = b"--" + boundary.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:  # RFC 2046 boundaries are ASCII; 8-bit garbage is no signature
+        raise NotSigned("multipart/signed boundary is not ASCII") from None
 
     _, content_start, close = _find_delimiter(body, delim, 0)
     if close:
