@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -27,7 +28,7 @@ from pecd.config import Config
 from pecd.db import Database
 from pecd.ledger import LedgerEvent
 from pecd.pec import Issuer, Transaction
-from pecd.queue import Item, Outcome
+from pecd.queue import Item, Outcome, backoff
 from pecd.relay import Router
 
 MailboxState = Literal["active", "disabled", "unknown", "foreign"]
@@ -37,7 +38,11 @@ _SAFE_DOMAIN = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 
 
 class MailboxError(Exception):
-    """The mailbox cannot take the message (no such user, unsafe name, over quota)."""
+    """The mailbox cannot take the message, for good (no such user, unsafe name, over quota)."""
+
+
+class MailboxUnavailable(Exception):
+    """The mail store cannot take the message now (4xx, no connection); the item is retried."""
 
 
 class Mailbox(Protocol):
@@ -112,7 +117,16 @@ class DeliveryPoint:
     async def handle(self, item: Item) -> Outcome:
         states = {r: await self.mailbox_state(r) for r in item.rcpts}
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.cpu, self._handle, item, states)
+        try:
+            return await loop.run_in_executor(self.cpu, self._handle, item, states)
+        except MailboxUnavailable as exc:  # stores are idempotent per key: retrying is safe
+            event = LedgerEvent(event="deferred", msgid=_msgid(item), recipients=item.rcpts,
+                                detail={"reason": str(exc), "stage": "delivery"})
+            if item.attempts + 1 >= self.config.relay.max_attempts:
+                return Outcome(state="hold", error=str(exc), events=[event])
+            delay = backoff(item.attempts, self.config.relay.retry_base,
+                            self.config.relay.retry_max, random.random())
+            return Outcome(state="deferred", delay=delay, error=str(exc), events=[event])
 
     def _handle(self, item: Item, states: dict[str, MailboxState]) -> Outcome:
         data = self.read(item)
@@ -125,7 +139,12 @@ class DeliveryPoint:
                                           recipients=(rcpt,),
                                           detail={"reason": _UNDELIVERABLE[states[rcpt]]}))
                 continue
-            self.mailbox.store(rcpt, f"{item.id}-{_slot(item, rcpt)}", item.created, data)
+            try:
+                self.mailbox.store(rcpt, f"{item.id}-{_slot(item, rcpt)}", item.created, data)
+            except MailboxError as exc:
+                events.append(LedgerEvent(event="undeliverable", msgid=_msgid(item),
+                                          recipients=(rcpt,), detail={"reason": str(exc)}))
+                continue
             events.append(LedgerEvent(event="stored", msgid=_msgid(item), recipients=(rcpt,),
                                       detail={"what": item.meta.get("what", "receipt")}))
         return Outcome(events=events)

@@ -28,14 +28,14 @@ import smtplib
 import time
 from pathlib import Path
 
-from pecd.delivery import MailboxError
+from pecd.delivery import MailboxError, MailboxUnavailable
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ADDRESS = re.compile(r"^[^\s<>@]+@[^\s<>@]+$")
 _DAY = 86400
 
 
-class MailboxTemporaryError(Exception):
+class MailboxTemporaryError(MailboxUnavailable):
     """The mail store cannot take the message now (4xx, no connection, timeout); retry later."""
 
 

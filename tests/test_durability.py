@@ -21,7 +21,7 @@ from pecd.clock import ManualClock
 from pecd.queue import NewItem, Queue
 from pecd.service import Service
 
-from .conftest import ProviderDir, openssl, submit, wait_for
+from .conftest import ProviderDir, free_port, openssl, submit, wait_for
 from .pechelpers import SinkHandler, configure
 from .test_end_to_end import ORIGINAL
 
@@ -258,3 +258,38 @@ def test_partial_refusal_retries_only_the_refused_recipient(
         assert [g.rcpts for g in handler.got] == [["x1@ext.test"], ["x2@ext.test"]]
 
     asyncio.run(scenario())
+
+
+def test_mail_store_down_defers_delivery(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    """LMTP store unreachable: the certified delivery waits in the queue, nothing is lost and
+    no receipt is sent before the message is really stored."""
+    a, b = two_providers
+    configure(b, "delivery", method="lmtp", lmtp_host="127.0.0.1", lmtp_port=free_port())
+
+    async def scenario() -> None:
+        svc_a, svc_b = Service(a.config), Service(b.config)
+        await svc_a.start()
+        await svc_b.start()
+        loop = asyncio.get_running_loop()
+        try:
+            code, _ = await loop.run_in_executor(
+                None, submit, a, "alice@a.test", "alice-secret", "alice@a.test", ["bob@b.test"],
+                ORIGINAL, svc_a.ports.submission)
+            assert code == 250
+            await wait_for(lambda: "deliver/deferred: 1" in b.cli("status"))
+        finally:
+            await svc_a.stop()
+            await svc_b.stop()
+        assert "ConnectionRefused" in b.cli("queue", "list", "--state", "deferred")
+        kinds = [pec_kind(m) for m in a.messages("alice@a.test")]
+        assert kinds == ["accettazione"]  # no delivery receipt for an undelivered message
+
+    asyncio.run(scenario())
+
+
+def pec_kind(msg: bytes) -> str:
+    from pecd import pec
+
+    parsed = pec.parse(msg)
+    assert parsed.certdata is not None
+    return parsed.certdata.type
