@@ -13,7 +13,6 @@ does not deliver twice (queue ids are never reused: ``AUTOINCREMENT``).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Protocol
 
-from pecd import daticert, headers, pec, receipts, users
+from pecd import daticert, durable, headers, pec, receipts, users
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.db import Database
@@ -76,21 +75,7 @@ class Maildir:
         final = box / "new" / name
         if final.exists() or any((box / "cur").glob(f"{name}:*")) or (box / "cur" / name).exists():
             return final
-        tmp = box / "tmp" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        dfd = os.open(box / "new", os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable.publish(box / "tmp" / name, data, final)
         return final
 
 

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from pecd import durable
+
 
 class Spool:
     def __init__(self, root: Path) -> None:
@@ -34,15 +36,7 @@ class Spool:
         for data in blobs:
             name = uuid.uuid4().hex
             tmp = self.tmp / name
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            durable.write_synced(tmp, data)
             os.rename(tmp, self.q / name)
             names.append(name)
         if names:
@@ -63,11 +57,7 @@ class Spool:
         return name
 
     def sync_dir(self) -> None:
-        fd = os.open(self.q, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        durable.sync_dir(self.q)
 
     def read(self, name: str) -> bytes:
         return (self.q / name).read_bytes()

@@ -22,7 +22,6 @@ older files, e.g. ``find <data>/quarantine -name '*.eml' -mtime +913 -delete``.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import socket
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from pecd import durable
 from pecd.config import Config, ConfigError
 from pecd.ledger import LedgerEvent
 from pecd.queue import Item, Outcome, backoff
@@ -221,19 +221,5 @@ class Quarantine:
         if final.exists():
             return final
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        dfd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable.publish(self.root / f".{key}.tmp", data, final)
         return final
