@@ -43,6 +43,18 @@ class Context:
     def connect(self) -> sqlite3.Connection:
         return db_mod.open_database(self.config.paths.database)
 
+    def transact(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(conn, *args)`` in one write transaction; domain errors become one line."""
+        conn = self.connect()
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                return fn(conn, *args)
+        except (users.UserError, queue_mod.QueueError, index_mod.IndexError_) as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            conn.close()
+
 
 pass_ctx = click.make_pass_decorator(Context)
 
@@ -145,18 +157,6 @@ def _read_password(password_stdin: bool) -> str:
     return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
 
 
-def _users_call(ctx: Context, fn: Any, *args: Any) -> Any:
-    conn = ctx.connect()
-    try:
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            return fn(conn, *args)
-    except users.UserError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        conn.close()
-
-
 @user.command("add")
 @click.argument("address")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
@@ -165,7 +165,7 @@ def user_add(ctx: Context, address: str, password_stdin: bool) -> None:
     """Create a mailbox account."""
     if not ctx.config.is_local(address):
         raise click.ClickException(f"{address} is not in a domain of this provider")
-    _users_call(ctx, users.add, address, _read_password(password_stdin))
+    ctx.transact(users.add, address, _read_password(password_stdin))
     click.echo(f"added {address}")
 
 
@@ -175,7 +175,7 @@ def user_add(ctx: Context, address: str, password_stdin: bool) -> None:
 @pass_ctx
 def user_passwd(ctx: Context, address: str, password_stdin: bool) -> None:
     """Change a password (also clears failed-login counts)."""
-    _users_call(ctx, users.set_password, address, _read_password(password_stdin))
+    ctx.transact(users.set_password, address, _read_password(password_stdin))
     click.echo(f"password changed for {address}")
 
 
@@ -184,7 +184,7 @@ def user_passwd(ctx: Context, address: str, password_stdin: bool) -> None:
 @pass_ctx
 def user_disable(ctx: Context, address: str) -> None:
     """Stop an account from logging in and receiving."""
-    _users_call(ctx, users.set_disabled, address, True)
+    ctx.transact(users.set_disabled, address, True)
     click.echo(f"disabled {address}")
 
 
@@ -193,7 +193,7 @@ def user_disable(ctx: Context, address: str) -> None:
 @pass_ctx
 def user_enable(ctx: Context, address: str) -> None:
     """Re-enable (and unlock) an account."""
-    _users_call(ctx, users.set_disabled, address, False)
+    ctx.transact(users.set_disabled, address, False)
     click.echo(f"enabled {address}")
 
 
@@ -201,7 +201,7 @@ def user_enable(ctx: Context, address: str) -> None:
 @pass_ctx
 def user_list(ctx: Context) -> None:
     """List accounts."""
-    for address, disabled in _users_call(ctx, users.listing):
+    for address, disabled in ctx.transact(users.listing):
         click.echo(f"{address}{'  (disabled)' if disabled else ''}")
 
 
@@ -339,24 +339,12 @@ def queue_group() -> None:
     """The durable queue: inspect, retry, hold and release items."""
 
 
-def _queue_call(ctx: Context, fn: Any, *args: Any) -> Any:
-    conn = ctx.connect()
-    try:
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            return fn(conn, *args)
-    except queue_mod.QueueError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        conn.close()
-
-
 @queue_group.command("list")
 @click.option("--state", type=click.Choice(["incoming", "active", "deferred", "hold", "corrupt"]))
 @pass_ctx
 def queue_list(ctx: Context, state: str | None) -> None:
     """List queue items (id, kind, state, attempts, destination, recipients, last error)."""
-    for r in _queue_call(ctx, queue_mod.listing, state):
+    for r in ctx.transact(queue_mod.listing, state):
         click.echo(f"{r['id']}\t{r['kind']}\t{r['state']}\t{r['attempts']}\t{r['dest'] or '-'}"
                    f"\t{','.join(json.loads(r['rcpts']))}\t{r['last_error'] or ''}")
 
@@ -366,7 +354,7 @@ def queue_list(ctx: Context, state: str | None) -> None:
 @pass_ctx
 def queue_show(ctx: Context, item_id: int) -> None:
     """Show one queue item."""
-    click.echo(json.dumps(_queue_call(ctx, queue_mod.show, item_id), indent=2, default=str))
+    click.echo(json.dumps(ctx.transact(queue_mod.show, item_id), indent=2, default=str))
 
 
 def _operator_command(name: str, fn: Any, help_text: str) -> None:
@@ -374,7 +362,7 @@ def _operator_command(name: str, fn: Any, help_text: str) -> None:
     @click.argument("item_id", type=int)
     @pass_ctx
     def command(ctx: Context, item_id: int) -> None:
-        _queue_call(ctx, fn, item_id, datetime.now(UTC))
+        ctx.transact(fn, item_id, datetime.now(UTC))
         click.echo(f"{name}: item {item_id}")
 
 
