@@ -124,7 +124,7 @@ def ledger_rows(p: ProviderDir, event: str | None = None) -> list[dict[str, Any]
     conn = sqlite3.connect(p.root / "data" / "pecd.sqlite")
     try:
         conn.row_factory = sqlite3.Row
-        sql, args = "SELECT * FROM ledger", ()
+        sql, args = "SELECT * FROM ledger", tuple[str, ...]()
         if event is not None:
             sql, args = sql + " WHERE event=?", (event,)
         rows = [dict(r) for r in conn.execute(sql + " ORDER BY seq", args)]
@@ -199,7 +199,7 @@ class Raw:
         try:
             while chunk := self.sock.recv(65536):
                 data += chunk
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise AssertionError(f"server did not close within {timeout} s; got {data!r}") from None
         except (ConnectionResetError, ssl.SSLError):
             pass

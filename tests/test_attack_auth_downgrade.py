@@ -38,7 +38,7 @@ def test_no_auth_before_starttls_and_the_password_is_never_asked_for(a: Provider
         assert raw.cmd("AUTH LOGIN")[0] == 538  # no 334: the client is never asked for secrets
         assert raw.cmd("MAIL FROM:<alice@a.test>")[0] == 530
         raw.starttls(a.ca)
-        code, ehlo = raw.cmd("EHLO attacker.test")
+        _, ehlo = raw.cmd("EHLO attacker.test")
         assert "AUTH" in ehlo and "STARTTLS" not in ehlo
         assert raw.cmd(f"AUTH PLAIN {PLAIN_BLOB}")[0] == 235
         assert isinstance(raw.sock, ssl.SSLSocket) and raw.sock.version() in ("TLSv1.2", "TLSv1.3")
@@ -57,7 +57,7 @@ def test_implicit_tls_offers_auth_and_plaintext_gets_nothing(a: ProviderDir) -> 
             raw = Raw.__new__(Raw)
             raw.sock, raw.buf = tls, b""
             assert raw.reply()[0] == 220
-            code, ehlo = raw.cmd("EHLO client.test")
+            _, ehlo = raw.cmd("EHLO client.test")
             assert "AUTH" in ehlo and "LOGIN" in ehlo and "PLAIN" in ehlo, ehlo
             assert raw.cmd(f"AUTH PLAIN {PLAIN_BLOB}")[0] == 235
             assert raw.cmd("MAIL FROM:<alice@a.test>")[0] == 250
@@ -167,6 +167,6 @@ def test_inbound_listener_offers_no_auth_to_guess_at(a: ProviderDir) -> None:
         raw.reply()
         raw.cmd("EHLO peer.test")
         raw.starttls(a.ca)
-        code, ehlo = raw.cmd("EHLO peer.test")
+        _, ehlo = raw.cmd("EHLO peer.test")
         assert "PLAIN" not in ehlo and "LOGIN" not in ehlo
         assert raw.cmd(f"AUTH PLAIN {PLAIN_BLOB}")[0] == 504

@@ -159,7 +159,7 @@ def test_maildir_names_come_from_the_queue_only(
         root = p.root / "data" / "mail"
         for f in root.rglob("*"):
             if f.is_file():
-                domain, local, sub, filename = f.relative_to(root).parts
+                _domain, local, sub, filename = f.relative_to(root).parts
                 assert sub in ("new", "cur", "tmp") and name.fullmatch(filename), f
                 assert local in ("alice", "bob", "posta-certificata"), f
     assert not any("evil" in str(f) or "passwd" in str(f) for f in base.rglob("*"))
@@ -168,3 +168,22 @@ def test_maildir_names_come_from_the_queue_only(
     assert errors == {QUOTED: "altro", TRAVERSAL: "altro", SLASHED: "altro"}
     for p in (a, b):
         assert "ledger ok" in p.cli("ledger", "verify")
+
+
+def test_internationalised_envelope_addresses_get_a_clear_refusal(
+        run: tuple[ProviderDir, ProviderDir, Path]) -> None:
+    """pecd does not offer SMTPUTF8 (its signed outer headers are ASCII): a UTF-8 envelope address
+    is refused at once with a 5xx, never half-accepted; a control character in a quoted local
+    part, which aiosmtpd would pass on, is refused too."""
+    a, _, _ = run
+    with serving(a, runners=False) as (svc,), \
+            smtplib.SMTP("127.0.0.1", svc.ports.submission, timeout=30) as s:
+        s.starttls(context=client_tls(a.ca))
+        s.login(ALICE, ALICE_PW)
+        assert "smtputf8" not in s.esmtp_features
+        assert s.docmd("MAIL", "FROM:<alice@a.test> SMTPUTF8")[0] == 501
+        assert s.mail(ALICE)[0] == 250
+        s.command_encoding = "utf-8"  # a client that ignores the missing extension
+        assert s.docmd("RCPT", "TO:<josé@b.test>")[0] == 500
+        assert s.docmd("RCPT", 'TO:<"bo\x01b"@b.test>')[0] == 553
+        assert s.docmd("RCPT", "TO:<bob@b.test>")[0] == 250  # the session goes on

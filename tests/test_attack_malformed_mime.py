@@ -34,7 +34,7 @@ from pecd.relay import Router
 from pecd.submission import AccessPoint
 from pecd.tsa import LocalTSA
 
-from .attack_support import ALICE, ALICE_PW, kind_of, queue_states, serving, wait_until
+from .attack_support import ALICE, ALICE_PW, add_user_fast, kind_of, queue_states, serving, wait_until
 from .conftest import ProviderDir, client_tls, make_provider
 
 # --- what hostile mail looks like ----------------------------------------------------------------
@@ -52,7 +52,7 @@ NASTY = [
     "caffè ☕ 𝄞", "a" * 900,
 ]
 value_text = st.one_of(st.sampled_from(NASTY),
-                       st.text(st.characters(blacklist_categories=("Cs",),
+                       st.text(st.characters(blacklist_categories=["Cs"],
                                              blacklist_characters="\r\n"), max_size=60))
 value = st.one_of(value_text.map(lambda t: t.encode("utf-8")),
                   st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
@@ -90,8 +90,6 @@ def messages(draw: st.DrawFn, lenient: bool = False) -> bytes:
 def a(tmp_path_factory: pytest.TempPathFactory) -> ProviderDir:
     base = tmp_path_factory.mktemp("fuzz")
     p = make_provider(base, "a.test", base / "ca", **{"--key-type": "ec"})  # fast signatures
-    from .attack_support import add_user_fast
-
     add_user_fast(p, ALICE, ALICE_PW)
     return p
 
@@ -123,10 +121,8 @@ class Core:
         self.data = data
         item = Item(id=1, kind="submission", mail_from=mail_from, rcpts=rcpts, dest="", meta={},
                     attempts=0, spool="fuzz", created=datetime.now(UTC).timestamp())
-        if stage == "access":
-            outcome = self.access._handle(item)
-        else:
-            outcome = self.reception._handle(item)
+        stage_handle = self.access._handle if stage == "access" else self.reception._handle
+        outcome = stage_handle(item)
         self.judge(outcome)
         return outcome
 
@@ -262,6 +258,6 @@ def test_fuzzed_messages_over_smtp_end_in_a_code_or_a_receipt(
 
         wait_until(lambda: queue_states(a) == [] and receipts() == accepted,
                    timeout=60, what="every accepted message answered")
-    assert 0 < accepted < len(codes) or accepted == len(codes)
+    assert len(codes) == 30 and accepted > 0  # some got through and were all answered
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "ledger ok" in a.cli("ledger", "verify")

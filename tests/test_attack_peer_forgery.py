@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from pecd import compose, envelope, pec, pki, receipts
@@ -60,9 +60,9 @@ def _expired_cert(base: Path, key: pki.PrivateKey) -> tuple[x509.Certificate, da
         .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False, False),
                        critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        .sign(ca_key, hashes.SHA256())
     )
     return cert, start + timedelta(seconds=10)
 
@@ -121,7 +121,7 @@ def test_forged_envelopes_and_receipts_are_not_certified(
     card = base / "old-card.json"
     card.write_text(a.cli("index", "export").replace(
         a.root.joinpath("keys", "signing.pem").read_text().strip(),
-        old_cert.public_bytes(pki.serialization.Encoding.PEM).decode().strip()))
+        old_cert.public_bytes(serialization.Encoding.PEM).decode().strip()))
     assert "imported" in b.cli("index", "import", str(card))
 
     cases: dict[str, tuple[str, bytes, str]] = {
