@@ -36,9 +36,9 @@ def formal_checks(msg: Message, mail_from: str, rcpts: tuple[str, ...], size: in
     to = headers.addresses(msg, "To")
     if not to:
         raise FormalCheckFailed("the To header must hold at least one address")
-    visible = {a.lower() for a in to + headers.addresses(msg, "Cc")}
+    visible = {headers.canonical(a).lower() for a in to + headers.addresses(msg, "Cc")}
     for rcpt in rcpts:
-        if rcpt.lower() not in visible:
+        if headers.canonical(rcpt).lower() not in visible:
             raise FormalCheckFailed(f"recipient {rcpt} is in neither To nor Cc")
     if len(rcpts) > limits.max_recipients:
         raise FormalCheckFailed(f"too many recipients ({len(rcpts)} > {limits.max_recipients})")

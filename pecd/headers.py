@@ -9,6 +9,7 @@ characters XML 1.0 (daticert.xml) and SQLite text can carry: anything else becom
 from __future__ import annotations
 
 import email.utils
+import re
 from email import policy
 from email.header import decode_header
 from email.message import Message
@@ -80,8 +81,20 @@ def bare_id(value: str | None) -> str | None:
     return value.strip().removeprefix("<").removesuffix(">")
 
 
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+def canonical(address: str) -> str:
+    """One spelling per mailbox: domain lower-cased, needless quotes around the local part
+    dropped (``"a.b"@x`` is ``a.b@x``, as the SMTP layer already reports it)."""
+    local, _, domain = address.strip().rpartition("@")
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+        if _DOT_ATOM.fullmatch(inner):
+            local = inner
+    return f"{local}@{domain.lower()}"
+
+
 def same_address(a: str, b: str) -> bool:
     """Local parts compare exactly, domains case-insensitively (RFC 5321 §2.4)."""
-    la, _, da = a.strip().rpartition("@")
-    lb, _, db = b.strip().rpartition("@")
-    return la == lb and da.lower() == db.lower()
+    return canonical(a) == canonical(b)
