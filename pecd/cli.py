@@ -426,7 +426,9 @@ def ledger_export(ctx: Context, since: datetime | None, until: datetime | None,
     click.echo(f"exported {len(rows)} rows to {output} (signature {output}.p7s)")
 
 
-def _verify_export(file: Path, signature: Path, roots: list[Any], require_ts: bool) -> None:
+def _check_export(file: Path, signature: Path, roots: list[Any],
+                  require_ts: bool) -> tuple[list[dict[str, Any]], Any]:
+    """A ledger export's rows, once its signature and its hash chain both hold."""
     from pecd.cms import verify_detached
 
     data = file.read_bytes()
@@ -440,11 +442,62 @@ def _verify_export(file: Path, signature: Path, roots: list[Any], require_ts: bo
             raise click.ClickException(f"NOT VALID: row {row['seq']} does not match its hash")
         if prev is not None and row["prev_hash"] != prev["hash"]:
             raise click.ClickException(f"NOT VALID: chain broken before row {row['seq']}")
+    return rows, info
+
+
+def _verify_export(file: Path, signature: Path, roots: list[Any], require_ts: bool) -> None:
+    rows, info = _check_export(file, signature, roots, require_ts)
     click.echo("signature: valid")
     click.echo(f"signer: {info.signer.subject.rfc4514_string()}")
     if info.timestamp_time:
         click.echo(f"timestamp: {info.timestamp_time.isoformat()} (RFC 3161, verified)")
     click.echo(f"ledger export: {len(rows)} rows, hash chain intact")
+
+
+@ledger_group.command("prune")
+@click.option("--before", type=click.DateTime(), default=None,
+              help="Remove rows older than this UTC time (default: 30 months ago, PEC retention).")
+@click.option("--export", "export_file", type=click.Path(exists=True, path_type=Path),
+              required=True, help="A `ledger export` (with its .p7s) holding every row to remove.")
+@pass_ctx
+def ledger_prune(ctx: Context, before: datetime | None, export_file: Path) -> None:
+    """Let old rows leave the live ledger once a signed export holds them.
+
+    Only whole checkpointed ranges leave; the remaining chain starts from an anchor that
+    `ledger verify` checks against the checkpoint's timestamped head."""
+    import hashlib
+    from datetime import timedelta
+
+    limit = before.replace(tzinfo=UTC) if before else datetime.now(UTC) - timedelta(days=913)
+    roots = pki.load_certs(ctx.config.paths.ca_certs)
+    rows, _info = _check_export(export_file, Path(f"{export_file}.p7s"), roots, True)
+    by_seq = {int(r["seq"]): r for r in rows}
+    digest = hashlib.sha256(export_file.read_bytes()).hexdigest()
+    conn = ctx.connect()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        point = ledger.prune_point(conn, limit)
+        if point is None:
+            raise click.ClickException("nothing to prune: no checkpointed range is that old")
+        first = conn.execute("SELECT min(seq) FROM ledger").fetchone()[0]
+        for seq in (first, point):
+            live = conn.execute("SELECT hash FROM ledger WHERE seq=?", (seq,)).fetchone()
+            if seq not in by_seq or by_seq[seq]["hash"] != live[0]:
+                raise click.ClickException(
+                    f"the export does not hold row {seq} as the ledger has it; export first")
+        if any(s not in by_seq for s in range(first, point + 1)):
+            raise click.ClickException("the export misses rows in the range to prune")
+        removed = ledger.prune(conn, point, digest, datetime.now(UTC))
+        ledger.append(conn, ledger.LedgerEvent(event="ledger-pruned", detail={
+            "up_to_seq": point, "rows": removed, "export_sha256": digest}), datetime.now(UTC))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+    click.echo(f"pruned {removed} rows up to seq {point}; keep {export_file} and its .p7s")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,18 @@ _SCHEMA: Final = (
       OR NEW.head_hash IS NOT (SELECT hash FROM ledger WHERE seq = NEW.seq_to)
     BEGIN SELECT RAISE(ABORT,
         'ledger_checkpoint: must continue the last checkpoint and match the chain'); END""",
+    # Retention: rows older than 30 months leave the live ledger through a signed export; the
+    # anchor keeps the hash (and the checkpoint) the remaining chain starts from.
+    """CREATE TABLE IF NOT EXISTS ledger_anchor (
+        seq INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL,
+        at TEXT NOT NULL,
+        export_sha256 TEXT NOT NULL
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_anchor_no_update BEFORE UPDATE ON ledger_anchor
+    BEGIN SELECT RAISE(ABORT, 'ledger_anchor is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_anchor_no_delete BEFORE DELETE ON ledger_anchor
+    BEGIN SELECT RAISE(ABORT, 'ledger_anchor is append-only: DELETE refused'); END""",
 )
 
 
@@ -395,6 +407,22 @@ def _verify(
     cp = next(pending, None)
     prev = GENESIS
     expected = 1
+    anchor = _anchor(conn)
+    if anchor is not None:
+        # rows up to the anchor were pruned: the checkpoints over them still verify, and the
+        # one ending at the anchor must carry exactly the anchor's hash
+        a_seq, a_hash = anchor
+        while cp is not None and cp[2] <= a_seq:
+            problem = _checkpoint_problem(cp, a_hash if cp[2] == a_seq else cp[3],
+                                          token_verifier)
+            if problem:
+                return fail(cp[1], f"checkpoint {cp[0]}: {problem}", cp[0])
+            if cp[2] == a_seq:
+                prev, expected = a_hash, a_seq + 1
+            good_cps += 1
+            cp = next(pending, None)
+        if expected != a_seq + 1:
+            return fail(a_seq, f"the pruning anchor at seq {a_seq} matches no checkpoint")
     for values in _cursor(conn).execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger ORDER BY seq"):
         stored = dict(zip(_COLUMNS, values, strict=True))
         seq = stored["seq"]
@@ -465,6 +493,59 @@ def _checkpoint_problem(
             "or the checkpoint forged"
         )
     return None
+
+
+# ----------------------------------------------------------------------------------- retention
+
+
+class PruneRefused(LedgerError):
+    """The rows asked for cannot leave the ledger (no checkpoint ends there, the head, ...)."""
+
+
+def _anchor(conn: sqlite3.Connection) -> tuple[int, str] | None:
+    row = _cursor(conn).execute(
+        "SELECT seq, hash FROM ledger_anchor ORDER BY seq DESC LIMIT 1").fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def prune_point(conn: sqlite3.Connection, before: datetime) -> int | None:
+    """The last seq that may leave: the end of a checkpoint whose rows are all older than
+    ``before``, short of the head (the chain must keep a row to extend)."""
+    row = _cursor(conn).execute(
+        "SELECT max(c.seq_to) FROM ledger_checkpoint c JOIN ledger l ON l.seq = c.seq_to"
+        " WHERE l.at < ? AND c.seq_to < (SELECT max(seq) FROM ledger)"
+        " AND c.seq_to > coalesce((SELECT max(seq) FROM ledger_anchor), 0)",
+        (format_at(before),),
+    ).fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def prune(conn: sqlite3.Connection, up_to: int, export_sha256: str, at: datetime) -> int:
+    """Remove rows ``..up_to`` (already exported, signed, kept by the operator) inside the
+    caller's transaction; the anchor records where the live chain now starts. Returns the
+    number of rows removed."""
+    if not conn.in_transaction:
+        raise LedgerUsageError("ledger.prune must run inside the caller's transaction")
+    cur = _cursor(conn)
+    cp = cur.execute("SELECT head_hash FROM ledger_checkpoint WHERE seq_to = ?",
+                     (up_to,)).fetchone()
+    head = cur.execute(_HEAD).fetchone()
+    anchor = _anchor(conn)
+    if cp is None:
+        raise PruneRefused(f"no checkpoint ends at seq {up_to}")
+    if head is None or up_to >= int(head[0]):
+        raise PruneRefused("the chain head cannot be pruned")
+    if anchor is not None and up_to <= anchor[0]:
+        raise PruneRefused(f"rows up to seq {anchor[0]} are already pruned")
+    # the triggers stop accidents; this one deliberate removal lifts them inside the transaction
+    cur.execute("DROP TRIGGER ledger_no_delete")
+    cur.execute("DROP TRIGGER ledger_related_no_delete")
+    cur.execute("DELETE FROM ledger_related WHERE seq <= ?", (up_to,))
+    removed = cur.execute("DELETE FROM ledger WHERE seq <= ?", (up_to,)).rowcount
+    cur.execute("INSERT INTO ledger_anchor (seq, hash, at, export_sha256) VALUES (?, ?, ?, ?)",
+                (up_to, str(cp[0]), format_at(at), export_sha256))
+    install(conn)
+    return int(removed)
 
 
 # ----------------------------------------------------------------------------------- checkpoint

@@ -293,3 +293,50 @@ def pec_kind(msg: bytes) -> str:
     parsed = pec.parse(msg)
     assert parsed.certdata is not None
     return parsed.certdata.type
+
+
+def test_retention_prunes_only_what_a_signed_export_holds(
+        two_providers: tuple[ProviderDir, ProviderDir], tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    a, _ = two_providers
+
+    async def scenario() -> None:
+        svc = Service(a.config)
+        for i in range(5):
+            await svc.queue.record([ledger.LedgerEvent(event="old-event", msgid=f"m{i}")])
+        assert svc.checkpoint() is not None
+        for i in range(3):
+            await svc.queue.record([ledger.LedgerEvent(event="new-event", msgid=f"n{i}")])
+        assert svc.checkpoint() is not None
+        svc.db.close()
+        svc.cpu.shutdown()
+
+    asyncio.run(scenario())
+    db = a.root / "data" / "pecd.sqlite"
+    old_rows = sqlite3.connect(db).execute(
+        "SELECT count(*) FROM ledger WHERE event != 'new-event'").fetchone()[0]
+    full = tmp_path / "full.jsonl"
+    a.cli("ledger", "export", "-o", str(full))
+    # by default only rows older than 30 months may go: none here
+    assert "nothing to prune" in a.cli("ledger", "prune", "--export", str(full), ok=False)
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d")
+    tail = tmp_path / "tail.jsonl"  # an export without the oldest rows does not allow pruning
+    tail.write_text("".join(full.read_text().splitlines(keepends=True)[3:]))
+    Path(f"{tail}.p7s").write_bytes(Path(f"{full}.p7s").read_bytes())
+    assert "NOT VALID" in a.cli("ledger", "prune", "--before", tomorrow, "--export", str(tail),
+                                ok=False)
+    # the first checkpointed range leaves; the head's range stays
+    out = a.cli("ledger", "prune", "--before", tomorrow, "--export", str(full))
+    assert f"pruned {old_rows} rows" in out
+    report = a.cli("ledger", "verify")
+    assert "ledger ok" in report and "2 checkpoints" in report
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM ledger WHERE event='old-event'").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM ledger WHERE event='new-event'").fetchone()[0] == 3
+    assert "hash chain intact" in a.cli("verify", str(full))  # the archive still proves them
+    # forging the anchor (triggers dropped, as the file's owner could) is caught
+    conn.executescript("DROP TRIGGER ledger_anchor_no_update;"
+                       f"UPDATE ledger_anchor SET hash='{'0' * 64}';")
+    conn.commit()
+    assert "BROKEN" in a.cli("ledger", "verify", ok=False)
