@@ -75,6 +75,7 @@ class Settings:
     stall: float
     postfix: bool
     profile: Path | None
+    profile_gil: bool
     keep: bool
     json: Path | None
     quick: bool
@@ -98,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--no-postfix", action="store_true", help="skip the Postfix baseline")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record py-spy profiles of A and B during the max-rate phase into DIR")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: sample only the thread holding the GIL (Python CPU), "
+                        "not every active thread (which includes fsync and SQLite waits)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
     a = p.parse_args(argv)
@@ -117,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         stall=20.0 if q else 60.0,
         postfix=not a.no_postfix,
         profile=a.profile,
+        profile_gil=a.profile_gil,
         keep=a.keep,
         json=a.json,
         quick=q,
@@ -712,6 +717,9 @@ class Bench:
         finally:
             self.stop_profiles(spies)
         out["hwm"] = {"A": proc_mem(a_pid)[1], "B": proc_mem(b_pid)[1]}
+        prefix = f"{label}."
+        out["stages"] = stage_times(self.a.root, self.b.root, {
+            k: v for k, v in watch.found.items() if k.startswith(prefix)})
         return out
 
     def start_profiles(self, where: Path, label: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
@@ -727,7 +735,8 @@ class Bench:
             name = f"py-spy-{p.name}"
             spies.append((str(raw), self.procs.start(name, [
                 str(spy), "record", "--pid", str(self.pid(p)), "--rate", "100", "--format", "raw",
-                "--threads", "--nonblocking", "--output", str(raw)])))
+                "--threads", "--nonblocking", "--output", str(raw),
+                *(["--gil"] if self.s.profile_gil else [])])))
         return spies
 
     def stop_profiles(self, spies: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
@@ -905,6 +914,73 @@ def queue_counts(root: Path) -> dict[str, int] | None:
     except sqlite3.Error:
         return None
     return {f"{k}/{s}": c for k, s, c in rows}
+
+
+STAGES = (
+    ("A access point: queue wait, checks, sign acceptance + envelope", "submitted", "accepted"),
+    ("A relay → B: queue wait, SMTP, B's durable enqueue", "accepted", "b_received"),
+    ("B reception: queue wait, verify, sign take-charge", "b_received", "taken"),
+    ("B delivery: queue wait, Maildir, sign delivery receipt", "taken", "delivered"),
+    ("B relay → A: queue wait, SMTP, A's durable enqueue", "delivered", "a_received"),
+    ("A reception: queue wait, verify the receipt", "a_received", "receipt"),
+    ("A delivery: queue wait, sender's Maildir", "receipt", "stored"),
+)
+
+
+def _ledger(root: Path) -> list[tuple[str, str, str, str, str, str]]:
+    db = root / "data" / "pecd.sqlite"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute("SELECT at, event, coalesce(msgid, ''), coalesce(ref_msgid, ''),"
+                            " related, detail FROM ledger").fetchall()
+    finally:
+        conn.close()
+
+
+def _ts(at: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(at).timestamp()
+
+
+def stage_times(a_root: Path, b_root: Path, stored: dict[str, float]) -> dict[str, Any]:
+    """Where a certified cycle's time goes, from both ledgers: per stage, the p50 / p95 of the
+    time between the ledger rows that open and close it (each includes its queue wait)."""
+    try:
+        rows_a, rows_b = _ledger(a_root), _ledger(b_root)
+    except sqlite3.Error as exc:
+        return {"error": str(exc)}
+    t: dict[str, dict[str, float]] = {}  # client id → point → time
+    pec_of: dict[str, str] = {}  # PEC id → client id
+    receipt_of: dict[str, str] = {}  # delivery receipt id → client id
+    for at, event, msgid, ref, _related, _detail in rows_a:
+        if event == "submitted" and norm_id(ref) in stored:
+            t.setdefault(norm_id(ref), {})["submitted"] = _ts(at)
+        elif event == "accepted" and norm_id(ref) in stored:
+            pec_of[msgid] = norm_id(ref)
+            t.setdefault(norm_id(ref), {})["accepted"] = _ts(at)
+    for at, event, msgid, ref, related, _detail in rows_b:
+        if event == "received" and norm_id(ref) in pec_of:
+            t[pec_of[norm_id(ref)]].setdefault("b_received", _ts(at))
+        elif event == "taken-in-charge" and msgid in pec_of:
+            t[pec_of[msgid]]["taken"] = _ts(at)
+        elif event == "delivered" and msgid in pec_of:
+            t[pec_of[msgid]]["delivered"] = _ts(at)
+            for rid in json.loads(related or "[]"):
+                receipt_of[rid] = pec_of[msgid]
+    for at, event, msgid, ref, _related, detail in rows_a:
+        if event == "received" and norm_id(ref) in receipt_of:
+            t[receipt_of[norm_id(ref)]]["a_received"] = _ts(at)
+        elif (event == "receipt-received" and msgid in pec_of
+              and json.loads(detail or "{}").get("type") == "avvenuta-consegna"):
+            t[pec_of[msgid]]["receipt"] = _ts(at)
+    for cid, when in stored.items():
+        if cid in t:
+            t[cid]["stored"] = when
+    out: dict[str, Any] = {}
+    for name, start, end in STAGES:
+        spans = [p[end] - p[start] for p in t.values() if start in p and end in p]
+        out[name] = {"p50": pct(spans, 50), "p95": pct(spans, 95), "n": len(spans)}
+    return out
 
 
 def seed(conf: Path, n: int, template: bytes) -> None:
@@ -1198,6 +1274,12 @@ def report(results: dict[str, Any], notes: list[str]) -> str:
     row("wait ended (idle = queues empty)", lambda r: str(r["wait_ended"]))
     if pf and not pf.get("auth", True):
         out.append("  (postfix submission without AUTH: see notes)")
+    if c and c.get("stages") and "error" not in c["stages"]:
+        out.append("")
+        out.append("  Where a certified cycle's time goes at max rate (from both ledgers; each stage"
+                   " includes its queue wait), p50 / p95 ms:")
+        for name, v in c["stages"].items():
+            out.append(f"    {name:<62}{ms(v['p50']):>10} /{ms(v['p95']):>10}")
     h = results.get("half")
     if h:
         out.append("")
@@ -1205,6 +1287,9 @@ def report(results: dict[str, Any], notes: list[str]) -> str:
                    "(half the max certified cycle rate), open loop")
         out.append(f"  DATA-end → 250 p50 / p95 / p99 ms: {lat3(h['data_end_to_250_s'])}")
         out.append(f"  submit → receipt p50 / p95 / p99 ms: {lat3(h['submit_to_arrival_s'])}")
+        if h.get("stages") and "error" not in h["stages"]:
+            out.append("  stages p50 ms: " + ", ".join(
+                f"{n.split(':')[0]} {ms(v['p50'])}" for n, v in h["stages"].items()))
         out.append(f"  certified cycles/s {num(h['end_to_end_per_s'])};  acknowledged {h['acked']},"
                    f" receipts {h['arrived']}, missing {h['missing']} (wait ended: "
                    f"{h['wait_ended']})")
@@ -1333,11 +1418,13 @@ def environment(s: Settings) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def interrupts_as_exceptions() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does: through ``finally`` and cleanup."""
+    """SIGINT, SIGTERM and SIGHUP end the run through ``finally`` and cleanup (SIGINT too, as a
+    shell starts background jobs with it ignored)."""
     def raise_interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    old = {sig: signal.signal(sig, raise_interrupt)
+           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
