@@ -8,6 +8,7 @@ built and parsed with asn1crypto and only the raw signatures are made and checke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
@@ -317,7 +318,24 @@ class _Checked:
 
 
 def _load_der_cert(c: asn1_x509.Certificate) -> x509.Certificate:
-    return x509.load_der_x509_certificate(c.dump())
+    return _cert_from_der(c.dump())
+
+
+# Certificate-level work depends only on the certificates' bytes, and a provider sees the same
+# few certificates (its peers', the TSAs', the CAs') in every message: do it once per certificate.
+@functools.lru_cache(maxsize=512)
+def _cert_from_der(der: bytes) -> x509.Certificate:
+    return x509.load_der_x509_certificate(der)
+
+
+@functools.lru_cache(maxsize=512)
+def _cert_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+@functools.lru_cache(maxsize=512)
+def _cert_issuer(cert: x509.Certificate) -> asn1_x509.Name:
+    return asn1_x509.Certificate.load(_cert_der(cert))["tbs_certificate"]["issuer"]
 
 
 def _find_signer(sid: cms.SignerIdentifier, candidates: Sequence[x509.Certificate]) -> x509.Certificate:
@@ -386,7 +404,7 @@ def _check_ess(values: list[Any], kind: str, signer: x509.Certificate) -> None:
     if len(certs) == 0:
         raise SignatureInvalid(f"{kind} attribute names no certificate")
     first = certs[0]
-    der = signer.public_bytes(serialization.Encoding.DER)
+    der = _cert_der(signer)
     if kind == "signingCertificate":
         algo = "sha1"  # ESSCertID is SHA-1 by definition; it only identifies, the signature binds
     else:
@@ -400,8 +418,7 @@ def _check_ess(values: list[Any], kind: str, signer: x509.Certificate) -> None:
         return
     if issuer_serial["serial_number"].native != signer.serial_number:
         raise SignatureInvalid(f"{kind} attribute names another serial number")
-    asn1_cert = asn1_x509.Certificate.load(der)
-    issuer = asn1_cert["tbs_certificate"]["issuer"]
+    issuer = _cert_issuer(signer)
     if not any(
         gn.name == "directory_name" and _same_name(gn.chosen, issuer) for gn in issuer_serial["issuer"]
     ):
@@ -519,7 +536,10 @@ def _valid_at(cert: x509.Certificate, at: datetime | None) -> bool:
     return at is None or cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
 
 
+@functools.lru_cache(maxsize=512)
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether ``parent``'s key signed ``child`` (names and signature; validity dates are
+    checked by the caller for the time at hand, so the answer can be remembered)."""
     try:
         child.verify_directly_issued_by(parent)
     except (ValueError, TypeError, InvalidSignature):

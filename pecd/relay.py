@@ -28,6 +28,7 @@ log = logging.getLogger("pecd.relay")
 
 EXTERNAL = "external"
 REUSE_LIMIT = 100  # messages per connection: peers limit commands per session (pecd: 1000)
+PER_HOP = 4  # parallel connections to one destination
 
 
 @dataclass(frozen=True)
@@ -93,33 +94,39 @@ class Hop:
     tls: bool  # STARTTLS required
 
 
+@dataclass
+class _Conn:
+    client: aiosmtplib.SMTP
+    sent: int = 0
+
+
 class Connections:
-    """One live SMTP connection per destination, reused across messages."""
+    """A few live SMTP connections per destination, reused across messages.
+
+    Up to ``PER_HOP`` transactions to one destination run at once, each on its own connection;
+    an idle connection is kept for the next message (RSET, no new TLS handshake)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._clients: dict[Hop, aiosmtplib.SMTP] = {}
-        self._locks: dict[Hop, asyncio.Lock] = {}
-        self._sent: dict[Hop, int] = {}
+        self._idle: dict[Hop, list[_Conn]] = {}
+        self._slots: dict[Hop, asyncio.Semaphore] = {}
         self._tls = ssl.create_default_context(cafile=str(config.paths.ca_certs))
         if not config.relay.tls_verify:
             self._tls.check_hostname = False
             self._tls.verify_mode = ssl.CERT_NONE
 
-    def lock(self, hop: Hop) -> asyncio.Lock:
-        return self._locks.setdefault(hop, asyncio.Lock())
-
-    async def _client(self, hop: Hop) -> tuple[aiosmtplib.SMTP, bool]:
+    async def _checkout(self, hop: Hop) -> tuple[_Conn, bool]:
         """A connected client and whether it is a reused one."""
-        client = self._clients.get(hop)
-        if client is not None and client.is_connected and self._sent[hop] < REUSE_LIMIT:
-            try:
-                await client.rset()
-                return client, True
-            except aiosmtplib.SMTPException:
-                client.close()
-        elif client is not None:
-            self._drop(hop)
+        idle = self._idle.setdefault(hop, [])
+        while idle:
+            conn = idle.pop()
+            if conn.client.is_connected and conn.sent < REUSE_LIMIT:
+                try:
+                    await conn.client.rset()
+                    return conn, True
+                except aiosmtplib.SMTPException:
+                    pass
+            conn.client.close()
         client = aiosmtplib.SMTP(
             hostname=hop.host, port=hop.port, local_hostname=self.config.hostname,
             timeout=self.config.relay.connect_timeout, tls_context=self._tls,
@@ -129,58 +136,53 @@ class Connections:
             await client.connect()
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
-        self._clients[hop] = client
-        self._sent[hop] = 0
-        return client, False
+        return _Conn(client), False
 
     async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str], data: bytes) -> None:
-        async with self.lock(hop):
-            client, reused = await self._client(hop)
+        async with self._slots.setdefault(hop, asyncio.Semaphore(PER_HOP)):
+            conn, reused = await self._checkout(hop)
             try:
-                await self._transaction(hop, client, mail_from, rcpts, data)
+                await self._transaction(hop, conn, mail_from, rcpts, data)
             except TemporaryFailure:
                 if not reused:
                     raise
                 # a reused connection may have been closed by the peer meanwhile (idle time,
                 # command limits): one more try on a fresh one before deferring. A duplicate
                 # that could result is recognised by the peer's reception point.
-                client, _ = await self._client(hop)
-                await self._transaction(hop, client, mail_from, rcpts, data)
+                conn, _ = await self._checkout(hop)
+                await self._transaction(hop, conn, mail_from, rcpts, data)
 
-    async def _transaction(self, hop: Hop, client: aiosmtplib.SMTP, mail_from: str,
+    async def _transaction(self, hop: Hop, conn: _Conn, mail_from: str,
                            rcpts: Sequence[str], data: bytes) -> None:
         try:
-            errors, _ = await client.sendmail(mail_from, list(rcpts), data)
-            self._sent[hop] += 1
+            errors, _ = await conn.client.sendmail(mail_from, list(rcpts), data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            self._drop(hop)
+            conn.client.close()
             if all(r.code >= 500 for r in exc.recipients):
                 raise PermanentFailure(str(exc)) from None
             raise TemporaryFailure(str(exc)) from None
         except aiosmtplib.SMTPResponseException as exc:
-            self._drop(hop)
+            conn.client.close()
             if exc.code >= 500:
                 raise PermanentFailure(f"{exc.code} {exc.message}") from None
             raise TemporaryFailure(f"{exc.code} {exc.message}") from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
-            self._drop(hop)
+            conn.client.close()
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
+        conn.sent += 1
+        self._idle.setdefault(hop, []).append(conn)
         if errors:
             raise PartialDelivery({r: f"{e.code} {e.message}" for r, e in errors.items()})
 
-    def _drop(self, hop: Hop) -> None:
-        client = self._clients.pop(hop, None)
-        if client is not None:
-            client.close()
-
     async def close(self) -> None:
-        for hop in list(self._clients):
-            client = self._clients.pop(hop)
-            try:
-                if client.is_connected:
-                    await client.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                client.close()
+        for conns in self._idle.values():
+            while conns:
+                client = conns.pop().client
+                try:
+                    if client.is_connected:
+                        await client.quit()
+                except (aiosmtplib.SMTPException, OSError):
+                    client.close()
 
 
 class RelayStage:

@@ -844,6 +844,11 @@ class Bench:
         conf = re.sub(r"(?m)^retry_max = .*$", "retry_max = 4.0", conf)
         conf = re.sub(r"(?m)^max_attempts = .*$", "max_attempts = 100000", conf)
         a.conf.write_text(conf)
+        self.notes.append("deep queue: A runs with [relay] retry_base = 1, retry_max = 4, "
+                          "max_attempts = 100000 (defaults 30 s doubling to 1 h, 30 attempts), so "
+                          "the drain measures throughput, not the retry schedule; the queue is "
+                          "filled through pecd.queue.Queue.enqueue with A stopped (the listener's "
+                          "own durable path, minus SMTP)")
         self.stop_pecd(a)
         self.start_pecd(a)
         # RSS with an empty queue: a fresh A after a short warm-up, idle
@@ -1144,8 +1149,8 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             shutil.chown(db, "postfix")
             db.chmod(0o600)
         self._postfix("check")
+        self.started = True  # before ``start``: an interrupt there must still stop it
         self._postfix("start")
-        self.started = True
         wait_port(self.port, 30, lambda: True, "postfix")
 
     def idle(self) -> bool:
@@ -1172,8 +1177,9 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             return
         self.started = False
         master = self._master
-        with contextlib.suppress(Exception):
-            master = self.master_pid()
+        pid_file = self.root / "queue" / "pid" / "master.pid"
+        with contextlib.suppress(OSError, ValueError):
+            master = master or int(pid_file.read_text().strip())
         self._postfix("stop", check=False)
         if master is None:
             return
@@ -1486,8 +1492,14 @@ def main(argv: list[str] | None = None) -> int:
         results["error"] = str(exc)
         status = 1
     finally:
-        procs.stop_all()
-        meter.stop()
+        # a second Ctrl-C must not cut the cleanup short
+        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            procs.stop_all()
+            meter.stop()
+        finally:
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
     results["targets"] = targets(results)
     results["notes"] = bench.notes
     results["duration_s"] = time.monotonic() - started
@@ -1497,10 +1509,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if s.keep else ', removed'})")
     if s.json:
         s.json.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
-    if not s.keep and status == 0:
+    if s.keep or status == 1:
+        bench.say(f"logs and data kept in {tmp}")
+    else:
         shutil.rmtree(tmp, ignore_errors=True)
-    elif status != 0:
-        bench.say(f"logs kept in {tmp}")
     return status
 
 
