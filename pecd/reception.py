@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from pecd import envelope, pec, receipts, smime, virus
+from pecd import envelope, pec, receipts, virus
 from pecd.clock import Clock
-from pecd.cms import SignatureInvalid
+from pecd.cms import SignatureInvalid, verify_detached
 from pecd.config import Config
 from pecd.index import Provider, ProviderIndex
 from pecd.ledger import LedgerEvent
@@ -56,9 +56,10 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
         raise NotCertified(str(exc)) from None
     if parsed.category not in ("envelope", "receipt"):
         raise NotCertified("not a certified message")
+    assert parsed.signed is not None  # envelopes and receipts are split by pec.parse
     try:
-        _, info = smime.verify_message(data, trust_roots, at=at)
-    except (SignatureInvalid, smime.NotSigned) as exc:
+        info = verify_detached(parsed.signed.signature, parsed.signed.inner, trust_roots, at=at)
+    except SignatureInvalid as exc:
         raise NotCertified(f"signature not valid: {exc}") from None
     provider = index.for_certificate(info.signer)
     if provider is None:

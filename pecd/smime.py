@@ -112,6 +112,8 @@ def wrap_signed(outer_headers: Sequence[tuple[str, str]], inner: bytes, signer: 
 
 def _to_crlf(message: bytes) -> bytes:
     """Bare-LF files (as saved by many tools) become canonical CRLF; lone CRs are left alone."""
+    if message.count(b"\n") == message.count(b"\r\n"):
+        return message  # already canonical: no 25 MB copies for nothing
     return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
