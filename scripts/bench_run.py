@@ -1114,28 +1114,7 @@ biff = no
                            "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject"]
         else:
             submission += ["  -o smtpd_relay_restrictions=permit_mynetworks,reject"]
-        services = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+        services = (ROOT / "conf" / "postfix-master.cf.sample").read_text()
         (self.etc / "master.cf").write_text("\n".join(submission) + "\n" + services)
         if self.auth:
             # Debian's Postfix reads Cyrus settings from $config_directory/sasl/smtpd.conf

@@ -33,30 +33,11 @@ from .interop_support import (
     wait_until,
 )
 
-MASTER_CF = """\
-# only the services this instance needs; nothing chrooted (the queue is a throwaway directory)
-{port}      inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+MASTER_CF = (
+    "# only the services this instance needs; nothing chrooted (the queue is a throwaway directory)\n"
+    "{port}      inet  n       -       n       -       -       smtpd\n"
+    + (Path(__file__).resolve().parent.parent / "conf" / "postfix-master.cf.sample").read_text()
+)
 
 
 @dataclass
