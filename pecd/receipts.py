@@ -26,6 +26,13 @@ def _from(issuer: Issuer) -> tuple[str, str]:
     return ("", issuer.service_address)
 
 
+def _kind_headers(ricevuta: str, virus: bool) -> tuple[tuple[str, str], ...]:
+    """``X-Ricevuta``, plus ``X-VerificaSicurezza: errore`` when a virus is the reason."""
+    if virus:
+        return (("X-Ricevuta", ricevuta), ("X-VerificaSicurezza", "errore"))
+    return (("X-Ricevuta", ricevuta),)
+
+
 def _dest_lines(tx: Transaction) -> str:
     labels = {"certificato": "posta certificata", "esterno": "posta ordinaria"}
     return "\n".join(f'{r.address} ("{labels[r.kind]}")' for r in tx.recipients)
@@ -65,9 +72,7 @@ def non_acceptance(tx: Transaction, issuer: Issuer, at: datetime, reason: str,
         f"Identificativo messaggio: {tx.identifier}\n\n"
         f"Non-acceptance notice: your message was not accepted: {reason}\n"
     )
-    kind_headers: tuple[tuple[str, str], ...] = (("X-Ricevuta", "non-accettazione"),)
-    if virus:
-        kind_headers += (("X-VerificaSicurezza", "errore"),)
+    kind_headers = _kind_headers("non-accettazione", virus)
     return msgid, build(SystemMessage(
         message_id=msgid, subject=f"{title}: {tx.subject}", from_=_from(issuer),
         to=(("", tx.sender),), kind_headers=kind_headers, text=text, at=at,
@@ -154,9 +159,7 @@ def non_delivery(tx: Transaction, recipient: str, error: daticert.ErrorKind, rea
         f"Identificativo messaggio: {tx.identifier}\n\n"
         f"Non-delivery notice: the message could not be delivered to {recipient}: {reason}\n"
     )
-    kind_headers: tuple[tuple[str, str], ...] = (("X-Ricevuta", "errore-consegna"),)
-    if virus:
-        kind_headers += (("X-VerificaSicurezza", "errore"),)
+    kind_headers = _kind_headers("errore-consegna", virus)
     return msgid, build(SystemMessage(
         message_id=msgid, subject=f"{title}: {tx.subject}", from_=_from(issuer),
         to=(("", tx.sender),), kind_headers=kind_headers, text=text, at=at,
