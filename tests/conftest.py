@@ -4,12 +4,13 @@ openssl command line as the outside judge of every signed object."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 
 from pecd import cms, config, smime
 from pecd.cli import main as cli_main
+from pecd.service import Service
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
@@ -121,6 +123,20 @@ def submit(provider: ProviderDir, user: str, password: str, mail_from: str, rcpt
             if code not in (250, 251):
                 return code, msg
         return s.data(data)
+
+
+@contextlib.asynccontextmanager
+async def running(*providers: ProviderDir) -> AsyncIterator[list[Service]]:
+    """The providers' services, started (listeners and runners), stopped however the test ends."""
+    services: list[Service] = []
+    try:
+        for p in providers:
+            services.append(Service(p.config))
+            await services[-1].start()
+        yield services
+    finally:
+        for svc in reversed(services):
+            await svc.stop()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

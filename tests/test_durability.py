@@ -21,7 +21,7 @@ from pecd.clock import ManualClock
 from pecd.queue import NewItem, Queue
 from pecd.service import Service
 
-from .conftest import ProviderDir, free_port, openssl, submit, wait_for
+from .conftest import ProviderDir, free_port, openssl, running, submit, wait_for
 from .pechelpers import SinkHandler, configure
 from .test_end_to_end import ORIGINAL
 
@@ -78,11 +78,8 @@ def test_replayed_envelope_is_delivered_once(two_providers: tuple[ProviderDir, P
     a, b = two_providers
 
     async def scenario() -> None:
-        svc_a, svc_b = Service(a.config), Service(b.config)
-        await svc_a.start()
-        await svc_b.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with running(a, b) as (svc_a, svc_b):
+            loop = asyncio.get_running_loop()
             code, _ = await loop.run_in_executor(
                 None, submit, a, "alice@a.test", "alice-secret", "alice@a.test", ["bob@b.test"],
                 ORIGINAL, svc_a.ports.submission)
@@ -102,9 +99,6 @@ def test_replayed_envelope_is_delivered_once(two_providers: tuple[ProviderDir, P
                 "SELECT count(*) FROM ledger WHERE event='duplicate'").fetchone()[0] == 1)
             await wait_for(lambda: sqlite3.connect(a.root / "data" / "pecd.sqlite").execute(
                 "SELECT count(*) FROM ledger WHERE event='duplicate'").fetchone()[0] == 1)
-        finally:
-            await svc_a.stop()
-            await svc_b.stop()
         assert len(b.messages("bob@b.test")) == 1
         assert len(a.messages("alice@a.test")) == 2  # one acceptance, one delivery receipt
         assert len(a.messages("posta-certificata@a.test")) == 1  # same take-charge, kept once
@@ -267,19 +261,13 @@ def test_mail_store_down_defers_delivery(two_providers: tuple[ProviderDir, Provi
     configure(b, "delivery", method="lmtp", lmtp_host="127.0.0.1", lmtp_port=free_port())
 
     async def scenario() -> None:
-        svc_a, svc_b = Service(a.config), Service(b.config)
-        await svc_a.start()
-        await svc_b.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with running(a, b) as (svc_a, _svc_b):
+            loop = asyncio.get_running_loop()
             code, _ = await loop.run_in_executor(
                 None, submit, a, "alice@a.test", "alice-secret", "alice@a.test", ["bob@b.test"],
                 ORIGINAL, svc_a.ports.submission)
             assert code == 250
             await wait_for(lambda: "deliver/deferred: 1" in b.cli("status"))
-        finally:
-            await svc_a.stop()
-            await svc_b.stop()
         assert "ConnectionRefused" in b.cli("queue", "list", "--state", "deferred")
         kinds = [pec_kind(m) for m in a.messages("alice@a.test")]
         assert kinds == ["accettazione"]  # no delivery receipt for an undelivered message

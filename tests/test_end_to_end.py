@@ -18,6 +18,7 @@ from .conftest import (
     client_tls,
     openssl_timestamp_verifies,
     openssl_verifies,
+    running,
     submit,
     wait_for,
 )
@@ -42,11 +43,8 @@ def _kind(msg: bytes) -> str:
 
 
 async def _run_pipeline(a: ProviderDir, b: ProviderDir) -> dict[str, bytes]:
-    svc_a, svc_b = Service(a.config), Service(b.config)
-    await svc_a.start()
-    await svc_b.start()
-    loop = asyncio.get_running_loop()
-    try:
+    async with running(a, b) as (svc_a, _svc_b):
+        loop = asyncio.get_running_loop()
         code, reply = await loop.run_in_executor(
             None, submit, a, "alice@a.test", "alice-secret", "alice@a.test", ["bob@b.test"],
             ORIGINAL, svc_a.ports.submission)
@@ -57,9 +55,6 @@ async def _run_pipeline(a: ProviderDir, b: ProviderDir) -> dict[str, bytes]:
                     and len(a.messages("posta-certificata@a.test")) == 1)
 
         await wait_for(done)
-    finally:
-        await svc_a.stop()
-        await svc_b.stop()
     out = {_kind(m): m for m in a.messages("alice@a.test")}
     out["posta-certificata"] = b.messages("bob@b.test")[0]
     out["presa-in-carico"] = a.messages("posta-certificata@a.test")[0]
