@@ -135,9 +135,13 @@ class Queue:
             ids.append(cur.lastrowid)
         return ids
 
-    def _notify(self, items: Iterable[NewItem]) -> None:
-        for kind in {i.kind for i in items}:
+    def wake(self, *kinds: str) -> None:
+        """Tell the runners of these kinds to look at the queue now rather than at their next poll."""
+        for kind in kinds:
             self._event(kind).set()
+
+    def _notify(self, items: Iterable[NewItem]) -> None:
+        self.wake(*{i.kind for i in items})
 
     async def enqueue(self, items: Sequence[NewItem], events: Sequence[LedgerEvent] = (),
                       effects: Sequence[Effect] = ()) -> list[int]:
@@ -262,8 +266,7 @@ class Queue:
         fresh = await self._commit(txn, names)
         if not fresh:
             self.spool.remove(names)
-            for kind in KINDS:  # replayed replies may have been queued
-                self._event(kind).set()
+            self.wake(*KINDS)  # replayed replies may have been queued
         if outcome.state == "done":
             self.spool.remove([item.spool])
         self._notify(outcome.outputs)

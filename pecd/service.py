@@ -102,11 +102,11 @@ class Runner:
         self._inflight.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("queue commit failed", exc_info=task.exception())
-        self.queue._event(self.kind).set()
+        self.queue.wake(self.kind)
 
     async def drain(self, timeout: float) -> None:
         self._stopping = True
-        self.queue._event(self.kind).set()
+        self.queue.wake(self.kind)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=timeout)
 
