@@ -94,6 +94,7 @@ class Queue:
         self.spool = spool
         self.clock = clock
         self.wakeup: dict[str, asyncio.Event] = {}
+        self._commits: set[asyncio.Future[Any]] = set()
 
     def _event(self, kind: str) -> asyncio.Event:
         if kind not in self.wakeup:
@@ -167,6 +168,8 @@ class Queue:
         transaction: it may still commit, so its spool files must stay; if it then fails they are
         orphans that recovery removes."""
         job = asyncio.ensure_future(self.db.transact(txn))
+        self._commits.add(job)
+        job.add_done_callback(self._commits.discard)
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -174,6 +177,11 @@ class Queue:
         except BaseException:
             self.spool.remove(names)
             raise
+
+    async def settle(self) -> None:
+        """Wait for commits whose callers were cancelled: they still land before the DB closes."""
+        if self._commits:
+            await asyncio.gather(*self._commits, return_exceptions=True)
 
     async def record(self, events: Sequence[LedgerEvent]) -> None:
         """Ledger rows for things that create no queue item (a refused session, say)."""

@@ -34,6 +34,7 @@ TOO_MANY_HEADERS = "554 5.6.0 Too many header fields (limit {})"
 HEADERS_TOO_BIG = "554 5.6.0 Header section too large (limit {} bytes)"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_COMMANDS = "421 4.7.0 Too many commands in this session, closing"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
 

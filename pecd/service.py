@@ -2,8 +2,9 @@
 
 ``Service.start`` first recovers the queue (dead leases back, unacknowledged files away), then
 starts the runners and only then the listeners, so nothing is accepted before the queue is sane.
-``Service.stop`` closes listeners first, lets in-flight items finish (bounded), then closes
-stores.
+``Service.stop`` closes listeners first, ends sessions with ``421`` (a command under way may
+answer first), lets in-flight items finish (bounded, the rest cancelled: their leases return at the
+next start), waits for commits already handed to the writer, then closes stores.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Runner:
         self.handler = handler
         self.concurrency = concurrency
         self._inflight: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def _process(self, item: Item) -> None:
@@ -87,6 +89,9 @@ class Runner:
         await asyncio.gather(*(self._process(i) for i in items))
         return len(items)
 
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self.run())
+
     async def run(self) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
@@ -105,10 +110,21 @@ class Runner:
         self.queue.wake(self.kind)
 
     async def drain(self, timeout: float) -> None:
+        """Lease nothing more, give items under way ``timeout`` to finish, cancel the rest.
+
+        The leasing loop stops first, so no item can start after the wait. A cancelled item
+        keeps its lease until recovery returns it; its commit, if already handed to the writer,
+        still lands (see ``Queue.settle``)."""
         self._stopping = True
         self.queue.wake(self.kind)
+        if self._loop is not None:
+            await asyncio.gather(self._loop, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=timeout)
+        left = list(self._inflight)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
 
 @dataclass
@@ -201,7 +217,9 @@ class Service:
         self.ports = Ports()
         self.recovery: Recovery | None = None
         self._servers: list[asyncio.Server] = []
+        self._handlers: list[SubmissionHandler | InboundHandler] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
 
     async def check_password(self, user: str, password: str) -> bool:
         """A login as the listeners do it (counts failures, honours the account lock)."""
@@ -213,9 +231,10 @@ class Service:
     async def start(self, listeners: bool = True, runners: bool = True) -> None:
         self.recovery = self.queue.recover()
         if runners:
-            self._tasks = [asyncio.create_task(r.run()) for r in self.runners.values()]
-            self._tasks.append(asyncio.create_task(self._housekeeping()))
-            self._tasks.append(asyncio.create_task(self.timeouts.run()))
+            for runner in self.runners.values():
+                runner.start()
+            self._tasks = [asyncio.create_task(self._housekeeping()),
+                           asyncio.create_task(self.timeouts.run())]
         if listeners:
             await self._listen()
 
@@ -223,6 +242,7 @@ class Service:
         cfg, tls = self.config, server_tls(self.config)
         sub = SubmissionHandler(cfg, self.queue, self.authenticator.login, self.clock)
         inbound = InboundHandler(cfg, self.queue, self.index)
+        self._handlers = [sub, inbound]
         specs = [
             ("submission", sub, cfg.listen.submission_port, False, True),
             ("smtps", sub, cfg.listen.smtps_port, True, True),
@@ -274,16 +294,23 @@ class Service:
         return total
 
     async def stop(self, timeout: float = 10.0) -> None:
+        """Idempotent: a second SIGTERM, or a test's cleanup after an explicit stop, is a no-op."""
+        if self._stopped:
+            return
+        self._stopped = True
         for server in self._servers:
             server.close()
         for server in self._servers:
             await server.wait_closed()
+        for handler in self._handlers:
+            await handler.close_sessions(timeout)
         for runner in self.runners.values():
             await runner.drain(timeout)
         await self.timeouts.drain(timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.queue.settle()
         await self.connections.close()
         self.cpu.shutdown(wait=True)
         self.db.close()

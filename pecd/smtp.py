@@ -114,6 +114,8 @@ class PecdSMTP(SMTP):
         self._counted_address: str | None = None
         self._over_connection_limit = False
         self._commands = 0
+        self._busy = False  # a command is under way (DATA being read, a handler awaited)
+        self._shutting_down = False
         self._smtp_methods = {name: self._counting(method)
                               for name, method in self._smtp_methods.items()}
 
@@ -130,6 +132,7 @@ class PecdSMTP(SMTP):
         super().connection_made(transport)
         if first:
             assert self.session is not None
+            self.event_handler.sessions.add(self)
             address = peer_address(self.session.peer)
             if self.event_handler.connections.acquire(address):
                 self._counted_address = address
@@ -137,6 +140,7 @@ class PecdSMTP(SMTP):
                 self._over_connection_limit = True
 
     def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.sessions.discard(self)
         if self._counted_address is not None:
             self.event_handler.connections.release(self._counted_address)
             self._counted_address = None
@@ -151,6 +155,28 @@ class PecdSMTP(SMTP):
             self.transport.close()
             return
         await super()._handle_client()
+
+    def shut_down(self) -> None:
+        """Service stop: an idle session gets ``421`` and closes now; one in the middle of a
+        command closes right after answering it (see ``_counting``)."""
+        self._shutting_down = True
+        if not self._busy:
+            self._close_with(replies.SHUTTING_DOWN)
+
+    def abort(self) -> None:
+        """The grace period is over: drop the connection, whatever it was doing."""
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+
+    @property
+    def handler_task(self) -> asyncio.Task[None] | None:
+        return self._handler_coroutine
+
+    def _close_with(self, reply: str) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self._writer.write(reply.encode() + CRLF)  # flushed by close()
+            transport.close()
 
     def _timeout_cb(self) -> None:
         transport = self.transport
@@ -176,7 +202,13 @@ class PecdSMTP(SMTP):
                 assert self.transport is not None
                 self.transport.close()
                 return
-            await method(arg)
+            self._busy = True
+            try:
+                await method(arg)
+            finally:
+                self._busy = False
+            if self._shutting_down:
+                self._close_with(replies.SHUTTING_DOWN)
 
         return counted
 
@@ -265,6 +297,19 @@ class _Base:
         self.queue = queue
         # shared by every listener this handler serves (submission + smtps share one)
         self.connections = ConnectionLimiter(config.limits.max_connections_per_address)
+        self.sessions: set[PecdSMTP] = set()
+
+    async def close_sessions(self, grace: float) -> None:
+        """Shutdown: every session ends with ``421``; one that is in the middle of a command
+        (a DATA being committed, say) gets up to ``grace`` seconds to answer it first."""
+        for session in list(self.sessions):
+            session.shut_down()
+        tasks = {t for t in (s.handler_task for s in self.sessions) if t is not None}
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for session in list(self.sessions):
+            session.abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle_exception(self, error: Exception) -> str:
         return replies.reply_for(error)

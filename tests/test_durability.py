@@ -12,17 +12,18 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope
 
-from pecd import cms, ledger, pki
+from pecd import cms, ledger, pki, replies
 from pecd.clock import ManualClock
 from pecd.queue import NewItem, Queue
 from pecd.service import Service
 
 from .conftest import ProviderDir, free_port, openssl, running, submit, wait_for
-from .pechelpers import SinkHandler, configure
+from .pechelpers import SinkHandler, configure, count
 from .test_end_to_end import ORIGINAL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +165,42 @@ def test_sigterm_stops_gracefully(two_providers: tuple[ProviderDir, ProviderDir]
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stop_mid_flight_leaves_no_task_and_loses_nothing(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    """``stop`` with no grace while stages are busy: nothing keeps running after it (a task still
+    pending when the loop closes is work cut off unseen), and a restart finishes every message."""
+    a, b = two_providers
+    n = 12
+    for p in (a, b):  # a relay cut off by the stop is retried soon, not in 30 s
+        configure(p, "relay", retry_base=0.2)
+
+    async def scenario() -> None:
+        async with running(a, b) as (svc_a, svc_b):
+            port = svc_a.ports.submission
+            loop = asyncio.get_running_loop()
+            clients = ThreadPoolExecutor(n)  # not the default pool: the server's spool uses it
+            answers = await asyncio.gather(*(loop.run_in_executor(
+                clients, submit, a, "alice@a.test", "alice-secret", "alice@a.test", ["bob@b.test"],
+                ORIGINAL.replace(b"original-1@", f"original-{i}@".encode()), port)
+                for i in range(n)))
+            clients.shutdown()
+            assert [code for code, _ in answers] == [250] * n
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc_b.ports.inbound)
+            assert (await reader.readline()).startswith(b"220")  # an idle session ...
+            for svc in (svc_a, svc_b):  # in the middle of signing, relaying, delivering
+                await svc.stop(timeout=0.0)
+            assert await reader.read() == (replies.SHUTTING_DOWN + "\r\n").encode()  # ... told
+            writer.close()
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+        async with running(a, b):
+            await wait_for(lambda: count(b, "bob@b.test") == n
+                           and count(a, "alice@a.test") == 2 * n, timeout=60)
+        assert count(b, "bob@b.test") == n and count(a, "alice@a.test") == 2 * n
+
+    asyncio.run(scenario())
+    assert "ledger ok" in a.cli("ledger", "verify") and "ledger ok" in b.cli("ledger", "verify")
 
 
 def test_checkpoints_and_signed_export_verify_with_openssl(
