@@ -345,8 +345,7 @@ def _find_signer(sid: cms.SignerIdentifier, candidates: Sequence[x509.Certificat
         for cert in candidates:
             if cert.serial_number != want_serial:
                 continue
-            tbs = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
-            if _same_name(tbs["tbs_certificate"]["issuer"], want_issuer):
+            if _same_name(_cert_issuer(cert), want_issuer):
                 return cert
     elif sid.name == "subject_key_identifier":
         want_ski = sid.chosen.native

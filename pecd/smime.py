@@ -17,10 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
+from email.parser import BytesHeaderParser
 
 from cryptography import x509
 
 from pecd.cms import SignatureInfo, Signer, verify_detached
+
+# header blocks only: a full parser compiles a regex for every new multipart boundary
+_HEADERS = BytesHeaderParser(policy=email.policy.compat32)
 
 SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
 _HEADER_NAME = re.compile(rb"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
@@ -153,7 +157,7 @@ def _parse_part(part: bytes) -> tuple[Message, bytes]:
         raise NotSigned("signature part has no header/body separator")
     else:
         head, body = part[: sep + 2], part[sep + 4 :]
-    headers = email.message_from_bytes(head + b"\r\n", policy=email.policy.compat32)
+    headers = _HEADERS.parsebytes(head + b"\r\n")
     return headers, body
 
 
@@ -167,7 +171,7 @@ def split_signed(message: bytes) -> SignedMessage:
     if sep < 0:
         raise NotSigned("no header/body separator")
     head, body = message[: sep + 2], message[sep + 4 :]
-    headers = email.message_from_bytes(head + b"\r\n", policy=email.policy.compat32)
+    headers = _HEADERS.parsebytes(head + b"\r\n")
     if headers.get_content_type() != "multipart/signed":
         raise NotSigned(f"Content-Type is {headers.get_content_type()}, not multipart/signed")
     protocol = str(headers.get_param("protocol", "") or "").lower()

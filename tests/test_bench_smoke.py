@@ -18,15 +18,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pecd_serves() -> set[int]:
+def _started_by(mark: str) -> set[int]:
+    """Processes that inherited ``mark`` in their environment: this run's, not another
+    benchmark's running on the same machine."""
+    token = f"PECD_BENCH_SMOKE={mark}".encode()
     pids = set()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(b"pecd-bench-" in part for part in cmd):
+            if token in environ:
                 pids.add(int(entry.name))
     return pids
 
@@ -35,11 +38,11 @@ def _pecd_serves() -> set[int]:
 @pytest.mark.timeout(150)
 def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    before = _pecd_serves()
+    mark = str(tmp_path)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_run.py"), "--quick", "--json", str(out)],
         capture_output=True, text=True, timeout=140, cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PECD_BENCH_SMOKE": mark}, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     r = json.loads(out.read_text())
@@ -68,4 +71,4 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     table = proc.stdout
     for heading in ("1. Max rate", "2. Half rate", "3. Big message", "4. Deep queue", "Targets"):
         assert heading in table
-    assert _pecd_serves() <= before, "the benchmark left processes running"
+    assert not _started_by(mark), "the benchmark left processes running"
