@@ -305,9 +305,8 @@ class Service:
             await server.wait_closed()
         for handler in self._handlers:
             await handler.close_sessions(timeout)
-        for runner in self.runners.values():
-            await runner.drain(timeout)
-        await self.timeouts.drain(timeout)
+        await asyncio.gather(*(r.drain(timeout) for r in self.runners.values()),
+                             self.timeouts.drain(timeout))  # one grace period for all, not one each
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
