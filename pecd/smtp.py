@@ -152,8 +152,7 @@ class PecdSMTP(SMTP):
             assert self.session is not None and self.transport is not None
             log.warning("%s: connection refused, over the per-address limit",
                         peer_address(self.session.peer))
-            await self.push(replies.TOO_MANY_CONNECTIONS)
-            self.transport.close()
+            self._close_with(replies.TOO_MANY_CONNECTIONS)
             return
         await super()._handle_client()
 
@@ -199,9 +198,7 @@ class PecdSMTP(SMTP):
         async def counted(arg: str | None) -> None:
             self._commands += 1
             if self._commands > self.limits.max_commands_per_session:
-                await self.push(replies.TOO_MANY_COMMANDS)
-                assert self.transport is not None
-                self.transport.close()
+                self._close_with(replies.TOO_MANY_COMMANDS)
                 return
             self._busy = True
             try:
