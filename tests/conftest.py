@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import smtplib
 import socket
@@ -24,8 +25,36 @@ from pecd.service import Service
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
 
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range, never handed out twice in this run.
+
+    A port from ``bind(0)`` is an ephemeral one: between this call and the listener's bind, any
+    outgoing connection (a relay, a client) may take it as its local port, and the listener
+    then fails with "address already in use"."""
+    low = _ephemeral_low()
+    candidates = list(range(10000, low)) if low > 11000 else []
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range: the old way
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
