@@ -132,8 +132,12 @@ class PecdSMTP(SMTP):
             self._auth_require_tls = False  # implicit TLS: encrypted before the greeting
         super().connection_made(transport)
         if first:
-            assert self.session is not None
-            self.event_handler.sessions.add(self)
+            assert self.session is not None and self._handler_coroutine is not None
+            # known until its handler task ends, not until the connection is lost: shutdown
+            # waits for a task that is still unwinding after the peer went away
+            sessions = self.event_handler.sessions
+            sessions.add(self)
+            self._handler_coroutine.add_done_callback(lambda _: sessions.discard(self))
             address = peer_address(self.session.peer)
             if self.event_handler.connections.acquire(address):
                 self._counted_address = address
@@ -141,7 +145,6 @@ class PecdSMTP(SMTP):
                 self._over_connection_limit = True
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.event_handler.sessions.discard(self)
         if self._counted_address is not None:
             self.event_handler.connections.release(self._counted_address)
             self._counted_address = None
