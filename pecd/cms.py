@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pecd.blob import Blob
 from pecd.clock import Clock
 from pecd.pki import PrivateKey
 
@@ -271,21 +272,23 @@ class Signer:
     def certificate(self) -> x509.Certificate:
         return self._core.cert
 
-    def sign_detached(self, data: bytes) -> bytes:
-        """DER ContentInfo(SignedData) without the content; what S/MIME multipart/signed carries."""
-        return self._sign(data, attached=False)
+    def sign_detached(self, data: bytes | Blob) -> bytes:
+        """DER ContentInfo(SignedData) without the content; what S/MIME multipart/signed carries.
+        A Blob is hashed piece by piece: a big envelope is signed without being joined."""
+        digest = data.sha256() if isinstance(data, Blob) else hashlib.sha256(data).digest()
+        return self._sign(digest, None)
 
     def sign_attached(self, data: bytes) -> bytes:
         """DER ContentInfo(SignedData) that carries ``data`` itself."""
-        return self._sign(data, attached=True)
+        return self._sign(hashlib.sha256(data).digest(), data)
 
-    def _sign(self, data: bytes, attached: bool) -> bytes:
+    def _sign(self, digest: bytes, econtent: bytes | None) -> bytes:
         core_ = self._core
         signed_attrs, signature = core_.sign_attrs(
             [
                 self._content_type_attr,
                 der_attribute(ID_SIGNING_TIME, der_time(self._clock.now())),
-                der_attribute(ID_MESSAGE_DIGEST, _der_tlv(0x04, hashlib.sha256(data).digest())),
+                der_attribute(ID_MESSAGE_DIGEST, _der_tlv(0x04, digest)),
                 core_.ess_attr_der,
             ]
         )
@@ -298,7 +301,7 @@ class Signer:
             except ValueError as exc:
                 raise SignatureInvalid(f"timestamper returned a malformed token: {exc}") from exc
             unsigned.append(der_attribute(ID_AA_SIGNATURE_TIME_STAMP_TOKEN, token))
-        return core_.content_info(ID_DATA, data if attached else None, signed_attrs, signature, unsigned)
+        return core_.content_info(ID_DATA, econtent, signed_attrs, signature, unsigned)
 
 
 # --------------------------------------------------------------------------- verification
@@ -426,7 +429,7 @@ def _check_ess(values: list[Any], kind: str, signer: x509.Certificate) -> None:
 
 def check_signed_data(
     der: bytes,
-    detached: bytes | None,
+    detached: bytes | memoryview | None,
     extra_certs: Sequence[x509.Certificate] = (),
     require_ess: bool = False,
 ) -> _Checked:
@@ -717,7 +720,7 @@ def _finish(
 
 def verify_detached(
     signature_der: bytes,
-    data: bytes,
+    data: bytes | memoryview,
     trust_roots: Sequence[x509.Certificate],
     tsa_roots: Sequence[x509.Certificate] | None = None,
     require_timestamp: bool = False,

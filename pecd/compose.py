@@ -18,9 +18,12 @@ from email.header import Header
 from email.message import Message
 
 from pecd import headers
+from pecd.blob import Blob
 
 CRLF = b"\r\n"
 _CTL = re.compile(r"[\r\n\x00]+")
+BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # a CR or LF that is not part of a CRLF
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 
 def clean(value: str) -> str:
@@ -118,18 +121,18 @@ def xml_part(xml: bytes, filename: str = "daticert.xml") -> bytes:
     ], base64_body(xml))
 
 
-def rfc822_part(original: bytes, filename: str = "postacert.eml") -> bytes:
+def rfc822_part(original: bytes | memoryview, filename: str = "postacert.eml") -> Blob:
     """The original message, byte for byte (RFC 2046 forbids encoding message/rfc822); only a
-    bare CR or LF, which a signed entity cannot hold (and pecd's listeners refuse), becomes CRLF."""
-    crlf = original.count(CRLF)
-    if original.count(b"\n") != crlf or original.count(b"\r") != crlf:
-        original = re.sub(rb"\r\n|\r|\n", CRLF, original)
-    cte = b"7bit" if original.isascii() else b"8bit"
-    return entity([
+    bare CR or LF, which a signed entity cannot hold (and pecd's listeners refuse), becomes CRLF.
+    The original stays a view, not a copy: it can be most of a 30 MB envelope."""
+    if BARE_EOL.search(original):
+        original = re.sub(rb"\r\n|\r|\n", CRLF, bytes(original))
+    cte = b"8bit" if _EIGHT_BIT.search(original) else b"7bit"
+    return Blob(entity([
         f'Content-Type: message/rfc822; name="{filename}"\r\n'.encode(),
         b"Content-Transfer-Encoding: " + cte + CRLF,
         f'Content-Disposition: inline; filename="{filename}"\r\n'.encode(),
-    ], original)
+    ], b""), original)
 
 
 def plain_attachment(filename: str, text: bytes) -> bytes:
@@ -140,12 +143,13 @@ def plain_attachment(filename: str, text: bytes) -> bytes:
     ], text + CRLF)
 
 
-def multipart(subtype: str, parts: Sequence[bytes], extra_headers: Sequence[bytes] = ()) -> bytes:
+def multipart(subtype: str, parts: Sequence[bytes | Blob],
+              extra_headers: Sequence[bytes] = ()) -> Blob:
     boundary = new_boundary()
-    while any(boundary.encode() in p for p in parts):
+    while any(Blob(p).search(re.compile(re.escape(boundary.encode()))) for p in parts):
         boundary = new_boundary()
     b = boundary.encode()
-    out = [
+    out: list[bytes | Blob] = [
         *extra_headers,
         f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n'.encode(),
         CRLF,
@@ -155,7 +159,7 @@ def multipart(subtype: str, parts: Sequence[bytes], extra_headers: Sequence[byte
         # the CRLF before each delimiter belongs to the delimiter: parts come back byte-exact
         out += [b"--" + b + CRLF, part, CRLF]
     out.append(b"--" + b + b"--" + CRLF)
-    return b"".join(out)
+    return Blob(*out)
 
 
 def message_id(domain: str, at: datetime) -> str:
@@ -163,36 +167,70 @@ def message_id(domain: str, at: datetime) -> str:
     return f"opec-{at.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex}@{domain}"
 
 
+def entity_bounds(buf: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Where the header block of the entity ``buf[start:end]`` ends (after its final CRLF) and
+    where its body starts; offsets, so a big body is never sliced."""
+    end = len(buf) if end is None else end
+    if buf.startswith(CRLF, start, end):
+        return start, start + 2
+    sep = buf.find(b"\r\n\r\n", start, end)
+    if sep < 0:
+        return end, end
+    return sep + 2, sep + 4
+
+
 def split_entity(entity: bytes) -> tuple[bytes, bytes]:
     """Header block (with its final CRLF) and body of a MIME entity."""
-    if entity.startswith(CRLF):
-        return b"", entity[2:]
-    end = entity.find(b"\r\n\r\n")
-    if end < 0:
-        return entity, b""
-    return entity[: end + 2], entity[end + 4 :]
+    head_end, body_start = entity_bounds(entity)
+    return entity[:head_end], entity[body_start:]
+
+
+def part_spans(buf: bytes, boundary: bytes, start: int = 0,
+               end: int | None = None) -> tuple[list[tuple[int, int]], bool]:
+    """(start, end) of each body part of the multipart body ``buf[start:end]``, and whether the
+    close delimiter was found (RFC 2046 §5.1.1).
+
+    A delimiter line is CRLF "--" boundary, an optional "--" (close), optional white space, CRLF;
+    its leading CRLF belongs to it, not to the part before (the first may open the body). Only
+    offsets are returned: parts are found in a 30 MB message without copying it.
+    """
+    end = len(buf) if end is None else end
+    marker = b"\r\n--" + boundary
+
+    def next_marker(pos: int) -> int | None:
+        found = buf.find(marker, pos, end)
+        return None if found < 0 else found
+
+    spans: list[tuple[int, int]] = []
+    part_start: int | None = None
+    pos = start - 2 if buf.startswith(marker[2:], start, end) else next_marker(start)
+    while pos is not None:
+        after = pos + len(marker)
+        line_end = buf.find(CRLF, after, end)
+        stop = end if line_end < 0 else line_end
+        closing = buf.startswith(b"--", after, stop)
+        if buf[after + (2 if closing else 0):stop].strip(b" \t"):
+            pos = next_marker(after)  # boundary text inside a longer line: not a delimiter
+            continue
+        if part_start is not None:
+            spans.append((part_start, max(part_start, pos)))
+        if closing:
+            return spans, True
+        if line_end < 0:
+            break
+        part_start = line_end + 2
+        pos = next_marker(line_end)  # an empty part: this line's CRLF opens the next delimiter
+    return spans, False
 
 
 def split_multipart(entity: bytes) -> list[bytes]:
     """The exact bytes of each body part of a multipart entity (RFC 2046 §5.1.1)."""
-    head, body = split_entity(entity)
-    boundary = headers.parse(head).get_boundary()
+    head_end, body_start = entity_bounds(entity)
+    boundary = headers.parse(entity[:head_end]).get_boundary()
     if not boundary:
         return []
-    delimiter = b"\r\n--" + boundary.encode("ascii", "replace")
-    text = CRLF + body
-    parts: list[bytes] = []
-    pos = text.find(delimiter)
-    while pos >= 0:
-        line_end = text.find(CRLF, pos + len(delimiter))
-        if text[pos + len(delimiter) : pos + len(delimiter) + 2] == b"--" or line_end < 0:
-            break
-        nxt = text.find(delimiter, line_end)
-        if nxt < 0:
-            break
-        parts.append(text[line_end + 2 : nxt])
-        pos = nxt
-    return parts
+    spans, _ = part_spans(entity, boundary.encode("ascii", "replace"), body_start)
+    return [entity[a:b] for a, b in spans]
 
 
 def decode_body(info: Message, body: bytes) -> bytes:

@@ -160,11 +160,12 @@ class DeliveryPoint:
             self.mailbox.store(rcpt, f"{item.id}-0", item.created, data)
         except MailboxError as exc:  # over quota, unsafe name, refused by the store
             return refuse("altro", f"the mailbox cannot take the message: {exc}")
-        original = headers.parse(parsed.original or b"")
+        original = parsed.original_headers()
         cc = rcpt.lower() in {a.lower() for a in headers.addresses(original, "Cc")} and \
             rcpt.lower() not in {a.lower() for a in headers.addresses(original, "To")}
         form = receipts.delivery_form(tx, rcpt, cc)
-        receipt_id, receipt = receipts.delivery(tx, rcpt, form, parsed.original, self.issuer, at)
+        receipt_id, receipt = receipts.delivery(tx, rcpt, form, parsed.original_view, self.issuer,
+                                                  at)
         return Outcome(
             outputs=self.router.items(self.issuer.service_address, [tx.sender], receipt,
                                       local_kind="inbound",

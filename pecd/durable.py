@@ -8,15 +8,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pecd.blob import Blob, as_blob
 
-def write_synced(path: Path, data: bytes, exclusive: bool = True) -> None:
+
+def write_synced(path: Path, data: bytes | Blob, exclusive: bool = True) -> None:
     """Write ``data`` to a new file and fsync it (the caller renames it into place)."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for piece in as_blob(data):
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -31,7 +34,7 @@ def sync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, data: bytes, final: Path) -> None:
+def publish(tmp: Path, data: bytes | Blob, final: Path) -> None:
     """``data`` appears at ``final`` whole or not at all, and stays there after a crash."""
     write_synced(tmp, data, exclusive=False)
     os.rename(tmp, final)

@@ -10,6 +10,7 @@ from datetime import datetime
 from email.message import Message
 
 from pecd import compose, daticert, headers
+from pecd.blob import Blob
 from pecd.compose import HeaderField
 from pecd.pec import Issuer, SystemMessage, Transaction, build
 
@@ -27,7 +28,7 @@ def _inherited(src: Message) -> list[HeaderField]:
             for name in _INHERITED for value in src.get_all(name, [])]
 
 
-def transport_envelope(tx: Transaction, original: bytes, issuer: Issuer, at: datetime) -> bytes:
+def transport_envelope(tx: Transaction, original: bytes, issuer: Issuer, at: datetime) -> Blob:
     """The signed envelope the access point sends to every recipient."""
     src = headers.parse(original)
     copied = _inherited(src)
@@ -62,7 +63,7 @@ def transport_envelope(tx: Transaction, original: bytes, issuer: Issuer, at: dat
 
 
 def anomaly_envelope(original: bytes, recipients: tuple[str, ...], issuer: Issuer,
-                     at: datetime, reason: str) -> bytes:
+                     at: datetime, reason: str) -> Blob:
     """Wraps mail that could not be certified; it reaches the recipient marked as such."""
     src = headers.parse(original)
     subject = headers.text(src, "Subject") or ""

@@ -14,6 +14,7 @@ from email.message import Message
 from typing import Literal
 
 from pecd import compose, daticert, headers, smime
+from pecd.blob import Blob
 from pecd.cms import Signer
 from pecd.compose import HeaderField
 from pecd.daticert import CertData
@@ -76,13 +77,13 @@ class SystemMessage:
     at: datetime
     ref_msgid: str | None = None
     certdata: CertData | None = None
-    original: bytes | None = None
+    original: bytes | memoryview | None = None
     copied_headers: tuple[HeaderField, ...] = field(default=())  # e.g. To/Cc/Reply-To of envelopes
     extra_parts: tuple[bytes, ...] = ()
 
 
-def build(msg: SystemMessage, signer: Signer) -> bytes:
-    parts = [compose.text_part(msg.text), *msg.extra_parts]
+def build(msg: SystemMessage, signer: Signer) -> Blob:
+    parts: list[bytes | Blob] = [compose.text_part(msg.text), *msg.extra_parts]
     if msg.original is not None:
         parts.append(compose.rfc822_part(msg.original))
     if msg.certdata is not None:
@@ -114,14 +115,35 @@ class NotPec(Exception):
 
 @dataclass(frozen=True)
 class Parsed:
-    """A received PEC message split into its parts, before any trust decision."""
+    """A received PEC message split into its parts, before any trust decision. The original
+    (postacert.eml) is a place in the signed message, handed on as a view, never copied."""
 
     category: Category
     headers: Message
     signed: smime.SignedMessage | None
     certdata: CertData | None
-    original: bytes | None
+    original_span: tuple[int, int] | None
     ricevuta: str | None
+
+    @property
+    def original_view(self) -> memoryview | None:
+        if self.signed is None or self.original_span is None:
+            return None
+        start, end = self.original_span
+        return memoryview(self.signed.source)[start:end]
+
+    @property
+    def original(self) -> bytes | None:
+        view = self.original_view
+        return None if view is None else bytes(view)
+
+    def original_headers(self) -> Message:
+        """The original's header fields, read without copying its body."""
+        if self.signed is None or self.original_span is None:
+            return headers.parse(b"")
+        start, end = self.original_span
+        head_end, _ = compose.entity_bounds(self.signed.source, start, end)
+        return headers.parse(self.signed.source[start:head_end])
 
 
 def classify(data: bytes) -> Category:
@@ -147,16 +169,21 @@ def parse(data: bytes) -> Parsed:
     except smime.NotSigned as exc:
         raise NotPec(f"not an S/MIME signed message: {exc}") from None
     xml: bytes | None = None
-    original: bytes | None = None
-    for part in compose.split_multipart(signed.inner):
-        part_headers, body = compose.split_entity(part)
-        info = headers.parse(part_headers)
+    original: tuple[int, int] | None = None
+    source = signed.source
+    head_end, body_start = compose.entity_bounds(source, signed.inner_start, signed.inner_end)
+    boundary = headers.parse(source[signed.inner_start:head_end]).get_boundary()
+    spans, _ = compose.part_spans(source, boundary.encode("ascii", "replace"), body_start,
+                                  signed.inner_end) if boundary else ([], False)
+    for start, end in spans:
+        part_head_end, part_body = compose.entity_bounds(source, start, end)
+        info = headers.parse(source[start:part_head_end])
         ctype = info.get_content_type()
         filename = (info.get_filename() or "").lower()
         if ctype == "application/xml" and filename in ("daticert.xml", "certdata.xml"):
-            xml = compose.decode_body(info, body)
+            xml = compose.decode_body(info, source[part_body:end])
         elif ctype == "message/rfc822" and filename == "postacert.eml" and original is None:
-            original = body
+            original = (part_body, end)
     if xml is None:
         raise NotPec("no daticert.xml part")
     try:

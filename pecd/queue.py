@@ -20,11 +20,13 @@ import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import sqlite_utils
 
 from pecd import ledger
+from pecd.blob import Blob
 from pecd.clock import Clock
 from pecd.db import Database
 from pecd.ledger import LedgerEvent
@@ -41,7 +43,7 @@ class NewItem:
     kind: Kind
     mail_from: str
     rcpts: tuple[str, ...]
-    data: bytes | None = None
+    data: bytes | Blob | None = None
     same_as: str | None = None  # spool name whose bytes this item shares (hard link)
     dest: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -291,6 +293,9 @@ class Queue:
     def read(self, item: Item) -> bytes:
         return self.spool.read(item.spool)
 
+    def path(self, item: Item) -> Path:
+        return self.spool.path(item.spool)
+
     def recover(self) -> Recovery:
         """Run once at start, before any listener: return dead leases, drop what nobody acknowledged."""
         at = self.clock.now()
@@ -328,7 +333,7 @@ class Queue:
 def _replies_json(items: Sequence[NewItem]) -> str:
     return json.dumps([
         {"kind": i.kind, "mail_from": i.mail_from, "rcpts": list(i.rcpts), "dest": i.dest,
-         "meta": dict(i.meta), "data": base64.b64encode(i.data or b"").decode()}
+         "meta": dict(i.meta), "data": base64.b64encode(bytes(i.data or b"")).decode()}
         for i in items if i.data is not None
     ], sort_keys=True)
 

@@ -19,6 +19,7 @@ from email.message import Message
 from email.utils import encode_rfc2231
 
 from pecd import compose, daticert, headers
+from pecd.blob import Blob
 from pecd.pec import Issuer, ReceiptKind, SystemMessage, Transaction, build
 
 
@@ -38,7 +39,7 @@ def _dest_lines(tx: Transaction) -> str:
     return "\n".join(f'{r.address} ("{labels[r.kind]}")' for r in tx.recipients)
 
 
-def acceptance(tx: Transaction, issuer: Issuer, at: datetime) -> tuple[str, bytes]:
+def acceptance(tx: Transaction, issuer: Issuer, at: datetime) -> tuple[str, Blob]:
     """The sender's proof of sending; its time is the legal sending time."""
     msgid = compose.message_id(issuer.domain, at)
     text = (
@@ -58,7 +59,7 @@ def acceptance(tx: Transaction, issuer: Issuer, at: datetime) -> tuple[str, byte
 
 
 def non_acceptance(tx: Transaction, issuer: Issuer, at: datetime, reason: str,
-                   virus: bool = False) -> tuple[str, bytes]:
+                   virus: bool = False) -> tuple[str, Blob]:
     """Why a submission was refused; never carries the original (§3.1.2)."""
     msgid = compose.message_id(issuer.domain, at)
     title = "AVVISO DI NON ACCETTAZIONE PER VIRUS" if virus else "AVVISO DI NON ACCETTAZIONE"
@@ -83,7 +84,7 @@ def non_acceptance(tx: Transaction, issuer: Issuer, at: datetime, reason: str,
 
 
 def take_charge(tx: Transaction, recipients: tuple[str, ...], issuer: Issuer, to: str,
-                at: datetime) -> tuple[str, bytes]:
+                at: datetime) -> tuple[str, Blob]:
     """To the sending provider's service mailbox: these recipients are now our responsibility."""
     msgid = compose.message_id(issuer.domain, at)
     text = (
@@ -109,19 +110,20 @@ def delivery_form(tx: Transaction, recipient: str, cc: bool) -> ReceiptKind:
     return tx.receipt_kind
 
 
-def delivery(tx: Transaction, recipient: str, form: ReceiptKind, envelope_original: bytes | None,
-             issuer: Issuer, at: datetime) -> tuple[str, bytes]:
+def delivery(tx: Transaction, recipient: str, form: ReceiptKind,
+             envelope_original: bytes | memoryview | None, issuer: Issuer,
+             at: datetime) -> tuple[str, Blob]:
     """The sender's proof of delivery into ``recipient``'s mailbox; one per recipient.
 
     ``completa`` carries the original, ``breve`` the original with its attachments replaced by
     their hashes (:func:`brief_original`), ``sintetica`` no original at all.
     """
     msgid = compose.message_id(issuer.domain, at)
-    original: bytes | None = None
+    original: bytes | memoryview | None = None
     if envelope_original is not None and form == "completa":
         original = envelope_original
     elif envelope_original is not None and form == "breve":
-        original = brief_original(envelope_original)
+        original = brief_original(bytes(envelope_original))
     title = {"completa": "Ricevuta di avvenuta consegna",
              "breve": "Ricevuta breve di avvenuta consegna",
              "sintetica": "Ricevuta sintetica di avvenuta consegna"}[form]
@@ -147,7 +149,7 @@ def delivery(tx: Transaction, recipient: str, form: ReceiptKind, envelope_origin
 
 def non_delivery(tx: Transaction, recipient: str, error: daticert.ErrorKind, reason: str,
                  issuer: Issuer, at: datetime, title: str = "AVVISO DI MANCATA CONSEGNA",
-                 virus: bool = False) -> tuple[str, bytes]:
+                 virus: bool = False) -> tuple[str, Blob]:
     """The sender's notice that ``recipient`` will not get the message."""
     msgid = compose.message_id(issuer.domain, at)
     text = (
@@ -170,7 +172,7 @@ def non_delivery(tx: Transaction, recipient: str, error: daticert.ErrorKind, rea
 
 
 def timeout_notice(tx: Transaction, recipients: tuple[str, ...], issuer: Issuer, at: datetime,
-                   final: bool) -> tuple[str, bytes]:
+                   final: bool) -> tuple[str, Blob]:
     """12 h warning (``final=False``) or 24 h end (``final=True``) of a transaction (§3.1.6)."""
     msgid = compose.message_id(issuer.domain, at)
     hours = "24" if final else "12"
@@ -195,7 +197,7 @@ def timeout_notice(tx: Transaction, recipients: tuple[str, ...], issuer: Issuer,
 
 
 def virus_detection(tx: Transaction, recipient: str, virus: str, issuer: Issuer, to: str,
-                    at: datetime) -> tuple[str, bytes]:
+                    at: datetime) -> tuple[str, Blob]:
     """To the sending provider's service mailbox (§3.2.3): a virus was found in the envelope for
     ``recipient``, which was not delivered. One per recipient; never carries the original."""
     msgid = compose.message_id(issuer.domain, at)
@@ -267,7 +269,7 @@ def _brief_entity(entity: bytes, top: bool, counter: Iterator[int]) -> bytes:
     boundary = info.get_boundary()
     if not boundary:
         return entity
-    spans = _part_spans(body, boundary.encode("ascii", "replace"))
+    spans, _ = compose.part_spans(body, boundary.encode("ascii", "replace"))
     if ctype == "multipart/signed":
         spans = spans[:1]  # the signed content; the signature part stays untouched
     out: list[bytes] = [head, b"\r\n"]
@@ -277,31 +279,6 @@ def _brief_entity(entity: bytes, top: bool, counter: Iterator[int]) -> bytes:
         pos = end
     out.append(body[pos:])
     return b"".join(out)
-
-
-def _part_spans(body: bytes, boundary: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each body part's bytes in ``body`` (RFC 2046 §5.1.1): from after its
-    delimiter line to before the CRLF that starts the next delimiter."""
-    text = b"\r\n" + body  # a delimiter is CRLF "--" boundary; the first may start the body
-    marker = b"\r\n--" + boundary
-    spans: list[tuple[int, int]] = []
-    start: int | None = None
-    pos = text.find(marker)
-    while pos >= 0:
-        after = pos + len(marker)
-        line_end = text.find(b"\r\n", after)
-        rest = text[after:] if line_end < 0 else text[after:line_end]
-        closing = rest.startswith(b"--")
-        if (rest[2:] if closing else rest).strip(b" \t"):
-            pos = text.find(marker, after)  # boundary text inside a longer line: not a delimiter
-            continue
-        if start is not None:
-            spans.append((start - 2, pos - 2))  # back to offsets in ``body``
-        if closing or line_end < 0:
-            break
-        start = line_end + 2
-        pos = text.find(marker, start)
-    return spans
 
 
 def _filename(info: Message) -> str | None:

@@ -58,7 +58,7 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
         raise NotCertified("not a certified message")
     assert parsed.signed is not None  # envelopes and receipts are split by pec.parse
     try:
-        info = verify_detached(parsed.signed.signature, parsed.signed.inner, trust_roots, at=at)
+        info = verify_detached(parsed.signed.signature, parsed.signed.inner_view, trust_roots, at=at)
     except SignatureInvalid as exc:
         raise NotCertified(f"signature not valid: {exc}") from None
     provider = index.for_certificate(info.signer)

@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
 
 import aiosmtplib
 
+from pecd.blob import Blob
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.index import ProviderIndex
@@ -29,6 +33,7 @@ log = logging.getLogger("pecd.relay")
 EXTERNAL = "external"
 REUSE_LIMIT = 100  # messages per connection: peers limit commands per session (pecd: 1000)
 PER_HOP = 4  # parallel connections to one destination
+CHUNK = 1 << 20  # DATA is read from the spool and sent in pieces of about this size
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class Router:
             for key, group in groups.items()
         ]
 
-    def items(self, mail_from: str, rcpts: Sequence[str], data: bytes, local_kind: Kind,
+    def items(self, mail_from: str, rcpts: Sequence[str], data: bytes | Blob, local_kind: Kind,
               meta: dict[str, object] | None = None) -> list[NewItem]:
         routes = self.route(rcpts, local_kind)
         first: list[NewItem] = []
@@ -138,11 +143,11 @@ class Connections:
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
         return _Conn(client), False
 
-    async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str], data: bytes) -> None:
+    async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str], path: Path) -> None:
         async with self._slots.setdefault(hop, asyncio.Semaphore(PER_HOP)):
             conn, reused = await self._checkout(hop)
             try:
-                await self._transaction(hop, conn, mail_from, rcpts, data)
+                await self._transaction(hop, conn, mail_from, rcpts, path)
             except TemporaryFailure:
                 if not reused:
                     raise
@@ -150,24 +155,38 @@ class Connections:
                 # command limits): one more try on a fresh one before deferring. A duplicate
                 # that could result is recognised by the peer's reception point.
                 conn, _ = await self._checkout(hop)
-                await self._transaction(hop, conn, mail_from, rcpts, data)
+                await self._transaction(hop, conn, mail_from, rcpts, path)
 
     async def _transaction(self, hop: Hop, conn: _Conn, mail_from: str,
-                           rcpts: Sequence[str], data: bytes) -> None:
+                           rcpts: Sequence[str], path: Path) -> None:
+        client = conn.client
+        errors: dict[str, aiosmtplib.SMTPRecipientRefused] = {}
         try:
-            errors, _ = await conn.client.sendmail(mail_from, list(rcpts), data)
+            if client.last_ehlo_response is None:
+                await client.ehlo()  # its extensions say whether SIZE may be declared
+            size = path.stat().st_size
+            options = [f"SIZE={size}"] if client.supports_extension("size") else []
+            await client.mail(mail_from, options=options)
+            for rcpt in rcpts:
+                try:
+                    await client.rcpt(rcpt)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    errors[rcpt] = exc
+            if len(errors) == len(rcpts):
+                raise aiosmtplib.SMTPRecipientsRefused(list(errors.values()))
+            await _send_data(client, path)
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            conn.client.close()
+            client.close()
             if all(r.code >= 500 for r in exc.recipients):
                 raise PermanentFailure(str(exc)) from None
             raise TemporaryFailure(str(exc)) from None
         except aiosmtplib.SMTPResponseException as exc:
-            conn.client.close()
+            client.close()
             if exc.code >= 500:
                 raise PermanentFailure(f"{exc.code} {exc.message}") from None
             raise TemporaryFailure(f"{exc.code} {exc.message}") from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
-            conn.client.close()
+            client.close()
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
         conn.sent += 1
         self._idle.setdefault(hop, []).append(conn)
@@ -185,13 +204,77 @@ class Connections:
                     client.close()
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+class _DataReader:
+    """The spool file as the DATA command carries it: CRLF lines with a leading dot doubled
+    (RFC 5321 §4.5.2), in pieces cut at line ends, so a 30 MB message is never in memory whole
+    and a dot that starts a line is never cut off from it. Blocking: runs in a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: BinaryIO = path.open("rb")
+        self._carry = b""
+
+    def next(self) -> bytes:
+        """The next piece to send; b"" at the end."""
+        while True:
+            block = self._file.read(CHUNK)
+            data = self._carry + block
+            if not block:  # the end: a last line without its line break gets one
+                self._carry = b""
+                return _stuff(data + b"\r\n") if data else b""
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a piece: read on
+                self._carry = data
+                continue
+            self._carry = data[cut:]
+            return _stuff(data[:cut])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _stuff(lines: bytes) -> bytes:
+    return _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", lines))
+
+
+async def _send_data(client: aiosmtplib.SMTP, path: Path) -> None:
+    """DATA streamed from the spool file, paced by the peer (transport flow control).
+
+    aiosmtplib's ``data()`` takes the whole message as one bytes object and copies it three
+    times (line endings, dot-stuffing, terminator); this writes the pieces on its protocol
+    instead (``write``, ``_drain_helper``, ``read_response``: aiosmtplib 5.x, pinned below 6).
+    """
+    loop = asyncio.get_running_loop()
+    timeout = client.timeout
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    reader = await loop.run_in_executor(None, _DataReader, path)
+    try:
+        while piece := await loop.run_in_executor(None, reader.next):
+            protocol.write(piece)
+            await asyncio.wait_for(protocol._drain_helper(), timeout)
+    finally:
+        await loop.run_in_executor(None, reader.close)
+    protocol.write(b".\r\n")
+    response = await protocol.read_response(timeout=timeout)  # no await between: no reply lost
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+
+
 class RelayStage:
     def __init__(self, config: Config, index: ProviderIndex, connections: Connections,
-                 read: Callable[[Item], bytes], clock: Clock) -> None:
+                 path: Callable[[Item], Path], clock: Clock) -> None:
         self.config = config
         self.index = index
         self.connections = connections
-        self.read = read
+        self.path = path
         self.clock = clock
 
     def hop(self, item: Item) -> Hop:
@@ -212,8 +295,7 @@ class RelayStage:
         )
         try:
             hop = self.hop(item)
-            data = await asyncio.get_running_loop().run_in_executor(None, self.read, item)
-            await self.connections.send(hop, item.mail_from, item.rcpts, data)
+            await self.connections.send(hop, item.mail_from, item.rcpts, self.path(item))
         except TemporaryFailure as exc:
             if item.attempts + 1 >= self.config.relay.max_attempts:
                 return Outcome(state="hold", error=str(exc), events=[LedgerEvent(

@@ -21,7 +21,9 @@ from email.parser import BytesHeaderParser
 
 from cryptography import x509
 
+from pecd.blob import Blob
 from pecd.cms import SignatureInfo, Signer, verify_detached
+from pecd.compose import BARE_EOL, entity_bounds, part_spans
 
 # header blocks only: a full parser compiles a regex for every new multipart boundary
 _HEADERS = BytesHeaderParser(policy=email.policy.compat32)
@@ -38,19 +40,31 @@ class NotSigned(Exception):
 
 @dataclass(frozen=True)
 class SignedMessage:
-    """The outer headers (unsigned, as received), the signed entity and the DER signature."""
+    """The outer headers (unsigned, as received), the signed entity and the DER signature.
+
+    The signed entity is kept as a place in the message it came from: ``inner_view`` passes it
+    on (to the digest, to the parser) without copying what may be 30 MB."""
 
     headers: Message
-    inner: bytes
+    source: bytes
+    inner_start: int
+    inner_end: int
     signature: bytes
 
+    @property
+    def inner(self) -> bytes:
+        return self.source[self.inner_start:self.inner_end]
 
-def _check_canonical(inner: bytes) -> None:
-    if b"\n" in inner.replace(b"\r\n", b""):
-        raise ValueError("inner entity has bare LF line endings; S/MIME signs canonical CRLF text")
-    if b"\r" in inner.replace(b"\r\n", b""):
-        raise ValueError("inner entity has a bare CR")
-    if b"\r\n\r\n" not in inner and not inner.startswith(b"\r\n"):
+    @property
+    def inner_view(self) -> memoryview:
+        return memoryview(self.source)[self.inner_start:self.inner_end]
+
+
+def _check_canonical(inner: Blob) -> None:
+    if inner.search(BARE_EOL):
+        raise ValueError("inner entity has a bare LF or bare CR; S/MIME signs canonical CRLF text")
+    head = inner.head(1 << 16)  # the headers of an entity pecd composed
+    if b"\r\n\r\n" not in head and not head.startswith(b"\r\n"):
         raise ValueError("inner entity has no header/body separator (blank line)")
 
 
@@ -76,24 +90,27 @@ def _header_line(name: str, value: str) -> bytes:
     return raw_name + b": " + b"\r\n".join(lines) + b"\r\n"
 
 
-def _new_boundary(inner: bytes) -> str:
+def _new_boundary(inner: Blob) -> str:
     while True:
         boundary = f"----=_pecd_{secrets.token_hex(16)}"
-        if boundary.encode("ascii") not in inner:
+        if not inner.search(re.compile(re.escape(boundary.encode("ascii")))):
             return boundary
 
 
-def wrap_signed(outer_headers: Sequence[tuple[str, str]], inner: bytes, signer: Signer) -> bytes:
+def wrap_signed(outer_headers: Sequence[tuple[str, str]], inner: bytes | Blob,
+                signer: Signer) -> Blob:
     """A complete multipart/signed message whose first part is ``inner``, byte for byte.
 
     ``inner`` must be a whole MIME entity with CRLF line endings; the signature covers exactly
-    those bytes (RFC 1847 §2.1), so nothing here may change them.
+    those bytes (RFC 1847 §2.1), so nothing here may change them. Nothing is joined: the result
+    is written to the spool piece by piece.
     """
+    inner = Blob(inner)
     _check_canonical(inner)
     boundary = _new_boundary(inner)
     delim = b"--" + boundary.encode("ascii")
     signature = base64.encodebytes(signer.sign_detached(inner)).replace(b"\n", b"\r\n")
-    out = [_header_line(name, value) for name, value in outer_headers]
+    out: list[bytes | Blob] = [_header_line(name, value) for name, value in outer_headers]
     out += [
         b"MIME-Version: 1.0\r\n",
         b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n',
@@ -111,7 +128,7 @@ def wrap_signed(outer_headers: Sequence[tuple[str, str]], inner: bytes, signer: 
         signature,  # encodebytes: 76-character lines, each ending in a line break
         b"\r\n" + delim + b"--\r\n",
     ]
-    return b"".join(out)
+    return Blob(*out)
 
 
 def _to_crlf(message: bytes) -> bytes:
@@ -119,34 +136,6 @@ def _to_crlf(message: bytes) -> bytes:
     if message.count(b"\n") == message.count(b"\r\n"):
         return message  # already canonical: no 25 MB copies for nothing
     return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def _find_delimiter(body: bytes, delim: bytes, start: int) -> tuple[int, int, bool]:
-    """Next delimiter line at or after ``start``: (index of its leading CRLF or of the line,
-    index just past the line, whether it is the close delimiter).
-
-    RFC 2046 §5.1.1: the delimiter is CRLF "--boundary", then optional white space, then CRLF;
-    the CRLF before it belongs to the delimiter, not to the preceding part.
-    """
-    pos = start
-    while True:
-        if pos == 0 and body.startswith(delim):
-            line_start, after = 0, len(delim)
-        else:
-            found = body.find(b"\r\n" + delim, pos)
-            if found < 0:
-                raise NotSigned("multipart/signed delimiter missing")
-            line_start, after = found, found + 2 + len(delim)
-        close = body.startswith(b"--", after)
-        end = after + 2 if close else after
-        while end < len(body) and body[end : end + 1] in (b" ", b"\t"):
-            end += 1
-        if body.startswith(b"\r\n", end):
-            return line_start, end + 2, close
-        if end == len(body) and close:
-            return line_start, end, close
-        # "--boundary" followed by other text is not a delimiter: a longer boundary, or content
-        pos = after if line_start != 0 else 1
 
 
 def _parse_part(part: bytes) -> tuple[Message, bytes]:
@@ -167,11 +156,10 @@ def split_signed(message: bytes) -> SignedMessage:
     Raises NotSigned for anything but a well-formed S/MIME multipart/signed message.
     """
     message = _to_crlf(message)
-    sep = message.find(b"\r\n\r\n")
-    if sep < 0:
+    head_end, body_start = entity_bounds(message)
+    if head_end == body_start:
         raise NotSigned("no header/body separator")
-    head, body = message[: sep + 2], message[sep + 4 :]
-    headers = _HEADERS.parsebytes(head + b"\r\n")
+    headers = _HEADERS.parsebytes(message[:head_end] + b"\r\n")
     if headers.get_content_type() != "multipart/signed":
         raise NotSigned(f"Content-Type is {headers.get_content_type()}, not multipart/signed")
     protocol = str(headers.get_param("protocol", "") or "").lower()
@@ -181,22 +169,21 @@ def split_signed(message: bytes) -> SignedMessage:
     if not boundary:
         raise NotSigned("multipart/signed without a boundary")
     try:
-        delim = b"--" + boundary.encode("ascii", "surrogateescape")
+        raw_boundary = boundary.encode("ascii", "surrogateescape")
     except UnicodeEncodeError:  # RFC 2046 boundaries are ASCII; 8-bit garbage is no signature
         raise NotSigned("multipart/signed boundary is not ASCII") from None
 
-    _, content_start, close = _find_delimiter(body, delim, 0)
-    if close:
+    spans, closed = part_spans(message, raw_boundary, body_start)
+    if not closed:
+        raise NotSigned("multipart/signed close delimiter missing")
+    if not spans:
         raise NotSigned("multipart/signed has no parts")
-    content_end, sig_start, close = _find_delimiter(body, delim, content_start)
-    if close:
+    if len(spans) == 1:
         raise NotSigned("multipart/signed has no signature part")
-    sig_end, _, close = _find_delimiter(body, delim, sig_start)
-    if not close:
+    if len(spans) > 2:
         raise NotSigned("multipart/signed has more than two parts")
-
-    inner = body[content_start:content_end]
-    sig_headers, sig_body = _parse_part(body[sig_start:sig_end])
+    (inner_start, inner_end), (sig_start, sig_end) = spans
+    sig_headers, sig_body = _parse_part(message[sig_start:sig_end])
     if sig_headers.get_content_type() not in SIGNATURE_TYPES:
         raise NotSigned(f"second part is {sig_headers.get_content_type()}, not a signature")
     cte = str(sig_headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
@@ -209,7 +196,8 @@ def split_signed(message: bytes) -> SignedMessage:
         signature = sig_body
     else:
         raise NotSigned(f"signature part has transfer encoding {cte!r}")
-    return SignedMessage(headers=headers, inner=inner, signature=signature)
+    return SignedMessage(headers=headers, source=message, inner_start=inner_start,
+                         inner_end=inner_end, signature=signature)
 
 
 def verify_message(
@@ -222,5 +210,6 @@ def verify_message(
 ) -> tuple[SignedMessage, SignatureInfo]:
     """Split, then verify the signature over the signed entity; cms.SignatureInvalid on failure."""
     signed = split_signed(message)
-    info = verify_detached(signed.signature, signed.inner, trust_roots, tsa_roots, require_timestamp, at=at)
+    info = verify_detached(signed.signature, signed.inner_view, trust_roots, tsa_roots,
+                           require_timestamp, at=at)
     return signed, info

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pecd import durable
+from pecd.blob import Blob
 
 
 class Spool:
@@ -27,11 +28,11 @@ class Spool:
     def path(self, name: str) -> Path:
         return self.q / name
 
-    def write(self, data: bytes) -> str:
+    def write(self, data: bytes | Blob) -> str:
         """Durably store ``data``; returns its spool name."""
         return self.write_many([data])[0]
 
-    def write_many(self, blobs: Iterable[bytes]) -> list[str]:
+    def write_many(self, blobs: Iterable[bytes | Blob]) -> list[str]:
         names = []
         for data in blobs:
             name = uuid.uuid4().hex

@@ -74,7 +74,7 @@ def _envelope(issuer: Issuer, subject: str, sender: str = ALICE,
                      recipients=(Recipient(BOB),), reply_to=sender, subject=subject,
                      accepted_at=at, issuer_name=issuer.name)
     original = (f"From: {sender}\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nciao\r\n").encode()
-    return envelope.transport_envelope(tx, original, issuer, at)
+    return bytes(envelope.transport_envelope(tx, original, issuer, at))
 
 
 def _forged_receipt(issuer: Issuer) -> bytes:
@@ -83,7 +83,7 @@ def _forged_receipt(issuer: Issuer) -> bytes:
     tx = Transaction(identifier=compose.message_id("b.test", at), ref_msgid=None, sender=BOB,
                      recipients=(Recipient("carol@b.test"),), reply_to=BOB,
                      subject="receipt for another provider's mailbox", accepted_at=at)
-    return receipts.delivery(tx, "carol@b.test", "sintetica", None, issuer, at)[1]
+    return bytes(receipts.delivery(tx, "carol@b.test", "sintetica", None, issuer, at)[1])
 
 
 @pytest.fixture(scope="module")

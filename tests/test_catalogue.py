@@ -414,7 +414,7 @@ def _signed_envelope(p: ProviderDir, sender: str, subject: str) -> bytes:
                      sender=sender, recipients=(Recipient("bob@b.test"),), reply_to=sender,
                      subject=subject, accepted_at=at, issuer_name=issuer.name)
     original = mail(subject, ["bob@b.test"], sender=sender)
-    return envelope.transport_envelope(tx, original, issuer, at)
+    return bytes(envelope.transport_envelope(tx, original, issuer, at))
 
 
 def test_anomaly_envelopes_for_what_cannot_be_certified(

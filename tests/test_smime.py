@@ -93,7 +93,7 @@ def openssl_accepts(path: Path, ca_pem: Path) -> dict[str, bool]:
 
 
 def test_openssl_verifies_crlf_and_bare_lf_files(setup: Setup, tmp_path: Path) -> None:
-    message = smime.wrap_signed(HEADERS, INNER, setup.signer)
+    message = bytes(smime.wrap_signed(HEADERS, INNER, setup.signer))
     (tmp_path / "m.eml").write_bytes(message)
     (tmp_path / "lf.eml").write_bytes(message.replace(b"\r\n", b"\n"))
     for name in ("m.eml", "lf.eml"):
@@ -106,7 +106,7 @@ def test_openssl_verifies_crlf_and_bare_lf_files(setup: Setup, tmp_path: Path) -
 
 
 def test_one_flipped_byte_fails_everywhere(setup: Setup, tmp_path: Path) -> None:
-    message = smime.wrap_signed(HEADERS, INNER, setup.signer)
+    message = bytes(smime.wrap_signed(HEADERS, INNER, setup.signer))
     at = message.index(b"accettato")
     flipped = message[:at] + b"A" + message[at + 1 :]
     (tmp_path / "bad.eml").write_bytes(flipped)
@@ -118,7 +118,7 @@ def test_one_flipped_byte_fails_everywhere(setup: Setup, tmp_path: Path) -> None
 
 
 def test_untrusted_signer_fails(setup: Setup, stranger_ca: pki.CertAuthority, tmp_path: Path) -> None:
-    message = smime.wrap_signed(HEADERS, INNER, setup.signer)
+    message = bytes(smime.wrap_signed(HEADERS, INNER, setup.signer))
     with pytest.raises(cms.CertificateUntrusted):
         smime.verify_message(message, [stranger_ca.cert])
     pki.write_cert(tmp_path / "stranger.pem", stranger_ca.cert)
@@ -130,7 +130,7 @@ def test_untrusted_signer_fails(setup: Setup, stranger_ca: pki.CertAuthority, tm
 
 
 def test_layout_is_byte_exact(setup: Setup) -> None:
-    message = smime.wrap_signed(HEADERS, INNER, setup.signer)
+    message = bytes(smime.wrap_signed(HEADERS, INNER, setup.signer))
     assert b"\n" not in message.replace(b"\r\n", b"")  # CRLF only
     head, _, body = message.partition(b"\r\n\r\n")
     for name, value in HEADERS:
@@ -167,7 +167,7 @@ def test_boundary_never_occurs_in_the_signed_part(setup: Setup, monkeypatch: pyt
     inner = INNER.replace(b"Trailing", b"------=_pecd_" + colliding.encode() + b" Trailing")
     tokens = iter([colliding, "b" * 32])
     monkeypatch.setattr("pecd.smime.secrets.token_hex", lambda n: next(tokens))
-    message = smime.wrap_signed(HEADERS, inner, setup.signer)
+    message = bytes(smime.wrap_signed(HEADERS, inner, setup.signer))
     assert b'boundary="----=_pecd_' + b"b" * 32 + b'"' in message
     assert smime.verify_message(message, [setup.ca.cert])[0].inner == inner
 
@@ -189,7 +189,7 @@ def test_inputs_that_would_break_the_signature_are_refused(setup: Setup) -> None
 
 
 def test_split_signed_returns_the_parts(setup: Setup) -> None:
-    message = smime.wrap_signed(HEADERS, INNER, setup.signer)
+    message = bytes(smime.wrap_signed(HEADERS, INNER, setup.signer))
     for variant in (message, message.replace(b"\r\n", b"\n")):
         signed = smime.split_signed(variant)
         assert signed.inner == INNER
@@ -201,7 +201,7 @@ def test_split_signed_returns_the_parts(setup: Setup) -> None:
 
 
 def test_timestamp_in_a_message_passes_openssl_ts_verify(setup: Setup, tmp_path: Path) -> None:
-    signed = smime.split_signed(smime.wrap_signed(HEADERS, INNER, setup.signer))
+    signed = smime.split_signed(bytes(smime.wrap_signed(HEADERS, INNER, setup.signer)))
     extracted = cms.extract_timestamp_token(signed.signature)
     assert extracted is not None
     (tmp_path / "tok.der").write_bytes(extracted[0])
@@ -259,7 +259,7 @@ def test_not_signed(message: bytes) -> None:
 
 def test_delimiter_rules(setup: Setup) -> None:
     """Transport padding after a delimiter is allowed; a longer boundary is not a delimiter."""
-    message = smime.wrap_signed(HEADERS, INNER, setup.signer)
+    message = bytes(smime.wrap_signed(HEADERS, INNER, setup.signer))
     boundary = re.search(rb'boundary="([^"]+)"', message)
     assert boundary is not None
     delim = b"--" + boundary.group(1)
