@@ -22,6 +22,7 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MARK = b"@@N@@"
@@ -44,6 +45,10 @@ class Job:
     auth: bool = True
     timeout: float = 120.0  # per reply
     deadline: float = 600.0  # whole job
+    # when set: once every session has logged in, create ready_file and wait for go_file (so
+    # the caller can measure what the messages cost apart from what the logins cost)
+    ready_file: str | None = None
+    go_file: str | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -97,11 +102,27 @@ async def run(job: Job) -> dict[str, Any]:
     next_index = 0
     errors: list[str] = []
     start = time.time()
+    opened = 0
+    go = asyncio.Event()
+    if job.ready_file is None:
+        go.set()
+
+    async def wait_for_go() -> None:
+        assert job.ready_file is not None and job.go_file is not None
+        Path(job.ready_file).touch()
+        while not Path(job.go_file).exists():
+            await asyncio.sleep(0.02)
+        go.set()
 
     async def worker(n: int) -> None:
-        nonlocal next_index
+        nonlocal next_index, opened, start
         login, password = job.users[n % len(job.users)]
         s = await open_session(job, login, password)
+        opened += 1
+        if not go.is_set() and opened == job.concurrency:
+            await wait_for_go()
+            start = time.time()
+        await go.wait()
         try:
             while next_index < len(datas):
                 i = next_index
