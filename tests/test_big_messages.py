@@ -1,0 +1,148 @@
+"""Big messages are streamed, not copied: the relay sends DATA from the spool in pieces, and the
+envelope and complete delivery receipt hold the original as a view, joined nowhere.
+
+Memory is asserted with tracemalloc (bytes allocated by Python, not time): the old code held
+three to six copies of the original at once, these bounds allow less than one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import tracemalloc
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from pecd import compose, pec, pki, receipts, relay
+from pecd.clock import SystemClock
+from pecd.cms import verify_detached
+from pecd.daticert import Recipient
+from pecd.envelope import transport_envelope
+from pecd.pec import Issuer, Transaction
+from pecd.service import make_issuer, make_timestamper
+from pecd.spool import Spool
+
+from .conftest import ProviderDir, free_port, openssl_verifies
+
+T = TypeVar("T")
+SIZE = 4_000_000
+
+
+def _original(size: int) -> bytes:
+    """A message with a base64 attachment of about ``size`` bytes, CRLF lines."""
+    blob = base64.encodebytes(bytes(range(256)) * (size // 342 + 1)).replace(b"\n", b"\r\n")
+    return (b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: big\r\n"
+            b"Message-ID: <big-1@a.test>\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: application/octet-stream; name="big.bin"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + blob[:size])
+
+
+def _peak(fn: Callable[[], T]) -> tuple[T, int]:
+    """``fn()`` and the most Python memory it held at once beyond what existed before."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def _issuer(p: ProviderDir) -> Issuer:
+    clock = SystemClock()
+    return make_issuer(p.config, clock, make_timestamper(p.config, clock))
+
+
+def _transaction(issuer: Issuer) -> Transaction:
+    at = datetime.now(UTC).replace(microsecond=0)
+    return Transaction(identifier=compose.message_id(issuer.domain, at), ref_msgid="<big-1@a.test>",
+                       sender="alice@a.test", recipients=(Recipient("bob@b.test"),),
+                       reply_to="alice@a.test", subject="big", accepted_at=at,
+                       issuer_name=issuer.name)
+
+
+def test_big_envelope_and_receipt_hold_no_copy_of_the_original(
+        two_providers: tuple[ProviderDir, ProviderDir], tmp_path: Path) -> None:
+    a, b = two_providers
+    original = _original(SIZE)
+    issuer_a, issuer_b = _issuer(a), _issuer(b)
+    tx = _transaction(issuer_a)
+    spool = Spool(tmp_path / "spool")
+
+    def build_and_spool() -> str:
+        return spool.write(transport_envelope(tx, original, issuer_a, tx.accepted_at))
+
+    name, peak = _peak(build_and_spool)
+    assert peak < SIZE // 4, f"building the envelope held {peak / SIZE:.2f} × the original"
+    env_path = spool.path(name)
+    assert openssl_verifies(env_path, a.ca)
+    data = env_path.read_bytes()
+    roots = pki.load_certs(a.config.paths.ca_certs)
+
+    def parse_and_verify() -> pec.Parsed:
+        parsed = pec.parse(data)
+        assert parsed.signed is not None
+        verify_detached(parsed.signed.signature, parsed.signed.inner_view, roots)
+        return parsed
+
+    parsed, peak = _peak(parse_and_verify)
+    assert peak < SIZE // 4, f"parsing and verifying held {peak / SIZE:.2f} × the original"
+    assert parsed.original == original
+
+    def complete_receipt() -> str:
+        _, receipt = receipts.delivery(tx, "bob@b.test", "completa", parsed.original_view,
+                                       issuer_b, datetime.now(UTC))
+        return spool.write(receipt)
+
+    name, peak = _peak(complete_receipt)
+    assert peak < SIZE // 4, f"the complete receipt held {peak / SIZE:.2f} × the original"
+    assert openssl_verifies(spool.path(name), b.ca)
+    assert pec.parse(spool.path(name).read_bytes()).original == original
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        self.got.append(envelope.original_content or b"")
+        return "250 OK"
+
+
+@pytest.mark.parametrize("chunk", [16, 1 << 20])
+def test_relay_streams_data_with_dots_and_line_ends_intact(
+        two_providers: tuple[ProviderDir, ProviderDir], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Pieces cut at line ends: a leading dot is doubled whatever piece it starts, a line longer
+    than a piece is read on, and a last line without a line break gets one."""
+    monkeypatch.setattr(relay, "CHUNK", chunk)
+    message = (b"Subject: dots\r\n\r\n.\r\n..two\r\n" + b"x" * 40 + b"\r\n.start\r\n"
+               + b"".join(b".%d\r\n" % i for i in range(50)) + b"no line break at the end")
+    path = tmp_path / "m.eml"
+    path.write_bytes(message)
+    sink = _Sink()
+    a, _ = two_providers
+
+    async def run() -> None:
+        port = free_port()
+        server = await asyncio.get_running_loop().create_server(
+            lambda: AioSMTP(sink, hostname="sink"), "127.0.0.1", port)
+        conns = relay.Connections(a.config)
+        try:
+            for _ in range(2):  # the second on the reused connection
+                await conns.send(relay.Hop("127.0.0.1", port, tls=False), "alice@a.test",
+                                 ["x@sink.test"], path)
+        finally:
+            await conns.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(run())
+    assert sink.got == [message + b"\r\n"] * 2
