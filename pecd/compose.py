@@ -145,10 +145,11 @@ def plain_attachment(filename: str, text: bytes) -> bytes:
 
 def multipart(subtype: str, parts: Sequence[bytes | Blob],
               extra_headers: Sequence[bytes] = ()) -> Blob:
-    boundary = new_boundary()
-    while any(Blob(p).search(re.compile(re.escape(boundary.encode()))) for p in parts):
+    while True:
         boundary = new_boundary()
-    b = boundary.encode()
+        b = boundary.encode()
+        if not any(Blob(p).search(re.compile(re.escape(b))) for p in parts):
+            break
     out: list[bytes | Blob] = [
         *extra_headers,
         f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n'.encode(),
@@ -223,14 +224,19 @@ def part_spans(buf: bytes, boundary: bytes, start: int = 0,
     return spans, False
 
 
-def split_multipart(entity: bytes) -> list[bytes]:
-    """The exact bytes of each body part of a multipart entity (RFC 2046 §5.1.1)."""
-    head_end, body_start = entity_bounds(entity)
-    boundary = headers.parse(entity[:head_end]).get_boundary()
+def multipart_spans(buf: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """(start, end) of each body part of the multipart entity ``buf[start:end]``; none without
+    a boundary."""
+    head_end, body_start = entity_bounds(buf, start, end)
+    boundary = headers.parse(buf[start:head_end]).get_boundary()
     if not boundary:
         return []
-    spans, _ = part_spans(entity, boundary.encode("ascii", "replace"), body_start)
-    return [entity[a:b] for a, b in spans]
+    return part_spans(buf, boundary.encode("ascii", "replace"), body_start, end)[0]
+
+
+def split_multipart(entity: bytes) -> list[bytes]:
+    """The exact bytes of each body part of a multipart entity (RFC 2046 §5.1.1)."""
+    return [entity[a:b] for a, b in multipart_spans(entity)]
 
 
 def decode_body(info: Message, body: bytes) -> bytes:

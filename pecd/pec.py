@@ -171,11 +171,7 @@ def parse(data: bytes) -> Parsed:
     xml: bytes | None = None
     original: tuple[int, int] | None = None
     source = signed.source
-    head_end, body_start = compose.entity_bounds(source, signed.inner_start, signed.inner_end)
-    boundary = headers.parse(source[signed.inner_start:head_end]).get_boundary()
-    spans, _ = compose.part_spans(source, boundary.encode("ascii", "replace"), body_start,
-                                  signed.inner_end) if boundary else ([], False)
-    for start, end in spans:
+    for start, end in compose.multipart_spans(source, signed.inner_start, signed.inner_end):
         part_head_end, part_body = compose.entity_bounds(source, start, end)
         info = headers.parse(source[start:part_head_end])
         ctype = info.get_content_type()

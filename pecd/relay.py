@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import re
 import sqlite3
@@ -161,11 +162,13 @@ class Connections:
                            rcpts: Sequence[str], path: Path) -> None:
         client = conn.client
         errors: dict[str, aiosmtplib.SMTPRecipientRefused] = {}
+        loop = asyncio.get_running_loop()
+        reader: _DataReader | None = None
         try:
+            reader = await loop.run_in_executor(None, _DataReader, path)
             if client.last_ehlo_response is None:
                 await client.ehlo()  # its extensions say whether SIZE may be declared
-            size = path.stat().st_size
-            options = [f"SIZE={size}"] if client.supports_extension("size") else []
+            options = [f"SIZE={reader.size}"] if client.supports_extension("size") else []
             await client.mail(mail_from, options=options)
             for rcpt in rcpts:
                 try:
@@ -174,7 +177,7 @@ class Connections:
                     errors[rcpt] = exc
             if len(errors) == len(rcpts):
                 raise aiosmtplib.SMTPRecipientsRefused(list(errors.values()))
-            await _send_data(client, path)
+            await _send_data(client, reader)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             client.close()
             if all(r.code >= 500 for r in exc.recipients):
@@ -188,6 +191,9 @@ class Connections:
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             client.close()
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if reader is not None:
+                reader.close()  # closing a regular file read to its end does not block
         conn.sent += 1
         self._idle.setdefault(hop, []).append(conn)
         if errors:
@@ -216,21 +222,25 @@ class _DataReader:
     def __init__(self, path: Path) -> None:
         self._file: BinaryIO = path.open("rb")
         self._carry = b""
+        self.size = os.fstat(self._file.fileno()).st_size  # what SIZE declares (RFC 1870)
 
-    def next(self) -> bytes:
-        """The next piece to send; b"" at the end."""
+    def next(self) -> tuple[bytes, bool]:
+        """The next piece to send, and whether it is the last (the file is then closed)."""
         while True:
             block = self._file.read(CHUNK)
             data = self._carry + block
-            if not block:  # the end: a last line without its line break gets one
+            if len(block) < CHUNK:  # a short read of a regular file: the end
+                self.close()
                 self._carry = b""
-                return _stuff(data + b"\r\n") if data else b""
+                if data and not data.endswith((b"\n", b"\r")):
+                    data += b"\r\n"  # a last line without its line break gets one
+                return _stuff(data), True
             cut = data.rfind(b"\n") + 1
             if cut == 0:  # one line longer than a piece: read on
                 self._carry = data
                 continue
             self._carry = data[cut:]
-            return _stuff(data[:cut])
+            return _stuff(data[:cut]), False
 
     def close(self) -> None:
         self._file.close()
@@ -240,7 +250,7 @@ def _stuff(lines: bytes) -> bytes:
     return _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", lines))
 
 
-async def _send_data(client: aiosmtplib.SMTP, path: Path) -> None:
+async def _send_data(client: aiosmtplib.SMTP, reader: _DataReader) -> None:
     """DATA streamed from the spool file, paced by the peer (transport flow control).
 
     aiosmtplib's ``data()`` takes the whole message as one bytes object and copies it three
@@ -255,13 +265,11 @@ async def _send_data(client: aiosmtplib.SMTP, path: Path) -> None:
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    reader = await loop.run_in_executor(None, _DataReader, path)
-    try:
-        while piece := await loop.run_in_executor(None, reader.next):
-            protocol.write(piece)
-            await asyncio.wait_for(protocol._drain_helper(), timeout)
-    finally:
-        await loop.run_in_executor(None, reader.close)
+    last = False
+    while not last:  # one worker-thread hop per piece: a small message is one piece
+        piece, last = await loop.run_in_executor(None, reader.next)
+        protocol.write(piece)
+        await asyncio.wait_for(protocol._drain_helper(), timeout)
     protocol.write(b".\r\n")
     response = await protocol.read_response(timeout=timeout)  # no await between: no reply lost
     if response.code != 250:
