@@ -98,6 +98,13 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE state IN ('incoming', 'deferred');
         """,
     ),
+    (
+        "0003_inline_bodies",
+        # a small message's bytes live in its row (queue.INLINE_MAX); spool is then ''
+        """
+        ALTER TABLE queue ADD COLUMN body BLOB;
+        """,
+    ),
 ]
 
 

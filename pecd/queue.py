@@ -1,7 +1,8 @@
 """The durable queue that joins the stages, and its one ``enqueue`` path.
 
-Listeners call :meth:`Queue.enqueue` and answer ``250`` only after it returns: by then the bytes
-are fsynced in the spool and the row is committed. A stage leases items, works on them without
+Listeners call :meth:`Queue.enqueue` and answer ``250`` only after it returns: by then the row
+is committed with the bytes in it or, for a message over ``INLINE_MAX``, naming a spool file
+already fsynced. A stage leases items, works on them without
 touching the queue, and hands back an :class:`Outcome`; :meth:`Queue.finish` commits the outcome
 (new items, ledger rows, the item's new state) in one transaction, so a crash either loses the
 whole step (and it runs again) or none of it.
@@ -15,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, BinaryIO, Literal, TypeVar
 
 import sqlite_utils
 
@@ -35,6 +36,10 @@ from pecd.spool import Spool
 T = TypeVar("T")
 Kind = Literal["submission", "inbound", "deliver", "relay"]
 KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay")
+# A message up to this size lives in its queue row, not in a spool file: the row's commit is
+# then its only fsync (a spool file costs two more, a create, a rename and an unlink), which is
+# most of what a small message costs at each stage. Bigger ones stay in the spool, streamed.
+INLINE_MAX = 128 * 1024
 MAX_LEASES = 5  # leased this often with no outcome (each time the process died): park in hold
 
 
@@ -44,7 +49,7 @@ class NewItem:
     mail_from: str
     rcpts: tuple[str, ...]
     data: bytes | Blob | None = None
-    same_as: str | None = None  # spool name whose bytes this item shares (hard link)
+    same_as: Item | None = None  # the item whose bytes this one shares (row copy or hard link)
     dest: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
     delay: float = 0.0  # not to be tried before this many seconds from now
@@ -59,11 +64,29 @@ class Item:
     dest: str
     meta: Mapping[str, Any]
     attempts: int
-    spool: str
+    spool: str  # '' when the bytes are in the row (``body``)
     created: float
+    body: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        """A stable name for the item's bytes (quarantine files are named after it)."""
+        return self.spool or f"item-{self.id}"
 
 
 Effect = Callable[[sqlite3.Connection], None]
+Stored = tuple[str, bytes | None]  # where an item's bytes went: (spool name, None) or ('', bytes)
+
+
+def _in_spool(item: NewItem) -> bool:
+    """Whether the item's bytes go to a spool file (big, or sharing a spool file's bytes)."""
+    if item.data is not None:
+        return len(item.data) > INLINE_MAX
+    return item.same_as is not None and item.same_as.body is None
+
+
+def _files(stored: Sequence[Stored]) -> list[str]:
+    return [name for name, _ in stored if name]
 
 
 @dataclass
@@ -103,35 +126,41 @@ class Queue:
             self.wakeup[kind] = asyncio.Event()
         return self.wakeup[kind]
 
-    async def _write_outputs(self, items: Sequence[NewItem]) -> list[str]:
+    async def _write_outputs(self, items: Sequence[NewItem]) -> list[Stored]:
+        if not any(_in_spool(i) for i in items):
+            return self._write_outputs_sync(items)  # rows only: no file to write, no thread hop
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._write_outputs_sync, items)
 
-    def _write_outputs_sync(self, items: Sequence[NewItem]) -> list[str]:
-        blobs = [i.data for i in items if i.data is not None]
-        written = iter(self.spool.write_many(blobs))
-        names = []
+    def _write_outputs_sync(self, items: Sequence[NewItem]) -> list[Stored]:
+        """Where each item's bytes go: small ones into the row, big ones into the spool."""
+        written = iter(self.spool.write_many(i.data for i in items
+                                             if i.data is not None and _in_spool(i)))
+        stored: list[Stored] = []
         linked = False
         for i in items:
             if i.data is not None:
-                names.append(next(written))
+                stored.append((next(written), None) if _in_spool(i) else ("", bytes(i.data)))
+            elif i.same_as is not None and i.same_as.body is not None:
+                stored.append(("", i.same_as.body))
             elif i.same_as is not None:
-                names.append(self.spool.link(i.same_as))
+                stored.append((self.spool.link(i.same_as.spool), None))
                 linked = True
             else:
                 raise ValueError("a queue item needs data or same_as")
         if linked:
             self.spool.sync_dir()
-        return names
+        return stored
 
-    def _insert(self, conn: sqlite3.Connection, items: Sequence[NewItem], names: Sequence[str]) -> list[int]:
+    def _insert(self, conn: sqlite3.Connection, items: Sequence[NewItem],
+                stored: Sequence[Stored]) -> list[int]:
         now = self.clock.now().timestamp()
         ids = []
-        for item, name in zip(items, names, strict=True):
+        for item, (name, body) in zip(items, stored, strict=True):
             cur = conn.execute(
-                "INSERT INTO queue (kind, state, spool, mail_from, rcpts, dest, meta, next_at, created)"
-                " VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?)",
-                (item.kind, name, item.mail_from, json.dumps(list(item.rcpts)), item.dest,
+                "INSERT INTO queue (kind, state, spool, body, mail_from, rcpts, dest, meta,"
+                " next_at, created) VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item.kind, name, body, item.mail_from, json.dumps(list(item.rcpts)), item.dest,
                  json.dumps(dict(item.meta), sort_keys=True), now + item.delay, now),
             )
             assert cur.lastrowid is not None
@@ -150,18 +179,18 @@ class Queue:
                       effects: Sequence[Effect] = ()) -> list[int]:
         """The one way in: returns only when bytes and rows are durable. ``effects`` run in the
         same transaction; one that raises undoes the whole call (nothing queued, nothing logged)."""
-        names = await self._write_outputs(items)
+        stored = await self._write_outputs(items)
         at = self.clock.now()
 
         def txn(conn: sqlite3.Connection) -> list[int]:
-            ids = self._insert(conn, items, names)
+            ids = self._insert(conn, items, stored)
             for ev in events:
                 ledger.append(conn, ev, at)
             for effect in effects:
                 effect(conn)
             return ids
 
-        ids = await self._commit(txn, names)
+        ids = await self._commit(txn, _files(stored))
         self._notify(items)
         return ids
 
@@ -232,7 +261,7 @@ class Queue:
 
     async def finish(self, item: Item, outcome: Outcome) -> bool:
         """Commit a stage's outcome; False when ``outcome.seen`` shows it was already done."""
-        names = await self._write_outputs(outcome.outputs) if outcome.state == "done" else []
+        stored = await self._write_outputs(outcome.outputs) if outcome.state == "done" else []
         at = self.clock.now()
         now = at.timestamp()
 
@@ -252,7 +281,7 @@ class Queue:
                     return False
                 conn.execute("INSERT INTO seen (provider, message_id, at, replies) VALUES (?, ?, ?, ?)",
                              (provider, message_id, at.isoformat(), _replies_json(outcome.replay)))
-            self._insert(conn, outcome.outputs, names)
+            self._insert(conn, outcome.outputs, stored)
             for ev in outcome.events:
                 ledger.append(conn, ev, at)
             for effect in outcome.effects:
@@ -273,11 +302,12 @@ class Queue:
                 )
             return True
 
+        names = _files(stored)
         fresh = await self._commit(txn, names)
         if not fresh:
             self.spool.remove(names)
             self.wake(*KINDS)  # replayed replies may have been queued
-        if outcome.state == "done":
+        if outcome.state == "done" and item.spool:
             self.spool.remove([item.spool])
         self._notify(outcome.outputs)
         return fresh
@@ -291,10 +321,11 @@ class Queue:
             self._insert(conn, replies, self._write_outputs_sync(replies))
 
     def read(self, item: Item) -> bytes:
-        return self.spool.read(item.spool)
+        return item.body if item.body is not None else self.spool.read(item.spool)
 
-    def path(self, item: Item) -> Path:
-        return self.spool.path(item.spool)
+    def open(self, item: Item) -> BinaryIO:
+        """The item's bytes as a file, to stream (blocking for a spool file: a worker thread)."""
+        return io.BytesIO(item.body) if item.body is not None else self.spool.path(item.spool).open("rb")
 
     def recover(self) -> Recovery:
         """Run once at start, before any listener: return dead leases, drop what nobody acknowledged."""
@@ -315,7 +346,8 @@ class Queue:
             ).rowcount
             corrupt = 0
             referenced = set()
-            for row in conn.execute("SELECT id, spool, state FROM queue").fetchall():
+            for row in conn.execute(
+                    "SELECT id, spool, state FROM queue WHERE body IS NULL").fetchall():
                 referenced.add(row[1])
                 if row[2] != "corrupt" and not self.spool.path(row[1]).exists():
                     conn.execute("UPDATE queue SET state='corrupt' WHERE id=?", (row[0],))
@@ -347,7 +379,7 @@ def _item(row: sqlite3.Row) -> Item:
     return Item(
         id=row["id"], kind=row["kind"], mail_from=row["mail_from"],
         rcpts=tuple(json.loads(row["rcpts"])), dest=row["dest"], meta=json.loads(row["meta"]),
-        attempts=row["attempts"], spool=row["spool"], created=row["created"],
+        attempts=row["attempts"], spool=row["spool"], created=row["created"], body=row["body"],
     )
 
 
@@ -379,10 +411,14 @@ def listing(conn: sqlite3.Connection, state: str | None = None) -> list[dict[str
 
 
 def show(conn: sqlite3.Connection, item_id: int) -> dict[str, Any]:
+    """The item's row; its bytes only as a size (``pecd queue show`` prints it)."""
     try:
-        return dict(sqlite_utils.Database(conn).table("queue").get(item_id))
+        row = dict(sqlite_utils.Database(conn).table("queue").get(item_id))
     except sqlite_utils.db.NotFoundError:
         raise QueueError(f"no queue item {item_id}") from None
+    body = row.pop("body", None)
+    row["inline_bytes"] = None if body is None else len(body)
+    return row
 
 
 def _operator(conn: sqlite3.Connection, item_id: int, at: datetime, event: str,

@@ -151,7 +151,7 @@ class ReceptionPoint:
                                         meta={"msgid": tc_id, "what": "take-charge"})
         replay = list(outputs)
         for rcpt in item.rcpts:
-            outputs.append(NewItem("deliver", item.mail_from, (rcpt,), same_as=item.spool,
+            outputs.append(NewItem("deliver", item.mail_from, (rcpt,), same_as=item,
                                    meta={"mode": "certified", "msgid": tx.identifier}))
         return Outcome(
             outputs=outputs,
@@ -177,7 +177,7 @@ class ReceptionPoint:
         elif cd.type == "errore-consegna" and cd.delivered_to:
             effects.append(_track("closed", cd.identifier, (cd.delivered_to,), now, "errore"))
         return Outcome(
-            outputs=[NewItem("deliver", item.mail_from, item.rcpts, same_as=item.spool,
+            outputs=[NewItem("deliver", item.mail_from, item.rcpts, same_as=item,
                              meta={"mode": "plain", "msgid": message_id})],
             seen=(v.provider.fingerprint, message_id) if message_id else None,
             events=[LedgerEvent(event="receipt-received", msgid=cd.identifier,
@@ -195,7 +195,7 @@ class ReceptionPoint:
         assert v.parsed.certdata is not None
         at = self.clock.now()
         tx = Transaction.from_certdata(v.parsed.certdata)
-        kept = self.quarantine.store(item.spool, data)
+        kept = self.quarantine.store(item.name, data)
         outputs: list[NewItem] = []
         related = []
         for rcpt in item.rcpts:

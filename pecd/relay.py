@@ -17,7 +17,6 @@ import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import BinaryIO
 
 import aiosmtplib
@@ -144,11 +143,13 @@ class Connections:
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from None
         return _Conn(client), False
 
-    async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str], path: Path) -> None:
+    async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str],
+                   source: Callable[[], BinaryIO]) -> None:
+        """One transaction; ``source`` opens the message (in a worker thread) for each try."""
         async with self._slots.setdefault(hop, asyncio.Semaphore(PER_HOP)):
             conn, reused = await self._checkout(hop)
             try:
-                await self._transaction(hop, conn, mail_from, rcpts, path)
+                await self._transaction(hop, conn, mail_from, rcpts, source)
             except TemporaryFailure:
                 if not reused:
                     raise
@@ -156,16 +157,16 @@ class Connections:
                 # command limits): one more try on a fresh one before deferring. A duplicate
                 # that could result is recognised by the peer's reception point.
                 conn, _ = await self._checkout(hop)
-                await self._transaction(hop, conn, mail_from, rcpts, path)
+                await self._transaction(hop, conn, mail_from, rcpts, source)
 
     async def _transaction(self, hop: Hop, conn: _Conn, mail_from: str,
-                           rcpts: Sequence[str], path: Path) -> None:
+                           rcpts: Sequence[str], source: Callable[[], BinaryIO]) -> None:
         client = conn.client
         errors: dict[str, aiosmtplib.SMTPRecipientRefused] = {}
         loop = asyncio.get_running_loop()
         reader: _DataReader | None = None
         try:
-            reader = await loop.run_in_executor(None, _DataReader, path)
+            reader = await loop.run_in_executor(None, lambda: _DataReader(source()))
             if client.last_ehlo_response is None:
                 await client.ehlo()  # its extensions say whether SIZE may be declared
             options = [f"SIZE={reader.size}"] if client.supports_extension("size") else []
@@ -215,21 +216,23 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 class _DataReader:
-    """The spool file as the DATA command carries it: CRLF lines with a leading dot doubled
-    (RFC 5321 §4.5.2), in pieces cut at line ends, so a 30 MB message is never in memory whole
-    and a dot that starts a line is never cut off from it. Blocking: runs in a worker thread."""
+    """The message as the DATA command carries it: CRLF lines with a leading dot doubled
+    (RFC 5321 §4.5.2), in pieces cut at line ends, so a 30 MB spool file is never in memory
+    whole and a dot that starts a line is never cut off from it. Blocking: runs in a worker
+    thread."""
 
-    def __init__(self, path: Path) -> None:
-        self._file: BinaryIO = path.open("rb")
+    def __init__(self, source: BinaryIO) -> None:
+        self._file = source
         self._carry = b""
-        self.size = os.fstat(self._file.fileno()).st_size  # what SIZE declares (RFC 1870)
+        self.size = source.seek(0, os.SEEK_END)  # what SIZE declares (RFC 1870)
+        source.seek(0)
 
     def next(self) -> tuple[bytes, bool]:
         """The next piece to send, and whether it is the last (the file is then closed)."""
         while True:
             block = self._file.read(CHUNK)
             data = self._carry + block
-            if len(block) < CHUNK:  # a short read of a regular file: the end
+            if len(block) < CHUNK:  # a short read of a regular file or a buffer: the end
                 self.close()
                 self._carry = b""
                 if data and not data.endswith((b"\n", b"\r")):
@@ -278,11 +281,11 @@ async def _send_data(client: aiosmtplib.SMTP, reader: _DataReader) -> None:
 
 class RelayStage:
     def __init__(self, config: Config, index: ProviderIndex, connections: Connections,
-                 path: Callable[[Item], Path], clock: Clock) -> None:
+                 open_item: Callable[[Item], BinaryIO], clock: Clock) -> None:
         self.config = config
         self.index = index
         self.connections = connections
-        self.path = path
+        self.open_item = open_item
         self.clock = clock
 
     def hop(self, item: Item) -> Hop:
@@ -303,7 +306,8 @@ class RelayStage:
         )
         try:
             hop = self.hop(item)
-            await self.connections.send(hop, item.mail_from, item.rcpts, self.path(item))
+            await self.connections.send(hop, item.mail_from, item.rcpts,
+                                        lambda: self.open_item(item))
         except TemporaryFailure as exc:
             if item.attempts + 1 >= self.config.relay.max_attempts:
                 return Outcome(state="hold", error=str(exc), events=[LedgerEvent(
@@ -328,7 +332,7 @@ class RelayStage:
             refused = tuple(r for r in item.rcpts if r in exc.refused)
             delay = backoff(item.attempts, self.config.relay.retry_base,
                             self.config.relay.retry_max, random.random())
-            rest = NewItem("relay", item.mail_from, refused, same_as=item.spool, dest=item.dest,
+            rest = NewItem("relay", item.mail_from, refused, same_as=item, dest=item.dest,
                            meta=item.meta, delay=delay)
             taken = tuple(r for r in item.rcpts if r not in exc.refused)
             return Outcome(outputs=[rest], events=[

@@ -207,7 +207,7 @@ class Service:
         self.delivery = DeliveryPoint(config, self.issuer, self.router, self.db,
                                       make_mailbox(config), self.clock,
                                       read, self.cpu)
-        self.relay = RelayStage(config, self.index, self.connections, self.queue.path, self.clock)
+        self.relay = RelayStage(config, self.index, self.connections, self.queue.open, self.clock)
         n = config.workers
         self.runners = {
             "submission": Runner(self.queue, "submission", self.access.handle, n),

@@ -151,6 +151,9 @@ class PecdSMTP(SMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
+        if self.event_handler.closing:
+            self._close_with(replies.SHUTTING_DOWN)
+            return
         if self._over_connection_limit:
             assert self.session is not None and self.transport is not None
             log.warning("%s: connection refused, over the per-address limit",
@@ -355,18 +358,26 @@ class _Base:
         # shared by every listener this handler serves (submission + smtps share one)
         self.connections = ConnectionLimiter(config.limits.max_connections_per_address)
         self.sessions: set[PecdSMTP] = set()
+        self.closing = False
 
     async def close_sessions(self, grace: float) -> None:
         """Shutdown: every session ends with ``421``; one that is in the middle of a command
-        (a DATA being committed, say) gets up to ``grace`` seconds to answer it first."""
-        for session in list(self.sessions):
-            session.shut_down()
-        tasks = {t for t in (s.handler_task for s in self.sessions) if t is not None}
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace)
-        for session in list(self.sessions):
-            session.abort()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        (a DATA being committed, say) gets up to ``grace`` seconds to answer it first.
+
+        A connection the listener accepted just before it closed may only become a session
+        now (Python 3.11's ``wait_closed`` does not wait for it): it is greeted with ``421``,
+        and the loop runs until no session is left, so nothing commits after the stop."""
+        self.closing = True
+        while self.sessions:
+            sessions = list(self.sessions)
+            for session in sessions:
+                session.shut_down()
+            tasks = {t for t in (s.handler_task for s in sessions) if t is not None}
+            if tasks:
+                await asyncio.wait(tasks, timeout=grace)
+            for session in sessions:
+                session.abort()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle_exception(self, error: Exception) -> str:
         return replies.reply_for(error)

@@ -123,7 +123,7 @@ class AccessPoint:
         """Non-acceptance for virus (§3.1.3), never with the original; the message is kept."""
         at = self.clock.now()
         tx = transaction_for(data, item.mail_from, item.rcpts, self.router, self.issuer, at)
-        kept = self.quarantine.store(item.spool, data)
+        kept = self.quarantine.store(item.name, data)
         reason = f"virus {found}"
         notice_id, notice = receipts.non_acceptance(tx, self.issuer, at, reason, virus=True)
         return Outcome(

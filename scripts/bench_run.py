@@ -79,6 +79,7 @@ class Settings:
     keep: bool
     json: Path | None
     quick: bool
+    certified_only: bool
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -97,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--drain-timeout", type=float,
                    help="longest wait for the deep queue to drain, seconds (default 30)")
     p.add_argument("--no-postfix", action="store_true", help="skip the Postfix baseline")
+    p.add_argument("--certified-only", action="store_true",
+                   help="run only phases 1 and 2 (certified, max and half rate): to profile a "
+                        "change quickly, not for the closing figures")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record py-spy profiles of A and B during the max-rate phase into DIR")
     p.add_argument("--profile-gil", action="store_true",
@@ -125,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         keep=a.keep,
         json=a.json,
         quick=q,
+        certified_only=a.certified_only,
     )
     if s.messages < 1 or s.clients < 1 or s.deep < 1:
         p.error("--messages, --clients and --deep must be positive")
@@ -1472,23 +1477,26 @@ def main(argv: list[str] | None = None) -> int:
             count = max(5, round(half * s.half_seconds))
             bench.say(f"2. certified, half rate: {count} messages at {half:.1f}/s")
             results["half"] = bench.certified("half", count, rate=half)
-            sink_port = free_port()
-            sink = SinkLog(tmp / "sink.log")
-            proc = procs.start("sink", [PY, str(SCRIPTS / "bench_relay.py"), "sink", "--port",
-                                        str(sink_port), "--log", str(sink.path)])
-            wait_port(sink_port, 30, lambda: proc.poll() is None, "sink")
-            bench.say("3a. plain relay baseline")
-            results["relay"] = bench.plain_relay(sink, sink_port, proc.pid)
-            if s.postfix:
-                bench.say("3b. Postfix baseline")
-                results["postfix"] = bench.postfix(sink, sink_port, proc.pid)
+            if s.certified_only:
+                bench.notes.append("phases 3 to 5 skipped (--certified-only)")
             else:
-                bench.notes.append("Postfix baseline skipped (--no-postfix)")
-            procs.stop("sink")
-            bench.say(f"4. big message: {s.big_mb:g} MB")
-            results["big"] = bench.big()
-            bench.say(f"5. deep queue: {s.deep} messages")
-            results["deep"] = bench.deep()
+                sink_port = free_port()
+                sink = SinkLog(tmp / "sink.log")
+                proc = procs.start("sink", [PY, str(SCRIPTS / "bench_relay.py"), "sink", "--port",
+                                            str(sink_port), "--log", str(sink.path)])
+                wait_port(sink_port, 30, lambda: proc.poll() is None, "sink")
+                bench.say("3a. plain relay baseline")
+                results["relay"] = bench.plain_relay(sink, sink_port, proc.pid)
+                if s.postfix:
+                    bench.say("3b. Postfix baseline")
+                    results["postfix"] = bench.postfix(sink, sink_port, proc.pid)
+                else:
+                    bench.notes.append("Postfix baseline skipped (--no-postfix)")
+                procs.stop("sink")
+                bench.say(f"4. big message: {s.big_mb:g} MB")
+                results["big"] = bench.big()
+                bench.say(f"5. deep queue: {s.deep} messages")
+                results["deep"] = bench.deep()
     except KeyboardInterrupt:
         bench.say("interrupted: stopping every process started")
         status = 130

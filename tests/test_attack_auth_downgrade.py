@@ -68,8 +68,10 @@ def test_auth_needs_an_encrypted_socket_whatever_aiosmtpd_is_told(tmp_path: Path
     work-around used to be), a plaintext socket never reaches the password check."""
     asked: list[str] = []
 
-    class Handler:
+    class Handler:  # what PecdSMTP asks of its handler (smtp._Base), and no more
         connections = ConnectionLimiter(10)
+        sessions: set[PecdSMTP] = set()
+        closing = False
 
         async def authenticate(self, user: str, password: str, peer: object) -> bool:
             asked.append(password)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pecd.queue import INLINE_MAX
+
 from .attack_support import ALICE, ALICE_PW, Raw, ledger_rows, login, serving, single_provider
 from .conftest import ProviderDir, pecd
 
@@ -98,7 +100,10 @@ def test_unexpected_error_answers_451_with_an_incident_id_in_the_log(
             assert raw.cmd("MAIL FROM:<alice@a.test>")[0] == 250
             assert raw.cmd("RCPT TO:<alice@a.test>")[0] == 250
             assert raw.cmd("DATA")[0] == 354
-            code, text = raw.cmd(b"From: alice@a.test\r\nTo: alice@a.test\r\n\r\nx\r\n.")
+            # over INLINE_MAX, so its bytes go to the spool file the broken disk refuses
+            body = b"x" * 76 + b"\r\n"
+            code, text = raw.cmd(b"From: alice@a.test\r\nTo: alice@a.test\r\n\r\n"
+                                 + body * (INLINE_MAX // len(body) + 1) + b".")
         finally:
             spool_tmp.unlink()
             spool_tmp.mkdir()

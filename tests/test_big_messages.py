@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
@@ -116,12 +117,14 @@ class _Sink:
         return "250 OK"
 
 
+@pytest.mark.parametrize("in_row", [False, True], ids=["spool-file", "row-bytes"])
 @pytest.mark.parametrize("chunk", [16, 1 << 20])
 def test_relay_streams_data_with_dots_and_line_ends_intact(
         two_providers: tuple[ProviderDir, ProviderDir], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+        monkeypatch: pytest.MonkeyPatch, chunk: int, in_row: bool) -> None:
     """Pieces cut at line ends: a leading dot is doubled whatever piece it starts, a line longer
-    than a piece is read on, and a last line without a line break gets one."""
+    than a piece is read on, and a last line without a line break gets one; the same from a
+    spool file and from a queue row's bytes."""
     monkeypatch.setattr(relay, "CHUNK", chunk)
     message = (b"Subject: dots\r\n\r\n.\r\n..two\r\n" + b"x" * 40 + b"\r\n.start\r\n"
                + b"".join(b".%d\r\n" % i for i in range(50)) + b"no line break at the end")
@@ -129,6 +132,9 @@ def test_relay_streams_data_with_dots_and_line_ends_intact(
     path.write_bytes(message)
     sink = _Sink()
     a, _ = two_providers
+
+    def source() -> BinaryIO:
+        return io.BytesIO(message) if in_row else path.open("rb")
 
     async def run() -> None:
         port = free_port()
@@ -138,7 +144,7 @@ def test_relay_streams_data_with_dots_and_line_ends_intact(
         try:
             for _ in range(2):  # the second on the reused connection
                 await conns.send(relay.Hop("127.0.0.1", port, tls=False), "alice@a.test",
-                                 ["x@sink.test"], path)
+                                 ["x@sink.test"], source)
         finally:
             await conns.close()
             server.close()
