@@ -11,6 +11,7 @@ import base64
 import email.utils
 import quopri
 import re
+import secrets
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -18,7 +19,7 @@ from email.header import Header
 from email.message import Message
 
 from pecd import headers
-from pecd.blob import Blob
+from pecd.blob import Blob, as_blob
 
 CRLF = b"\r\n"
 _CTL = re.compile(r"[\r\n\x00]+")
@@ -90,8 +91,22 @@ def render_headers(fields: Iterable[HeaderField]) -> bytes:
     return b"".join(f"{n}: {v}\r\n".encode() for n, v in fields)
 
 
-def new_boundary() -> str:
-    return f"----pecd-{uuid.uuid4().hex}"
+_OUR_BOUNDARY = re.compile(rb"----=_pecd_[0-9a-f]{32}")
+
+
+def unused_boundary(parts: Iterable[bytes | Blob]) -> str:
+    """A random boundary that occurs in none of ``parts`` (RFC 2046 §5.1.1).
+
+    ``=_`` never occurs in base64 or quoted-printable text, so only a boundary of ours (in a
+    message we built, now quoted in a receipt or an envelope) can hold one: a single scan
+    collects those, however many, and a fresh random one is drawn until it is not among them.
+    """
+    present = {m for part in parts for piece in as_blob(part)
+               for m in _OUR_BOUNDARY.findall(piece)}
+    while True:
+        boundary = f"----=_pecd_{secrets.token_hex(16)}"
+        if boundary.encode() not in present:
+            return boundary
 
 
 def entity(headers: Sequence[bytes], body: bytes) -> bytes:
@@ -145,11 +160,8 @@ def plain_attachment(filename: str, text: bytes) -> bytes:
 
 def multipart(subtype: str, parts: Sequence[bytes | Blob],
               extra_headers: Sequence[bytes] = ()) -> Blob:
-    while True:
-        boundary = new_boundary()
-        b = boundary.encode()
-        if not any(Blob(p).search(re.compile(re.escape(b))) for p in parts):
-            break
+    boundary = unused_boundary(parts)
+    b = boundary.encode()
     out: list[bytes | Blob] = [
         *extra_headers,
         f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n'.encode(),

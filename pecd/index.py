@@ -9,6 +9,7 @@ import``; nothing enters the index from the network.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -32,11 +33,12 @@ class Provider:
     service_address: str
     cert_pem: str
 
-    @property
+    @functools.cached_property
     def certificate(self) -> x509.Certificate:
+        """Parsed once per card: every envelope and receipt checks its signer against it."""
         return x509.load_pem_x509_certificate(self.cert_pem.encode())
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         return fingerprint(self.certificate)
 

@@ -12,7 +12,6 @@ import base64
 import email
 import email.policy
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +22,7 @@ from cryptography import x509
 
 from pecd.blob import Blob
 from pecd.cms import SignatureInfo, Signer, verify_detached
-from pecd.compose import BARE_EOL, entity_bounds, part_spans
+from pecd.compose import BARE_EOL, entity_bounds, part_spans, unused_boundary
 
 # header blocks only: a full parser compiles a regex for every new multipart boundary
 _HEADERS = BytesHeaderParser(policy=email.policy.compat32)
@@ -90,13 +89,6 @@ def _header_line(name: str, value: str) -> bytes:
     return raw_name + b": " + b"\r\n".join(lines) + b"\r\n"
 
 
-def _new_boundary(inner: Blob) -> str:
-    while True:
-        boundary = f"----=_pecd_{secrets.token_hex(16)}"
-        if not inner.search(re.compile(re.escape(boundary.encode("ascii")))):
-            return boundary
-
-
 def wrap_signed(outer_headers: Sequence[tuple[str, str]], inner: bytes | Blob,
                 signer: Signer) -> Blob:
     """A complete multipart/signed message whose first part is ``inner``, byte for byte.
@@ -107,7 +99,7 @@ def wrap_signed(outer_headers: Sequence[tuple[str, str]], inner: bytes | Blob,
     """
     inner = Blob(inner)
     _check_canonical(inner)
-    boundary = _new_boundary(inner)
+    boundary = unused_boundary([inner])
     delim = b"--" + boundary.encode("ascii")
     signature = base64.encodebytes(signer.sign_detached(inner)).replace(b"\n", b"\r\n")
     out: list[bytes | Blob] = [_header_line(name, value) for name, value in outer_headers]

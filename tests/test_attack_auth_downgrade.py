@@ -70,8 +70,10 @@ def test_auth_needs_an_encrypted_socket_whatever_aiosmtpd_is_told(tmp_path: Path
 
     class Handler:  # what PecdSMTP asks of its handler (smtp._Base), and no more
         connections = ConnectionLimiter(10)
-        sessions: set[PecdSMTP] = set()
         closing = False
+
+        def __init__(self) -> None:
+            self.sessions: set[PecdSMTP] = set()
 
         async def authenticate(self, user: str, password: str, peer: object) -> bool:
             asked.append(password)

@@ -166,7 +166,7 @@ def test_boundary_never_occurs_in_the_signed_part(setup: Setup, monkeypatch: pyt
     colliding = "a" * 32
     inner = INNER.replace(b"Trailing", b"------=_pecd_" + colliding.encode() + b" Trailing")
     tokens = iter([colliding, "b" * 32])
-    monkeypatch.setattr("pecd.smime.secrets.token_hex", lambda n: next(tokens))
+    monkeypatch.setattr("pecd.compose.secrets.token_hex", lambda n: next(tokens))
     message = bytes(smime.wrap_signed(HEADERS, inner, setup.signer))
     assert b'boundary="----=_pecd_' + b"b" * 32 + b'"' in message
     assert smime.verify_message(message, [setup.ca.cert])[0].inner == inner
