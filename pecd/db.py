@@ -126,21 +126,12 @@ def migrate(conn: sqlite3.Connection) -> None:
     for name, sql in MIGRATIONS:
         if name in done:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with ledger.transaction(conn):
             for statement in sql.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute(
-                "INSERT INTO migrations VALUES (?, datetime('now'))", (name,)
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO migrations VALUES (?, datetime('now'))", (name,))
     ledger.install(conn)
-    conn.execute("COMMIT")
 
 
 def open_database(path: Path) -> sqlite3.Connection:

@@ -24,6 +24,7 @@ by anyone with a JSON library and SHA-256.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -208,23 +209,27 @@ _SCHEMA: Final = (
 )
 
 
-def install(conn: sqlite3.Connection) -> None:
-    """Create the tables, indexes and triggers if missing; idempotent.
-
-    Runs inside the caller's transaction if there is one, else in its own.
-    """
-    own = not conn.in_transaction
-    if own:
-        conn.execute("BEGIN IMMEDIATE")
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """Inside the caller's transaction if one is open (it commits or rolls back with it); else
+    in a write transaction of our own, committed at the end and rolled back on any error."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
     try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def install(conn: sqlite3.Connection) -> None:
+    """Create the tables, indexes and triggers if missing; idempotent."""
+    with transaction(conn):
         for statement in _SCHEMA:
             conn.execute(statement)
-    except BaseException:
-        if own:
-            conn.execute("ROLLBACK")
-        raise
-    if own:
-        conn.execute("COMMIT")
 
 
 # ----------------------------------------------------------------------------------------- hash
@@ -563,7 +568,6 @@ def checkpoint(
     if there was nothing new (or a concurrent checkpoint already covered it).
     """
     at_text = format_at(at)
-    own = not conn.in_transaction
     cur = _cursor(conn)
     head = cur.execute(_HEAD).fetchone()
     if head is None:
@@ -577,29 +581,20 @@ def checkpoint(
     token = timestamper(bytes.fromhex(head_hash))
     if not isinstance(token, bytes | bytearray | memoryview):
         raise LedgerInvalid("timestamper must return bytes")
-    if own:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
-        # Re-read under the write lock: another process may have checkpointed meanwhile.
+    with transaction(conn):
+        # Re-read under the write lock: another process may have checkpointed meanwhile (then
+        # nothing is written, and the empty transaction commits).
         last = cur.execute(
             "SELECT id, seq_to FROM ledger_checkpoint ORDER BY id DESC LIMIT 1"
         ).fetchone()
         cp_id, seq_from = (int(last[0]) + 1, int(last[1]) + 1) if last else (1, 1)
         if seq_from > seq_to:
-            if own:
-                conn.execute("ROLLBACK")
             return None
         conn.execute(
             "INSERT INTO ledger_checkpoint (id, seq_from, seq_to, head_hash, at, token)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (cp_id, seq_from, seq_to, head_hash, at_text, bytes(token)),
         )
-    except BaseException:
-        if own:
-            conn.execute("ROLLBACK")
-        raise
-    if own:
-        conn.execute("COMMIT")
     return cp_id
 
 
