@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import sqlite3
 import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -26,10 +27,11 @@ from pecd.cms import verify_detached
 from pecd.daticert import Recipient
 from pecd.envelope import transport_envelope
 from pecd.pec import Issuer, Transaction
-from pecd.service import make_issuer, make_timestamper
+from pecd.queue import INLINE_MAX
+from pecd.service import Service, make_issuer, make_timestamper
 from pecd.spool import Spool
 
-from .conftest import ProviderDir, free_port, openssl_verifies
+from .conftest import ProviderDir, free_port, openssl_verifies, running, submit, wait_for
 
 T = TypeVar("T")
 SIZE = 4_000_000
@@ -152,3 +154,62 @@ def test_relay_streams_data_with_dots_and_line_ends_intact(
 
     asyncio.run(run())
     assert sink.got == [message + b"\r\n"] * 2
+
+
+@pytest.mark.parametrize("size", [2_000, INLINE_MAX + 50_000], ids=["in-rows", "in-spool-files"])
+def test_a_certified_cycle_through_either_queue_storage(
+        two_providers: tuple[ProviderDir, ProviderDir], size: int) -> None:
+    """A message up to INLINE_MAX is queued in its row, a bigger one in spool files (each item
+    its own file or hard link); both complete the whole cycle, and across a restart: recovery
+    takes a row's bytes as present, not as a missing file."""
+    a, b = two_providers
+    original = _original(size).rstrip(b"\r\n") + b"\r\n"  # as SMTP carries it
+
+    async def run() -> None:
+        svc = Service(a.config)
+        await svc.start(runners=False)  # the listener only: the item stays queued
+        try:
+            code, reply = await asyncio.get_running_loop().run_in_executor(
+                None, submit, a, "alice@a.test", "alice-secret", "alice@a.test",
+                ["bob@b.test"], original, svc.ports.submission)
+            assert code == 250, reply
+        finally:
+            await svc.stop()
+        spool, body = _queued_storage(a)
+        if size <= INLINE_MAX:
+            assert spool == "" and body is not None and len(body) == len(original)
+            assert not list((a.root / "data" / "spool" / "q").iterdir())
+        else:
+            assert body is None
+            assert (a.root / "data" / "spool" / "q" / spool).stat().st_size == len(original)
+        async with running(a, b):
+            await wait_for(lambda: len(a.messages("alice@a.test")) == 2
+                           and len(b.messages("bob@b.test")) == 1)
+            await wait_for(lambda: not _queue_rows(a) and not _queue_rows(b))
+
+    asyncio.run(run())
+    (delivered,) = b.messages("bob@b.test")
+    assert pec.parse(delivered).original == original
+    (b.root / "env.eml").write_bytes(delivered)
+    assert openssl_verifies(b.root / "env.eml", b.ca)
+    for p in (a, b):  # every item's bytes went with it
+        assert not list((p.root / "data" / "spool" / "q").iterdir())
+    assert "ledger ok" in a.cli("ledger", "verify") and "ledger ok" in b.cli("ledger", "verify")
+
+
+def _queue_rows(p: ProviderDir) -> int:
+    conn = sqlite3.connect(p.root / "data" / "pecd.sqlite")
+    try:
+        return int(conn.execute("SELECT count(*) FROM queue").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _queued_storage(p: ProviderDir) -> tuple[str, bytes | None]:
+    conn = sqlite3.connect(p.root / "data" / "pecd.sqlite")
+    try:
+        row = conn.execute("SELECT spool, body, state FROM queue").fetchall()
+    finally:
+        conn.close()
+    assert len(row) == 1 and row[0][2] == "incoming"
+    return row[0][0], row[0][1]
