@@ -2,8 +2,8 @@
 
 Listeners call :meth:`Queue.enqueue` and answer ``250`` only after it returns: by then the row
 is committed with the bytes in it or, for a message over ``INLINE_MAX``, naming a spool file
-already fsynced. A stage leases items, works on them without
-touching the queue, and hands back an :class:`Outcome`; :meth:`Queue.finish` commits the outcome
+already fsynced. A stage leases items, works on them without touching the queue, and hands
+back an :class:`Outcome`; :meth:`Queue.finish` commits the outcome
 (new items, ledger rows, the item's new state) in one transaction, so a crash either loses the
 whole step (and it runs again) or none of it.
 
