@@ -363,8 +363,9 @@ def _find_signer(sid: cms.SignerIdentifier, candidates: Sequence[x509.Certificat
 
 
 def _same_name(a: asn1_x509.Name, b: asn1_x509.Name) -> bool:
-    """Same DER is the common case and cheap; otherwise RFC 5280 §7.1 comparison (slow)."""
-    return bool(a.dump() == b.dump() or a == b)
+    """Same DER is the common case and cheap; otherwise RFC 5280 §7.1 comparison (slow). A name
+    inside a GeneralName carries its explicit [4] tag: compared without it."""
+    return bool(a.untag().dump() == b.untag().dump() or a == b)
 
 
 def _hash_name(algo: Any) -> str:

@@ -147,7 +147,10 @@ class Parsed:
 
 
 def classify(data: bytes) -> Category:
-    msg = headers.parse(data)
+    return _category(headers.parse(data))
+
+
+def _category(msg: Message) -> Category:
     trasporto = (msg.get("X-Trasporto") or "").strip().lower()
     if trasporto == "posta-certificata":
         return "envelope"
@@ -160,8 +163,8 @@ def classify(data: bytes) -> Category:
 
 def parse(data: bytes) -> Parsed:
     """Split a PEC message into daticert and original. Raises NotPec when it has no such shape."""
-    category = classify(data)
     msg = headers.parse(data)
+    category = _category(msg)
     if category in ("ordinary", "anomaly-envelope"):
         return Parsed(category, msg, None, None, None, None)
     try:
