@@ -4,7 +4,7 @@ Everything that must change together (a queue state, its outputs, their ledger r
 one transaction. All writes go through one writer thread, which batches concurrent requests into
 one transaction and so one fsync (group commit); each request runs in its own savepoint so one
 failing request does not undo its neighbours. ``synchronous=FULL``: a commit is on disk when the
-call returns.
+call returns (a lease's excepted: ``transact(durable=False)``).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def open_database(path: Path) -> sqlite3.Connection:
     return conn
 
 
-_Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]"]
+_Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]", bool]  # (fn, result, durable)
 
 
 class Database:
@@ -156,14 +156,17 @@ class Database:
         self._thread = threading.Thread(target=self._run, name="pecd-db-writer", daemon=True)
         self._thread.start()
 
-    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def transact(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """``durable=False``: a change that a crash of the machine (not of the process) may undo
+        without harm, such as a lease, which recovery returns anyway. Its commit skips the fsync
+        when no durable change shares the batch; the next durable commit syncs it with its own."""
         fut: Future[T] = Future()
-        self._jobs.put((fn, fut))
+        self._jobs.put((fn, fut, durable))
         return await asyncio.wrap_future(fut)
 
     def transact_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         fut: Future[T] = Future()
-        self._jobs.put((fn, fut))
+        self._jobs.put((fn, fut, True))
         return fut.result()
 
     def close(self) -> None:
@@ -195,9 +198,12 @@ class Database:
     @staticmethod
     def _commit_batch(conn: sqlite3.Connection, batch: list[_Job]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
+        lazy = not any(durable for _fn, _fut, durable in batch)
+        if lazy:  # WAL: the commit is written to the log, unsynced (see ``transact``)
+            conn.execute("PRAGMA synchronous=NORMAL")
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, fut in batch:
+            for fn, fut, _durable in batch:
                 conn.execute("SAVEPOINT job")
                 try:
                     value = fn(conn)
@@ -212,9 +218,12 @@ class Database:
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for _fn, fut in batch:
+            for _fn, fut, _durable in batch:
                 _resolve(fut, False, exc)
             return
+        finally:
+            if lazy:
+                conn.execute("PRAGMA synchronous=FULL")
         for fut, ok, value in results:
             _resolve(fut, ok, value)
 

@@ -241,7 +241,9 @@ class Queue:
                 items.append(_item(row))
             return items
 
-        return await self.db.transact(txn)
+        # a lease lost with the machine (power, kernel; a killed process loses nothing) costs
+        # nothing: recovery returns every lease to incoming, and MAX_LEASES counts process deaths
+        return await self.db.transact(txn, durable=False)
 
     async def next_due(self, kind: Kind) -> float | None:
         def txn(conn: sqlite3.Connection) -> float | None:

@@ -11,6 +11,7 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from aiosmtpd.smtp import SMTP, Envelope
 
 from pecd import cms, ledger, pki, replies
 from pecd.clock import ManualClock
+from pecd.db import Database
 from pecd.queue import NewItem, Queue
 from pecd.service import Service
 
@@ -365,3 +367,42 @@ def test_retention_prunes_only_what_a_signed_export_holds(
                        f"UPDATE ledger_anchor SET hash='{'0' * 64}';")
     conn.commit()
     assert "BROKEN" in a.cli("ledger", "verify", ok=False)
+
+
+def test_only_a_batch_of_leases_commits_without_fsync(tmp_path: Path) -> None:
+    """Leases are the one change a machine crash may undo (recovery returns them anyway): a
+    batch of leases alone commits with ``synchronous=NORMAL``; any durable change in the batch,
+    and every batch after, gets ``FULL``. Seen from inside the jobs, on the writer's connection."""
+    db = Database(tmp_path / "pecd.sqlite")
+
+    def level(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    async def one_batch(durable: list[bool]) -> list[int]:
+        """The jobs queued while the writer is held inside an earlier batch: one batch."""
+        entered, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            entered.set()
+            release.wait(10)
+
+        held = asyncio.ensure_future(db.transact(hold))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        jobs = [asyncio.ensure_future(db.transact(level, durable=d)) for d in durable]
+        await asyncio.sleep(0)  # every job is queued before the writer is let go
+        release.set()
+        await held
+        return list(await asyncio.gather(*jobs))
+
+    async def scenario() -> tuple[list[int], list[int], int]:
+        return (await one_batch([False] * 3), await one_batch([False, True, False]),
+                await db.transact(level))
+
+    try:
+        lazy_alone, mixed, after = asyncio.run(scenario())
+    finally:
+        db.close()
+    normal, full = 1, 2
+    assert lazy_alone == [normal] * 3
+    assert mixed == [full] * 3  # one durable job makes the whole batch's commit synced
+    assert after == full
