@@ -9,14 +9,16 @@ for the signature and written to the spool piece by piece, and never copied.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 
 Piece = bytes | memoryview
 
 
 class Blob:
-    """An immutable sequence of byte pieces; ``bytes(blob)`` joins them (tests, small messages)."""
+    """An immutable sequence of byte pieces; ``bytes(blob)`` joins them (tests, small messages).
+
+    The builders cut pieces only between lines, so a CRLF, a line or a boundary never straddles
+    two pieces and can be checked piece by piece."""
 
     __slots__ = ("_pieces", "_size")
     _pieces: tuple[Piece, ...]
@@ -56,10 +58,6 @@ class Blob:
             digest.update(piece)
         return digest.digest()
 
-    def search(self, pattern: re.Pattern[bytes]) -> bool:
-        """Whether ``pattern`` matches inside one piece. Pieces hold whole lines and whole line
-        endings, so the patterns used here (bare CR/LF, a boundary) cannot straddle two."""
-        return any(pattern.search(piece) for piece in self._pieces)
 
 
 def as_blob(data: bytes | Blob) -> Blob:

@@ -23,6 +23,7 @@ import aiosmtplib
 
 from pecd.blob import Blob
 from pecd.clock import Clock
+from pecd.compose import has_bare_eol
 from pecd.config import Config
 from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
@@ -212,7 +213,6 @@ class Connections:
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 class _DataReader:
@@ -250,7 +250,11 @@ class _DataReader:
 
 
 def _stuff(lines: bytes) -> bytes:
-    return _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", lines))
+    """Whole lines (a piece starts at a line start) as DATA carries them: CRLF, dots doubled."""
+    if has_bare_eol(lines):  # never in what pecd queues; normalised rather than trusted
+        lines = _LINE_END.sub(b"\r\n", lines)
+    stuffed = lines.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed[:1] == b"." else stuffed
 
 
 async def _send_data(client: aiosmtplib.SMTP, reader: _DataReader) -> None:

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from pecd.blob import Blob
 from pecd.cms import SignatureInfo, Signer, verify_detached
-from pecd.compose import BARE_EOL, entity_bounds, part_spans, unused_boundary
+from pecd.compose import entity_bounds, has_bare_eol, part_spans, unused_boundary
 
 # header blocks only: a full parser compiles a regex for every new multipart boundary
 _HEADERS = BytesHeaderParser(policy=email.policy.compat32)
@@ -60,7 +60,7 @@ class SignedMessage:
 
 
 def _check_canonical(inner: Blob) -> None:
-    if inner.search(BARE_EOL):
+    if any(has_bare_eol(piece) for piece in inner):  # pieces hold whole line endings
         raise ValueError("inner entity has a bare LF or bare CR; S/MIME signs canonical CRLF text")
     head = inner.head(1 << 16)  # the headers of an entity pecd composed
     if b"\r\n\r\n" not in head and not head.startswith(b"\r\n"):

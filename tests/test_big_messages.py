@@ -213,3 +213,17 @@ def _queued_storage(p: ProviderDir) -> tuple[str, bytes | None]:
         conn.close()
     assert len(row) == 1 and row[0][2] == "incoming"
     return row[0][0], row[0][1]
+
+
+@pytest.mark.parametrize("window", [3, 4, 1 << 20])
+def test_bare_line_ends_and_8bit_found_in_bytes_and_views_whatever_the_window(
+        monkeypatch: pytest.MonkeyPatch, window: int) -> None:
+    """A view is read in windows: a CRLF cut between two is still one CRLF, and a bare CR or
+    LF is found wherever it falls."""
+    monkeypatch.setattr(compose, "_WINDOW", window)
+    clean = b"ab\r\ncd\r\n\r\n.\r\nlast line\r\n"
+    for data in (clean, memoryview(clean)):
+        assert not compose.has_bare_eol(data) and compose.is_ascii(data)
+    for bad in (b"ab\ncd\r\n", b"ab\r\ncd\r", b"\n\r", b"ab\rcd\r\n", b"x" * 7 + b"\n"):
+        assert compose.has_bare_eol(bad) and compose.has_bare_eol(memoryview(bad)), bad
+    assert not compose.is_ascii(memoryview(b"abc\r\n\xe8\r\n"))
