@@ -95,6 +95,53 @@ def peer_address(peer: object) -> str:
     return str(peer)
 
 
+class _DataBuffer:
+    """DATA's lines, dot-unstuffed, into one buffer; what makes them refused is noted, and from
+    then on nothing more is kept (an oversize message costs nothing)."""
+
+    def __init__(self, size_limit: int | None, line_limit: int) -> None:
+        self.size_limit = size_limit
+        self.line_limit = line_limit
+        self.size = 0
+        self.refusal: str | None = None
+        self._buffer = io.BytesIO()
+
+    def take(self, lines: bytes) -> None:
+        """Whole lines (each ends in CRLF), as they came: a dot that starts one is dropped."""
+        if not lines:
+            return
+        self.size += len(lines)
+        if self.refusal is None and self.size_limit and self.size > self.size_limit:
+            self._refuse("552 Error: Too much mail data")
+        if self.refusal is None and max(map(len, lines.split(CRLF))) > self.line_limit:
+            self._refuse(_LINE_TOO_LONG)
+        if self.refusal is not None:
+            return
+        unstuffed = lines.replace(b"\r\n.", CRLF)
+        self._buffer.write(memoryview(unstuffed)[1:] if unstuffed[:1] == b"." else unstuffed)
+
+    def carry(self, partial: bytes) -> bytes:
+        """The unfinished line to join to the next block. One already too long is refused and
+        only its last byte is carried: enough to tell whether the line ends where the next
+        block starts (a dot there then does not start a line, and does not end the data)."""
+        if len(partial) > self.line_limit:
+            self.size += len(partial) - 1
+            if self.refusal is None:
+                self._refuse(_LINE_TOO_LONG)
+            return partial[-1:]
+        return partial
+
+    def getvalue(self) -> bytes:
+        return self._buffer.getvalue()
+
+    def _refuse(self, reply: str) -> None:
+        self.refusal = reply
+        self._buffer = io.BytesIO()
+
+
+_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
+
+
 class PecdSMTP(SMTP):
     """aiosmtpd 1.4.6's protocol with pecd's defences:
 
@@ -218,12 +265,15 @@ class PecdSMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA, same replies, one buffer: upstream keeps a bytearray per line and
-        joins them, ~4× a big message's size at the peak and most of a small one's CPU.
+        """aiosmtpd's DATA, same replies, read in blocks into one buffer: upstream reads a line
+        per await into a bytearray per line and joins them, ~4× a big message's size at the
+        peak and most of a small one's CPU.
 
-        ``BytesIO.getvalue`` hands its buffer over without a copy, so the message costs about
-        its own size while it arrives. Lines end only on CRLF, as upstream; a bare CR or LF
-        inside one is refused later by :func:`content_refusal`."""
+        Blocks end where ``.<CRLF>`` does (the end of the data when the dot starts a line) or
+        where the reader's limit cuts them; only whole lines are taken, the rest is carried to
+        the next block. Lines end only on CRLF, as upstream; a bare CR or LF inside one is
+        refused later by :func:`content_refusal`. ``BytesIO.getvalue`` hands its buffer over
+        without a copy, so the message costs about its own size while it arrives."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
@@ -234,14 +284,11 @@ class PecdSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        buffer = io.BytesIO()
-        limit = self.data_size_limit
-        size = 0
-        refusal: str | None = None
-        mid_line = False  # the previous read ended inside an over-long line
+        data = _DataBuffer(self.data_size_limit, self.line_length_limit)
+        carry = b""  # the start of a line whose end has not arrived yet
         while True:
             try:
-                line = await self._reader.readuntil(CRLF)
+                block = carry + await self._reader.readuntil(b".\r\n")
             except asyncio.CancelledError:  # the client went away during DATA
                 self._writer.close()
                 raise
@@ -249,24 +296,23 @@ class PecdSMTP(SMTP):
                 self._writer.close()
                 return
             except asyncio.LimitOverrunError as exc:
-                line = await self._reader.read(exc.consumed)
-                refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
-            if not mid_line and line == b".\r\n":
-                break
-            mid_line = not line.endswith(CRLF)
-            size += len(line)
-            if refusal is None and limit and size > limit:
-                refusal = "552 Error: Too much mail data"
-            if refusal is not None:
-                buffer = io.BytesIO()  # drop what was kept: an oversize message costs nothing
+                block = carry + await self._reader.read(exc.consumed)
+                cut = block.rfind(CRLF) + 2 if CRLF in block else 0
+                data.take(block[:cut])
+                carry = data.carry(block[cut:])
                 continue
-            buffer.write(memoryview(line)[1:] if line[:1] == b"." else line)
-        if refusal is not None:
-            await self.push(refusal)
+            head = block[:-3]
+            if not head or head.endswith(CRLF):  # the dot starts a line: the end of the data
+                data.take(head)
+                break
+            data.take(block)  # a line that ends in a dot, not the end
+            carry = b""
+        if data.refusal is not None:
+            await self.push(data.refusal)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        content = buffer.getvalue()
-        del buffer
+        content = data.getvalue()
+        del data
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
