@@ -166,6 +166,15 @@ def ledger(provider: ProviderDir, event: str) -> list[dict[str, Any]]:
              "related": json.loads(r[3]), "detail": json.loads(r[4])} for r in rows]
 
 
+def queued(provider: ProviderDir) -> int:
+    """Items in the provider's queue, whatever their state."""
+    conn = sqlite3.connect(provider.root / "data" / "pecd.sqlite")
+    try:
+        return int(conn.execute("SELECT count(*) FROM queue").fetchone()[0])
+    finally:
+        conn.close()
+
+
 @dataclass
 class Received:
     mail_from: str

@@ -32,6 +32,7 @@ from pecd.service import Service, make_issuer, make_timestamper
 from pecd.spool import Spool
 
 from .conftest import ProviderDir, free_port, openssl_verifies, running, submit, wait_for
+from .pechelpers import queued
 
 T = TypeVar("T")
 SIZE = 4_000_000
@@ -185,7 +186,7 @@ def test_a_certified_cycle_through_either_queue_storage(
         async with running(a, b):
             await wait_for(lambda: len(a.messages("alice@a.test")) == 2
                            and len(b.messages("bob@b.test")) == 1)
-            await wait_for(lambda: not _queue_rows(a) and not _queue_rows(b))
+            await wait_for(lambda: not queued(a) and not queued(b))
 
     asyncio.run(run())
     (delivered,) = b.messages("bob@b.test")
@@ -195,14 +196,6 @@ def test_a_certified_cycle_through_either_queue_storage(
     for p in (a, b):  # every item's bytes went with it
         assert not list((p.root / "data" / "spool" / "q").iterdir())
     assert "ledger ok" in a.cli("ledger", "verify") and "ledger ok" in b.cli("ledger", "verify")
-
-
-def _queue_rows(p: ProviderDir) -> int:
-    conn = sqlite3.connect(p.root / "data" / "pecd.sqlite")
-    try:
-        return int(conn.execute("SELECT count(*) FROM queue").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def _queued_storage(p: ProviderDir) -> tuple[str, bytes | None]:

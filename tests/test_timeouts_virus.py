@@ -37,6 +37,7 @@ from pecd.service import Service
 from pecd.timeouts import Policy, Tracked, decide
 
 from .conftest import ProviderDir, free_port, openssl_verifies, submit, wait_for
+from .pechelpers import queued
 
 # The EICAR test file, assembled at run time so this source file is not itself "infected".
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -428,7 +429,7 @@ def test_take_charge_without_delivery_gives_only_the_final_notice(
         await svc_b.start(runners=False)  # B is stepped by hand: it takes charge, never delivers
         try:
             await _submit_and_accept(svc_a, a, "presa")
-            await wait_for(lambda: _queued(b) > 0)  # the envelope reached B's inbound queue
+            await wait_for(lambda: queued(b) > 0)  # the envelope reached B's inbound queue
             assert await svc_b.runners["inbound"].run_once() == 1
             assert await svc_b.runners["relay"].run_once() == 1
             await wait_for(lambda: len(a.messages("posta-certificata@a.test")) == 1)
@@ -446,14 +447,6 @@ def test_take_charge_without_delivery_gives_only_the_final_notice(
     (final,) = _timeout_notices(a, tmp_path)
     assert b"entro 24 ore" in final.signed.inner  # type: ignore[union-attr]
     assert b.messages("bob@b.test") == []
-
-
-def _queued(provider: ProviderDir) -> int:
-    conn = sqlite3.connect(provider.root / "data" / "pecd.sqlite")
-    try:
-        return int(conn.execute("SELECT count(*) FROM queue").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def test_a_receipt_arriving_mid_decision_cancels_the_notice(
