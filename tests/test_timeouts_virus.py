@@ -507,6 +507,11 @@ def _serve_under_faketime(a: ProviderDir, offset: str, until: int) -> None:
             time.sleep(0.05)
     finally:
         _stop_group(proc)
+        # the wrapper, stopped by a signal, leaves its shared memory named after its pid; a
+        # later wrapper given the same pid would refuse to start ("sem_open: File exists")
+        for leftover in (f"sem.faketime_sem_{proc.pid}", f"faketime_shm_{proc.pid}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(Path("/dev/shm") / leftover)
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
