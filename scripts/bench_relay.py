@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import os
 import signal
 import ssl
 import time
@@ -26,6 +25,8 @@ from typing import Any
 
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from pecd import durable
 
 
 def message_id(data: bytes) -> str:
@@ -56,14 +57,7 @@ class RelayHandler:
 
     def _store(self, data: bytes) -> Path:
         path = self.spool / uuid.uuid4().hex
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        durable.write_synced(path, data)  # the same fsynced write as pecd's spool
         return path
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
