@@ -7,6 +7,7 @@ TSA, loopback ports.
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,26 @@ class Limits:
     auth_failures_per_address: int = 20
     auth_window: float = 900.0
     lock_after_failures: int = 20  # consecutive failures lock the account until `pecd user enable`
+
+
+TLS12_AEAD = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """What the listeners offer over TLS 1.2 (an OpenSSL cipher string; TLS 1.3 suites are all
+    AEAD and not affected). The default is ECDHE with AES-GCM or ChaCha20-Poly1305 only: no CBC
+    suite, whose MAC-then-encrypt padding checks are the Lucky13/POODLE family's door. An
+    operator with old clients may widen it, e.g. ``"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES"``."""
+
+    tls12_ciphers: str = TLS12_AEAD
+
+    def __post_init__(self) -> None:
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            probe.set_ciphers(self.tls12_ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"[tls] tls12_ciphers selects no cipher: {self.tls12_ciphers!r}") from None
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,7 @@ class Config:
     paths: Paths
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
+    tls: Tls = field(default_factory=Tls)
     relay: Relay = field(default_factory=Relay)
     timeouts: Timeouts = field(default_factory=Timeouts)
     delivery: Delivery = field(default_factory=Delivery)
@@ -188,6 +210,7 @@ def load(path: Path) -> Config:
         paths=paths,
         listen=_build(Listen, _section(raw, "listen"), "listen"),
         limits=_build(Limits, _section(raw, "limits"), "limits"),
+        tls=_build(Tls, _section(raw, "tls"), "tls"),
         relay=_build(Relay, _section(raw, "relay"), "relay"),
         timeouts=_build(Timeouts, _section(raw, "timeouts"), "timeouts"),
         delivery=_build(Delivery, delivery, "delivery"),
@@ -243,6 +266,11 @@ auth_failures_per_account = 5          # failed logins per account within auth_w
 auth_failures_per_address = 20         # ... and per client address
 auth_window = 900.0                    # seconds
 lock_after_failures = 20               # consecutive failed logins lock an account until `pecd user enable`
+
+[tls]
+# TLS 1.2 suites every listener offers (OpenSSL syntax; TLS 1.3 is AEAD anyway): AEAD only.
+# Old CBC-only clients: append ":ECDHE+AES".
+tls12_ciphers = "{TLS12_AEAD}"
 
 [relay]
 retry_base = 30.0                      # seconds before the first retry; doubles, with jitter

@@ -391,8 +391,11 @@ class PecdSMTP(SMTP):
 
 
 def server_tls(config: Config) -> ssl.SSLContext:
+    """The one TLS context of every listener: TLS 1.2 or newer, and with TLS 1.2 only the
+    suites ``[tls] tls12_ciphers`` names (AEAD by default; TLS 1.3's are AEAD anyway)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(config.tls.tls12_ciphers)  # checked when the configuration was loaded
     ctx.load_cert_chain(str(config.paths.tls_cert), str(config.paths.tls_key))
     return ctx
 
