@@ -40,6 +40,7 @@ class Limits:
     auth_failures_per_account: int = 5  # within auth_window: then 454 until the window lets go
     auth_failures_per_address: int = 20
     auth_window: float = 900.0
+    tls_failures_per_address: int = 50  # failed TLS handshakes within auth_window: then 421
     lock_after_failures: int = 20  # consecutive failures lock the account until `pecd user enable`
 
 
@@ -265,6 +266,7 @@ max_commands_per_session = 1000        # then 421 and the connection closes
 auth_failures_per_account = 5          # failed logins per account within auth_window: then 454 ...
 auth_failures_per_address = 20         # ... and per client address
 auth_window = 900.0                    # seconds
+tls_failures_per_address = 50          # failed STARTTLS handshakes within auth_window: then 421 at connect
 lock_after_failures = 20               # consecutive failed logins lock an account until `pecd user enable`
 
 [tls]

@@ -36,6 +36,8 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try ag
 TOO_MANY_COMMANDS = "421 4.7.0 Too many commands in this session, closing"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+TLS_FAILED = "454 4.7.0 TLS handshake failed"
+TOO_MANY_TLS_FAILURES = "421 4.7.0 Too many failed TLS handshakes from your address, try again later"
 UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
 
 

@@ -18,11 +18,12 @@ import functools
 import io
 import logging
 import ssl
+from asyncio import sslproto
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from pecd import headers, replies
 from pecd.clock import Clock, SystemClock
@@ -31,7 +32,7 @@ from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
 from pecd.queue import NewItem, Queue
 from pecd.replies import Refusal
-from pecd.throttle import AuthThrottle, ConnectionLimiter
+from pecd.throttle import AuthThrottle, ConnectionLimiter, SlidingWindow
 from pecd.users import Login
 
 log = logging.getLogger("pecd.smtp")
@@ -156,9 +157,12 @@ class PecdSMTP(SMTP):
       or LF (SMTP smuggling) or too many header fields, before any handler sees it.
     """
 
-    def __init__(self, handler: _Base, *, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, handler: _Base, *, limits: Limits, implicit_tls: ssl.SSLContext | None = None,
+                 handshake_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.limits = limits
+        self._implicit_tls = implicit_tls
+        self._handshake_timeout = handshake_timeout
         self._counted_address: str | None = None
         self._over_connection_limit = False
         self._commands = 0
@@ -174,6 +178,9 @@ class PecdSMTP(SMTP):
         return transport is not None and transport.get_extra_info("ssl_object") is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._implicit_tls is not None and self._original_transport is None:
+            self._start_implicit_tls(transport)  # back here with the TLS transport once done
+            return
         first = self.transport is None  # STARTTLS calls this again with the TLS transport
         if first and transport.get_extra_info("ssl_object") is not None:
             self._auth_require_tls = False  # implicit TLS: encrypted before the greeting
@@ -191,6 +198,31 @@ class PecdSMTP(SMTP):
             else:
                 self._over_connection_limit = True
 
+    def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
+        """The implicit-TLS port's handshake, done here as aiosmtpd does STARTTLS rather than by
+        the event loop's server: the loop drops a failed handshake without a word, so a scan
+        would leave no trace and no count. Here each failure is one INFO line and counts
+        against the client address; an address over its count is closed before any TLS."""
+        address = peer_address(transport.get_extra_info("peername"))
+        handler = self.event_handler
+        if not handler.tls_failures_allow(address):
+            transport.close()  # nothing can be said in clear on a TLS port
+            return
+        assert self._implicit_tls is not None
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, self._implicit_tls, waiter, server_side=True,
+            ssl_handshake_timeout=self._handshake_timeout)  # type: ignore[arg-type]  # float ok
+        self._original_transport = transport
+        transport.set_protocol(self._tls_protocol)
+        self._tls_protocol.connection_made(transport)
+
+        def done(w: asyncio.Future[None]) -> None:
+            if not w.cancelled() and w.exception() is not None:
+                handler.tls_failed(address, w.exception())
+
+        waiter.add_done_callback(done)
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted_address is not None:
             self.event_handler.connections.release(self._counted_address)
@@ -206,6 +238,10 @@ class PecdSMTP(SMTP):
             log.warning("%s: connection refused, over the per-address limit",
                         peer_address(self.session.peer))
             self._close_with(replies.TOO_MANY_CONNECTIONS)
+            return
+        assert self.session is not None
+        if not self.event_handler.tls_failures_allow(peer_address(self.session.peer)):
+            self._close_with(replies.TOO_MANY_TLS_FAILURES)
             return
         await super()._handle_client()
 
@@ -262,6 +298,28 @@ class PecdSMTP(SMTP):
                 self._close_with(replies.SHUTTING_DOWN)
 
         return counted
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS; a failed handshake (scanners make thousands) is one INFO line
+        naming the peer and the TLS reason, counted per client address, not an incident with
+        a traceback. aiosmtpd then closes the connection (see ``handle_exception``)."""
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as exc:
+            assert self.session is not None
+            self.event_handler.tls_failed(peer_address(self.session.peer), exc.__cause__)
+            raise
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's path parser, minus its crashes: the stdlib header parser it borrows raises
+        IndexError (and possibly others) on input such as ``<``, which would reach the incident
+        path (451 and a traceback) instead of a syntax error. Any such failure reads as an
+        empty path, which aiosmtpd answers with ``501 Syntax``."""
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError, TypeError, AttributeError):
+            return "", ""
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -401,11 +459,14 @@ def server_tls(config: Config) -> ssl.SSLContext:
 
 
 class _Base:
-    def __init__(self, config: Config, queue: Queue) -> None:
+    def __init__(self, config: Config, queue: Queue, clock: Clock | None = None) -> None:
         self.config = config
         self.queue = queue
+        self.clock = clock or SystemClock()
         # shared by every listener this handler serves (submission + smtps share one)
         self.connections = ConnectionLimiter(config.limits.max_connections_per_address)
+        self.tls_failures = SlidingWindow(config.limits.tls_failures_per_address,
+                                          config.limits.auth_window, 100_000)
         self.sessions: set[PecdSMTP] = set()
         self.closing = False
 
@@ -428,7 +489,24 @@ class _Base:
                 session.abort()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def tls_failed(self, address: str, cause: BaseException | None) -> None:
+        """One line per failed handshake, and one more when the address is throttled."""
+        reason = getattr(cause, "reason", None) or type(cause).__name__
+        log.info("%s: TLS handshake failed (%s)", address, reason)
+        now = self.clock.now().timestamp()
+        self.tls_failures.hit(address, now)
+        if self.tls_failures.retry_after(address, now) > 0:
+            log.warning("%s: %d failed TLS handshakes within %d s, refusing its connections",
+                        address, self.tls_failures.count(address, now),
+                        round(self.tls_failures.window))
+
+    def tls_failures_allow(self, address: str) -> bool:
+        """Whether ``address`` may start a session (it has not failed too many handshakes)."""
+        return self.tls_failures.retry_after(address, self.clock.now().timestamp()) == 0
+
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # logged by smtp_STARTTLS; aiosmtpd closes
+            return replies.TLS_FAILED
         return replies.reply_for(error)
 
     async def _refuse(self, refusal: Refusal, event: LedgerEvent) -> str:
@@ -451,10 +529,10 @@ class SubmissionHandler(_Base):
 
     def __init__(self, config: Config, queue: Queue, check_password: PasswordCheck,
                  clock: Clock | None = None) -> None:
-        super().__init__(config, queue)
+        super().__init__(config, queue, clock)
         self.check_password = check_password
         limits = config.limits
-        self.throttle = AuthThrottle(clock or SystemClock(),
+        self.throttle = AuthThrottle(self.clock,
                                      per_account=limits.auth_failures_per_account,
                                      per_address=limits.auth_failures_per_address,
                                      window=limits.auth_window)
@@ -580,6 +658,8 @@ class InboundHandler(_Base):
 async def listen(handler: _Base, host: str, port: int, config: Config,
                  tls: ssl.SSLContext, *, implicit_tls: bool, auth: bool) -> asyncio.Server:
     loop = asyncio.get_running_loop()
+    # a client that never finishes the implicit-TLS handshake is dropped like an idle one
+    handshake = min(60.0, config.limits.session_timeout) if implicit_tls else None
 
     def factory() -> SMTP:
         return PecdSMTP(
@@ -589,6 +669,8 @@ async def listen(handler: _Base, host: str, port: int, config: Config,
             ident="pecd",
             data_size_limit=config.limits.max_message_size,
             tls_context=None if implicit_tls else tls,
+            implicit_tls=tls if implicit_tls else None,
+            handshake_timeout=handshake,
             auth_require_tls=True,  # PecdSMTP knows an implicit-TLS socket is encrypted
             auth_required=auth,
             auth_exclude_mechanism=[] if auth else ["LOGIN", "PLAIN"],
@@ -596,7 +678,4 @@ async def listen(handler: _Base, host: str, port: int, config: Config,
             loop=loop,
         )
 
-    # a client that never finishes the implicit-TLS handshake is dropped like an idle one
-    handshake = min(60.0, config.limits.session_timeout) if implicit_tls else None
-    return await loop.create_server(factory, host, port, ssl=tls if implicit_tls else None,
-                                    ssl_handshake_timeout=handshake)
+    return await loop.create_server(factory, host, port)  # implicit TLS: PecdSMTP does it
