@@ -458,6 +458,12 @@ def server_tls(config: Config) -> ssl.SSLContext:
     return ctx
 
 
+def tls_failures_window(config: Config) -> SlidingWindow:
+    """Failed TLS handshakes per client address, within ``[limits] auth_window``."""
+    return SlidingWindow(config.limits.tls_failures_per_address, config.limits.auth_window,
+                         100_000)
+
+
 class _Base:
     def __init__(self, config: Config, queue: Queue, clock: Clock | None = None) -> None:
         self.config = config
@@ -465,8 +471,8 @@ class _Base:
         self.clock = clock or SystemClock()
         # shared by every listener this handler serves (submission + smtps share one)
         self.connections = ConnectionLimiter(config.limits.max_connections_per_address)
-        self.tls_failures = SlidingWindow(config.limits.tls_failures_per_address,
-                                          config.limits.auth_window, 100_000)
+        # the service hands every handler the same one: a scanner's count spans all listeners
+        self.tls_failures = tls_failures_window(config)
         self.sessions: set[PecdSMTP] = set()
         self.closing = False
 
