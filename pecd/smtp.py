@@ -17,6 +17,7 @@ import asyncio
 import functools
 import io
 import logging
+import re
 import ssl
 from asyncio import sslproto
 from base64 import b64decode
@@ -68,17 +69,36 @@ def address_acceptable(address: str) -> bool:
     return 0 < len(address) <= 320 and address.isprintable()
 
 
-def content_refusal(data: bytes, limits: Limits) -> Refusal | None:
+# C0 controls and DEL other than HT, CR, LF: RFC 5322 keeps them only as obsolete syntax that
+# a sender "MUST NOT generate" (obs-NO-WS-CTL), and no header value pecd copies needs them
+_HEADER_CONTROLS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def content_refusal(data: bytes, limits: Limits, *, strict_headers: bool = False
+                    ) -> Refusal | None:
     """Why the bytes of a DATA transaction are refused before anything reads them, or None.
 
     A bare CR or LF is refused outright (SMTP smuggling: a next hop that ends DATA on
-    ``<LF>.<LF>`` or ``<CR>.<CR>`` would see a second message where pecd saw one), and so are
-    header sections over the configured size or field count.
+    ``<LF>.<LF>`` or ``<CR>.<CR>`` would see a second message where pecd saw one), and so is a
+    NUL anywhere (RFC 5321 §4.5.2 / RFC 5322 §2.3 and RFC 6152 forbid it in any message: a
+    next hop written in C may end a line, or the data, at ``<CRLF><NUL>.<CRLF>``), and so are
+    header sections over the configured size or field count. ``strict_headers`` (the
+    submission listeners: clients write new mail) also refuses the other control characters
+    in the header section.
     """
     crlf = data.count(CRLF)
     if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
         return replies.BareLineEnding("bare CR or LF")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return replies.ForbiddenBytes(f"NUL byte at offset {nul}", replies.NUL_IN_MESSAGE)
     block = headers.header_block(data)
+    if strict_headers:
+        control = _HEADER_CONTROLS.search(block)
+        if control is not None:
+            return replies.ForbiddenBytes(
+                f"control byte 0x{control[0][0]:02x} in the header section at offset"
+                f" {control.start()}", replies.CONTROL_IN_HEADERS)
     if len(block) > limits.max_header_bytes:
         return replies.TooManyHeaders(f"header section of {len(block)} bytes",
                                       replies.HEADERS_TOO_BIG.format(limits.max_header_bytes))
@@ -381,7 +401,8 @@ class PecdSMTP(SMTP):
             return replies.BAD_SENDER_SYNTAX if command == "MAIL" else replies.BAD_RCPT_SYNTAX
         if command == "DATA":
             assert self.envelope is not None and self.session is not None
-            refusal = content_refusal(self.envelope.original_content or b"", self.limits)
+            refusal = content_refusal(self.envelope.original_content or b"", self.limits,
+                                      strict_headers=self.event_handler.strict_headers)
             if refusal is not None:
                 return await self.event_handler.refused(self.session, self.envelope, refusal)
         return await super()._call_handler_hook(command, *args)
@@ -465,6 +486,8 @@ def tls_failures_window(config: Config) -> SlidingWindow:
 
 
 class _Base:
+    strict_headers = False  # see content_refusal
+
     def __init__(self, config: Config, queue: Queue, clock: Clock | None = None) -> None:
         self.config = config
         self.queue = queue
@@ -532,6 +555,8 @@ class _Base:
 
 class SubmissionHandler(_Base):
     """Access point listener: authenticated users submit here."""
+
+    strict_headers = True
 
     def __init__(self, config: Config, queue: Queue, check_password: PasswordCheck,
                  clock: Clock | None = None) -> None:
