@@ -33,6 +33,8 @@ BARE_LINE_ENDING = "554 5.6.11 Bare CR or LF in message: lines must end in CRLF 
 NUL_IN_MESSAGE = "554 5.6.0 NUL character in message: not allowed in Internet mail (RFC 5322 2.3)"
 CONTROL_IN_HEADERS = ("554 5.6.0 Control character in header section: not allowed"
                       " (RFC 5322 2.2)")
+MALFORMED_HEADER = ("554 5.6.0 Malformed header section: every line must be a header field"
+                    " or its continuation (RFC 5322 2.2)")
 TOO_MANY_HEADERS = "554 5.6.0 Too many header fields (limit {})"
 HEADERS_TOO_BIG = "554 5.6.0 Header section too large (limit {} bytes)"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
@@ -94,6 +96,12 @@ class ForbiddenBytes(Refusal):
     """A byte no message may hold (NUL), or no new message's header section (other controls)."""
 
     reply = NUL_IN_MESSAGE
+
+
+class MalformedHeader(Refusal):
+    """A header line that is no field: parsers would disagree on the fields (and the author)."""
+
+    reply = MALFORMED_HEADER
 
 
 class TooManyHeaders(Refusal):

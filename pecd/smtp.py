@@ -621,6 +621,11 @@ class SubmissionHandler(_Base):
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
         user = str(session.auth_data)
+        line = headers.malformed_line(headers.header_block(data))
+        if line is not None:  # readers would disagree about which fields the message has
+            return await self._refuse(replies.MalformedHeader(), LedgerEvent(
+                event="submission-refused", sender=user,
+                detail={"reason": "header line is not a field", "line": line}))
         msg = headers.parse(data)
         for name in ("From", "Sender"):
             for addr in headers.addresses(msg, name):
@@ -628,6 +633,12 @@ class SubmissionHandler(_Base):
                     return await self._refuse(replies.FromNotOwned(), LedgerEvent(
                         event="submission-refused", sender=user,
                         detail={"reason": f"{name} header not owned", "header": addr[:320]}))
+            # the address is the user's, but a display name or comment may show another one
+            for addr in headers.foreign_addresses(msg, name, user)[:1]:
+                return await self._refuse(replies.FromNotOwned(), LedgerEvent(
+                    event="submission-refused", sender=user,
+                    detail={"reason": f"{name} header names another address",
+                            "header": addr[:320]}))
         ids = await self.queue.enqueue(
             [NewItem("submission", str(envelope.mail_from), tuple(envelope.rcpt_tos), data=data)],
             [LedgerEvent(event="submitted", ref_msgid=headers.message_id(msg), sender=user,
