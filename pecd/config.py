@@ -37,11 +37,16 @@ class Limits:
     max_header_bytes: int = 512 * 1024
     max_connections_per_address: int = 20
     max_commands_per_session: int = 1000
-    auth_failures_per_account: int = 5  # within auth_window: then 454 until the window lets go
-    auth_failures_per_address: int = 20
+    # failed logins within auth_window (see pecd.throttle.AuthThrottle and SECURITY.md):
+    auth_failures_per_source: int = 5  # per (account, client address): then 454 for that pair
+    auth_failures_per_address: int = 20  # per client address over all accounts: then 454
+    auth_failures_per_account: int = 10  # per account over all addresses: then it is slowed
     auth_window: float = 900.0
+    auth_slow_interval: float = 10.0  # a slowed account's password checks, this far apart
+    auth_slow_max_wait: float = 60.0  # an attempt that would wait longer gets 454 for now
     tls_failures_per_address: int = 50  # failed TLS handshakes within auth_window: then 421
-    lock_after_failures: int = 20  # consecutive failures lock the account until `pecd user enable`
+    lock_after_failures: int = 0  # >0: consecutive failures lock the account until `pecd user
+    # enable` (off by default: anyone who knows an address could lock its owner out)
 
 
 TLS12_AEAD = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
@@ -263,11 +268,15 @@ max_header_fields = 500                # header fields per message
 max_header_bytes = 524288              # size of the header section
 max_connections_per_address = 20       # concurrent SMTP connections from one client address
 max_commands_per_session = 1000        # then 421 and the connection closes
-auth_failures_per_account = 5          # failed logins per account within auth_window: then 454 ...
-auth_failures_per_address = 20         # ... and per client address
+auth_failures_per_source = 5           # failed logins per (account, client address) in auth_window: 454
+auth_failures_per_address = 20         # ... per client address, over all accounts: then 454
+auth_failures_per_account = 10         # ... per account, over all addresses: then it is slowed, never locked:
+auth_slow_interval = 10.0              #     one password check per this many seconds, whoever asks;
+auth_slow_max_wait = 60.0              #     an attempt that would wait longer gets 454 for now
 auth_window = 900.0                    # seconds
-tls_failures_per_address = 50          # failed STARTTLS handshakes within auth_window: then 421 at connect
-lock_after_failures = 20               # consecutive failed logins lock an account until `pecd user enable`
+tls_failures_per_address = 50          # failed TLS handshakes within auth_window: then 421 at connect
+lock_after_failures = 0                # N > 0: N failures in a row lock the account until `pecd user enable`
+                                       # (off: a lock lets anyone who knows an address lock its owner out)
 
 [tls]
 # TLS 1.2 suites every listener offers (OpenSSL syntax; TLS 1.3 is AEAD anyway): AEAD only.

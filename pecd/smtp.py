@@ -564,25 +564,35 @@ class SubmissionHandler(_Base):
         self.check_password = check_password
         limits = config.limits
         self.throttle = AuthThrottle(self.clock,
-                                     per_account=limits.auth_failures_per_account,
+                                     per_source=limits.auth_failures_per_source,
                                      per_address=limits.auth_failures_per_address,
-                                     window=limits.auth_window)
+                                     per_account=limits.auth_failures_per_account,
+                                     window=limits.auth_window,
+                                     slow_interval=limits.auth_slow_interval,
+                                     slow_max_wait=limits.auth_slow_max_wait)
 
     async def authenticate(self, user: str, password: str, peer: object) -> bool:
         """True for a good login; False for a bad one; :class:`~pecd.replies.AuthThrottled`
-        when the account or the address failed too often lately (no password is checked)."""
+        when this address failed too often lately, for this account or for any (no password
+        is checked). An account that failed too often from everywhere is slowed, not refused:
+        the attempt waits its turn (see :class:`~pecd.throttle.AuthThrottle`)."""
         address = peer_address(peer)
         account = user.strip().lower()
         verdict = self.throttle.check(account, address)
+        if verdict.first:  # one ledger row per episode, not one per attempt
+            what = address if verdict.scope == "address" else account[:320]
+            event = "auth-throttled" if not verdict.allowed else "auth-slowed"
+            log.warning("AUTH %s for %s %s (peer %s)", event.removeprefix("auth-"),
+                        verdict.scope, what, address)
+            await self.queue.record([LedgerEvent(
+                event=event, sender=user[:320],
+                detail={"peer": address, "scope": verdict.scope,
+                        "retry_after": round(verdict.retry_after),
+                        "delay": round(verdict.delay, 1)})])
         if not verdict.allowed:
-            if verdict.first:  # one ledger row per episode, not one per refused attempt
-                log.warning("AUTH throttled for %s %s", verdict.scope,
-                            address if verdict.scope == "address" else account[:320])
-                await self.queue.record([LedgerEvent(
-                    event="auth-throttled", sender=user[:320],
-                    detail={"peer": address, "scope": verdict.scope,
-                            "retry_after": round(verdict.retry_after)})])
             raise replies.AuthThrottled(f"{verdict.scope} throttled")
+        if verdict.delay > 0:  # a slowed account: this attempt's turn comes later
+            await asyncio.sleep(verdict.delay)
         login = await self.check_password(user, password)
         if login.ok:
             self.throttle.success(account, address)
