@@ -6,6 +6,7 @@ over a real socket."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import socket
 import ssl
@@ -187,5 +188,36 @@ def test_attack_command_fuzz_never_reaches_the_incident_path(
                 break
             assert code != 451 and "incident" not in text, (line, code, text)
             assert 200 <= code < 600
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
+        [r.getMessage() for r in caplog.records]
+
+
+AUTH_LINE = st.tuples(
+    st.sampled_from(["AUTH PLAIN", "AUTH LOGIN", "AUTH CRAM-MD5", "AUTH XOAUTH2", "AUTH",
+                     "AUTH PLAIN =", "AUTH LOGIN *", ""]),
+    st.one_of(st.just(""), st.binary(max_size=40).map(lambda b: " " + base64.b64encode(b).decode()),
+              ARG.map(lambda t: " " + t))).map(lambda t: (t[0] + t[1]).strip() or "*")
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(AUTH_LINE, min_size=1, max_size=4))
+def test_attack_command_fuzz_auth_never_reaches_the_incident_path(
+        a: ProviderDir, svc: Service, lines: list[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The AUTH exchange on the submission listener, after STARTTLS, fed arbitrary lines
+    (a 334 challenge takes the next line as its answer, as a client's would be)."""
+    caplog.clear()
+    with Raw(svc.ports.submission) as raw:
+        raw.reply()
+        raw.cmd("EHLO fuzzer.test")
+        raw.starttls(a.ca)
+        raw.cmd("EHLO fuzzer.test")
+        for line in lines:
+            try:
+                code, text = raw.cmd(line.encode("utf-8", "surrogatepass"))
+            except ConnectionError:
+                break
+            assert code != 451 and "incident" not in text, (line, code, text)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
         [r.getMessage() for r in caplog.records]
