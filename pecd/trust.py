@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -287,20 +286,11 @@ def check_purpose(cert: x509.Certificate, purpose: Purpose) -> None:
         )
 
 
-def system_roots(path: str = "/etc/ssl/certs/ca-certificates.crt") -> list[x509.Certificate]:
-    """The operating system's CA bundle (Debian's ca-certificates), for `pecd verify --system-roots`."""
-    with open(path, "rb") as f, warnings.catch_warnings():
-        # a few old roots carry a negative serial; cryptography warns, and they are still roots
-        warnings.simplefilter("ignore")
-        return x509.load_pem_x509_certificates(f.read())
-
-
 __all__ = [
     "DEFAULT_POLICY",
     "AlgorithmPolicy",
     "Purpose",
     "RevocationInfo",
     "check_purpose",
-    "system_roots",
     "validate_path",
 ]
