@@ -282,7 +282,7 @@ def unwrap(data: bytes, authority: Sequence[x509.Certificate], at: datetime,
         ctype = headers.get_content_type()
         if ctype == "multipart/signed":
             signed, info = verify_message(data, authority, at=at)
-            return Unwrapped(_leaf_body(signed.inner), info)
+            return Unwrapped(_content(signed.inner), info)
         if ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
             der = _leaf_body(data)
             content, info = verify_attached(der, authority, at=at)

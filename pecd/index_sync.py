@@ -17,6 +17,7 @@ import sqlite3
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -81,8 +82,11 @@ def fetch_url(url: str, max_size: int, timeout: float) -> bytes:
 def read_ldap(url: str, base: str, timeout: float, max_entries: int = index_ldif.MAX_ENTRIES,
               ) -> list[tuple[str, dict[str, list[bytes]]]]:
     """Every ``provider`` entry under ``base`` on the server at ``url`` (blocking, anonymous)."""
-    import ldap3  # imported here: only the LDAP read needs it
-    from ldap3.core.exceptions import LDAPException
+    with warnings.catch_warnings():
+        # ldap3 2.9.1 reads pyasn1's old names (tagMap, typeMap), which pyasn1 >= 0.6.1 flags
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import ldap3  # imported here: only the LDAP read needs it
+        from ldap3.core.exceptions import LDAPException
 
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
@@ -91,8 +95,8 @@ def read_ldap(url: str, base: str, timeout: float, max_entries: int = index_ldif
     try:
         server = ldap3.Server(parts.hostname, port=parts.port or (636 if scheme == "ldaps" else 389),
                               use_ssl=scheme == "ldaps", connect_timeout=timeout, get_info=ldap3.NONE)
-        conn = ldap3.Connection(server, auto_bind=ldap3.AUTO_BIND_NO_TLS, receive_timeout=timeout,
-                                read_only=True, raise_exceptions=False)
+        conn = ldap3.Connection(server, auto_bind=ldap3.AUTO_BIND_NO_TLS, read_only=True,
+                                receive_timeout=max(1, int(timeout)), raise_exceptions=False)
         try:
             ok = conn.search(base, "(objectClass=provider)", search_scope=ldap3.SUBTREE,
                              attributes=list(LDAP_ATTRIBUTES), size_limit=max_entries + 1,
@@ -105,8 +109,8 @@ def read_ldap(url: str, base: str, timeout: float, max_entries: int = index_ldif
                        for e in conn.response or [] if e.get("type") == "searchResEntry"]
         finally:
             conn.unbind()
-    except LDAPException as exc:
-        raise IndexRefused(f"LDAP server {url}: {exc}") from None
+    except (LDAPException, OSError, ValueError, TypeError) as exc:  # a client library on the wire
+        raise IndexRefused(f"LDAP server {url}: {exc or type(exc).__name__}") from None
     if len(entries) > max_entries:
         raise IndexRefused(f"LDAP server {url} lists more than {max_entries} providers")
     return entries
