@@ -238,22 +238,31 @@ def _take_copy(ctx: Context, source: str, obtain: Callable[[], index_mod.IndexCo
     """Check a would-be index copy; replace the one in force only if it passes. Either way a
     ledger row says what happened; a refusal is one error line and a non-zero exit."""
     at = SystemClock().now()
-    try:
-        copy = obtain()
-    except index_mod.IndexError_ as exc:
-        reason = str(exc)
-        info = ctx.transact(index_mod.copy_info)
-        kept = [f"{info.source} of {info.fetched}"] if info else []
-        ctx.transact(lambda conn: index_mod.record_refresh(conn, source, at, refused=reason,
-                                                           kept=kept))
-        still = f"; the copy of {info.fetched} stays in force" if info else ""
-        raise click.ClickException(f"index refused: {reason}{still}") from None
 
-    def save(conn: sqlite3.Connection) -> None:
+    def save(conn: sqlite3.Connection, copy: index_mod.IndexCopy) -> None:
         index_mod.store_copy(conn, copy, at)
         index_mod.record_refresh(conn, source, at, copy=copy)
 
-    ctx.transact(save)
+    def refuse(conn: sqlite3.Connection, reason: str) -> str:
+        info = index_mod.copy_info(conn)
+        kept = [f"{info.source} of {info.fetched}"] if info else []
+        index_mod.record_refresh(conn, source, at, refused=reason, kept=kept)
+        return f"; the copy of {info.fetched} stays in force" if info else ""
+
+    conn = ctx.connect()
+    try:
+        try:
+            copy = obtain()
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                save(conn, copy)
+        except index_mod.IndexError_ as exc:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                still = refuse(conn, str(exc))
+            raise click.ClickException(f"index refused: {exc}{still}") from None
+    finally:
+        conn.close()
     for why in copy.skipped:
         click.echo(f"left out: {why}", err=True)
     signer = f", signed by {copy.signer}" if copy.signer else ""
@@ -339,7 +348,7 @@ def index_status(ctx: Context) -> None:
         return
     click.echo(f"source:   {info.source} ({info.kind})\nfetched:  {info.fetched}\n"
                f"entries:  {info.entries}\nsha256:   {info.sha256}\n"
-               f"signer:   {info.signer or '-'}")
+               f"signer:   {info.signer or '-'}\nsigned:   {info.signed_at or '-'}")
 
 
 @index_group.command("list")

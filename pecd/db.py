@@ -117,6 +117,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             raw BLOB NOT NULL,
             sha256 TEXT NOT NULL,
             signer TEXT NOT NULL,
+            signed_at TEXT,
             fetched TEXT NOT NULL,
             entries INTEGER NOT NULL
         );

@@ -217,6 +217,7 @@ class IndexCopy:
     raw: bytes
     providers: tuple[Provider, ...]
     signer: str = ""
+    signed_at: datetime | None = None  # the signer's signingTime (or its timestamp's time)
     skipped: tuple[str, ...] = ()  # entries left out, and why
 
     @property
@@ -230,19 +231,25 @@ class CopyInfo:
     kind: str
     sha256: str
     signer: str
+    signed_at: str | None
     fetched: str
     entries: int
 
 
 def store_copy(conn: sqlite3.Connection, copy: IndexCopy, at: datetime) -> None:
     """Replace the index copy as a whole, inside the caller's transaction: the old entries and
-    the old file go only when the new ones are written in the same commit."""
+    the old file go only when the new ones are written in the same commit. Refuses (IndexError_)
+    a copy signed before the one in force (:func:`rollback_problem`)."""
+    problem = rollback_problem(conn, copy)
+    if problem:
+        raise IndexError_(problem)
     conn.execute("DELETE FROM index_entries")
     conn.execute("DELETE FROM index_copy")
     conn.execute(
-        "INSERT INTO index_copy (id, source, kind, raw, sha256, signer, fetched, entries)"
-        " VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
-        (copy.source, copy.kind, copy.raw, copy.sha256, copy.signer, at.isoformat(),
+        "INSERT INTO index_copy (id, source, kind, raw, sha256, signer, signed_at, fetched, entries)"
+        " VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (copy.source, copy.kind, copy.raw, copy.sha256, copy.signer,
+         copy.signed_at.isoformat() if copy.signed_at else None, at.isoformat(),
          len(copy.providers)),
     )
     conn.executemany(
@@ -257,12 +264,27 @@ def store_copy(conn: sqlite3.Connection, copy: IndexCopy, at: datetime) -> None:
 
 def copy_info(conn: sqlite3.Connection) -> CopyInfo | None:
     row = conn.execute(
-        "SELECT source, kind, sha256, signer, fetched, entries FROM index_copy WHERE id=1"
+        "SELECT source, kind, sha256, signer, signed_at, fetched, entries FROM index_copy WHERE id=1"
     ).fetchone()
     if row is None:
         return None
     return CopyInfo(source=row["source"], kind=row["kind"], sha256=row["sha256"],
-                    signer=row["signer"], fetched=row["fetched"], entries=row["entries"])
+                    signer=row["signer"], signed_at=row["signed_at"], fetched=row["fetched"],
+                    entries=row["entries"])
+
+
+def rollback_problem(conn: sqlite3.Connection, copy: IndexCopy) -> str | None:
+    """Why ``copy`` must not replace the one in force: it was signed before it. An older file,
+    however well signed, may still list a certificate the authority has since withdrawn; whoever
+    sits between us and the URL could serve it again."""
+    row = conn.execute("SELECT signed_at FROM index_copy WHERE id=1").fetchone()
+    if row is None or row[0] is None or copy.signed_at is None:
+        return None
+    in_force = datetime.fromisoformat(row[0])
+    if copy.signed_at < in_force:
+        return (f"signed {copy.signed_at.isoformat()}, before the copy in force "
+                f"(signed {in_force.isoformat()}): an old index replayed")
+    return None
 
 
 def copy_raw(conn: sqlite3.Connection) -> bytes | None:

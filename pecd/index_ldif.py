@@ -299,5 +299,7 @@ def read_signed(data: bytes, source: str, authority: Sequence[x509.Certificate],
     """A whole index copy from a signed file: signature first, then the LDIF inside it."""
     unwrapped = unwrap(data, authority, at, max_size)
     providers, skipped = parse_ldif(unwrapped.content)
+    info = unwrapped.info
     return IndexCopy(source=source, kind="ldif", raw=data, providers=tuple(providers),
-                     signer=unwrapped.info.signer.subject.rfc4514_string(), skipped=tuple(skipped))
+                     signer=info.signer.subject.rfc4514_string(),
+                     signed_at=info.timestamp_time or info.signing_time, skipped=tuple(skipped))

@@ -177,7 +177,10 @@ class IndexRefresher:
             index.record_refresh(conn, where, at, copy=copy)
             return index.load_all(conn)
 
-        self.view.replace(await self.db.transact(save))
+        try:
+            self.view.replace(await self.db.transact(save))
+        except index.IndexError_ as exc:  # an older copy than the one in force
+            return await self._refused(where, str(exc))
         log.info("index copy replaced from %s: %d providers%s", where, len(copy.providers),
                  f", {len(copy.skipped)} entries left out" if copy.skipped else "")
         for why in copy.skipped:
@@ -186,13 +189,14 @@ class IndexRefresher:
 
     async def _refused(self, where: str, reason: str) -> RefreshResult:
         at = self.clock.now()
-        info = await self.db.transact(index.copy_info)
-        kept = [f"{info.source} of {info.fetched}"] if info else []
 
-        def note(conn: sqlite3.Connection) -> None:
+        def note(conn: sqlite3.Connection) -> index.CopyInfo | None:
+            info = index.copy_info(conn)
+            kept = [f"{info.source} of {info.fetched}"] if info else []
             index.record_refresh(conn, where, at, refused=reason, kept=kept)
+            return info
 
-        await self.db.transact(note)
+        info = await self.db.transact(note)
         log.error("index refresh from %s refused: %s; %s", where, reason,
                   f"keeping the copy of {info.fetched}" if info else "no copy in force")
         return RefreshResult(False, reason)
