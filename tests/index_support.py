@@ -115,7 +115,9 @@ class Served:
     """What the loopback HTTP server answers: path → (status, body)."""
 
     files: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    streams: dict[str, int] = field(default_factory=dict)  # path → bytes sent with no length
     hits: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
     url: str = ""
 
 
@@ -126,6 +128,19 @@ def http_server() -> Iterator[Served]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             served.hits[self.path] = served.hits.get(self.path, 0) + 1
+            if self.path in served.streams:  # no Content-Length: the client must stop reading
+                self.send_response(200)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                chunk = b"A" * 65536
+                served.sent[self.path] = 0
+                try:
+                    while served.sent[self.path] < served.streams[self.path]:
+                        self.wfile.write(chunk)
+                        served.sent[self.path] += len(chunk)
+                except OSError:  # the client hung up, as it should
+                    pass
+                return
             status, body = served.files.get(self.path, (404, b"not here"))
             self.send_response(status)
             self.send_header("Content-Type", "application/pkcs7-mime")
