@@ -276,7 +276,7 @@ def unwrap(data: bytes, authority: Sequence[x509.Certificate], at: datetime,
             content, info = verify_attached(_der_from_pem(stripped), authority, at=at)
             return Unwrapped(_content(content), info)
         if stripped[:1] == b"\x30":
-            content, info = verify_attached(data, authority, at=at)
+            content, info = verify_attached(stripped, authority, at=at)
             return Unwrapped(_content(content), info)
         headers = _HEADERS.parsebytes(data)  # the header block only; the body is not parsed
         ctype = headers.get_content_type()
