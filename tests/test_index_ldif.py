@@ -471,3 +471,45 @@ def test_ldap_server_down_keeps_the_copy(slapd: Slapd, provider: ProviderDir) ->
     out = provider.cli("index", "import-ldap", dead, "--base", slapd.base, ok=False)
     assert "index refused" in out and "stays in force" in out
     assert ProviderIndex(_providers(provider)).for_domain("kept.test") is not None
+
+
+# --------------------------------------------------------------------------- the real network
+
+
+def test_real_providers_signers_found_by_hash_and_aruba_renewal_both_hold(
+        tmp_path: Path, provider: ProviderDir, authority: Authority) -> None:
+    """The genuine samples' signers (../shared/pec-samples, read in place), listed in a signed
+    index by SHA-1 only: Aruba's 2014 and 2018 certificates (a real renewal) under one entry."""
+    from email.utils import parseaddr
+
+    from pecd import cms, smime
+
+    from .realworld import INTACT, sample
+
+    signers: dict[str, tuple[x509.Certificate, str]] = {}
+    for name in INTACT:
+        data = sample(name)
+        signed = smime.split_signed(data)
+        checked = cms.check_signed_data(signed.signature, signed.inner_view)
+        domain = parseaddr(str(signed.headers["From"]))[1].rpartition("@")[2].lower()
+        signers[name] = (checked.signer, domain)
+    aruba = {sha1_of(c) for n, (c, _d) in signers.items() if n.startswith("aruba")}
+    assert len(aruba) == 2  # 2014 and 2018
+    (aruba_domain,) = {d for n, (_c, d) in signers.items() if n.startswith("aruba")}
+    (sogei_cert, sogei_domain), *_ = [v for n, v in signers.items() if n.startswith("sogei")]
+
+    def colons(h: str) -> str:
+        return ":".join(h[i:i + 2] for i in range(0, 40, 2)).upper()
+
+    signed_index = tmp_path / "real.p7m"
+    signed_index.write_bytes(sign(directory(
+        entry("Aruba PEC S.p.A.", [aruba_domain], hashes_=[colons(h) for h in sorted(aruba)]),
+        entry("Sogei S.p.A.", [sogei_domain], hashes_=[sha1_of(sogei_cert)])), authority, "der"))
+    provider.cli("index", "import", str(signed_index), "--authority", str(authority.cert))
+    view = ProviderIndex(_providers(provider))
+    for name, (cert, domain) in signers.items():
+        found = view.for_certificate(cert)
+        assert found is not None, name
+        assert domain in found.domains, name
+    found_2014 = view.for_certificate(signers["aruba-accettazione-2014.eml"][0])
+    assert found_2014 == view.for_certificate(signers["aruba-accettazione-2018.eml"][0])
