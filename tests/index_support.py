@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -61,9 +62,13 @@ def make_authority(directory: Path, name: str = "Test PEC Index Authority") -> A
     return auth
 
 
-def sign(content: bytes, auth: Authority, form: str = "smime-detached") -> bytes:
-    """The index file as the authority would publish it, signed by openssl."""
-    args = [OPENSSL, "cms", "-sign", "-signer", str(auth.cert), "-inkey", str(auth.key), "-md", "sha256"]
+def sign(content: bytes, auth: Authority, form: str = "smime-detached",
+         days_ago: int = 0) -> bytes:
+    """The index file as the authority would publish it, signed by openssl (``days_ago``: with
+    the clock set back, under faketime, so its signingTime is that old)."""
+    clock = [shutil.which("faketime") or "faketime", "-f", f"-{days_ago}d"] if days_ago else []
+    args = [*clock, OPENSSL, "cms", "-sign", "-signer", str(auth.cert), "-inkey", str(auth.key),
+            "-md", "sha256"]
     if form == "smime-detached":
         args += ["-text", "-outform", "SMIME"]
     elif form == "smime-opaque":

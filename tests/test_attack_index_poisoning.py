@@ -205,8 +205,7 @@ def test_index_poisoning_replayed_older_index_is_refused(provider: ProviderDir,
                                                          tmp_path: Path) -> None:
     """An index signed before the one in force (it may still list a withdrawn certificate) is
     not taken, however good its signature."""
-    old = sign(EVIL, authority)
-    time.sleep(1.1)  # signingTime has one-second resolution: the next file is strictly newer
+    old = sign(EVIL, authority, days_ago=1)  # as published yesterday (faketime)
     newer = tmp_path / "newer.p7m"
     newer.write_bytes(sign(GOOD, authority))
     provider.cli("index", "import", str(newer))
