@@ -205,7 +205,7 @@ class IndexRefresher:
         """Refresh now, then on schedule; never ends by itself (cancelled at stop)."""
         source = self.config.index
         info = await self.db.transact(index.copy_info)
-        if info is not None and info.source == source.url:  # a restart: not due yet
+        if info is not None and info.source.split(" ")[0] == source.url:  # a restart: not due yet
             age = (self.clock.now() - datetime.fromisoformat(info.fetched)).total_seconds()
             if 0 <= age < source.refresh_interval:
                 await asyncio.sleep(source.refresh_interval - age)
