@@ -5,12 +5,14 @@ messages and a non-zero exit; nothing here holds logic another caller would need
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import sqlite3
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,14 @@ import click
 
 from pecd import config as config_mod
 from pecd import db as db_mod
-from pecd import durable, ledger, pki, smime, users
+from pecd import durable, index_ldif, index_sync, ledger, pki, users
 from pecd import index as index_mod
 from pecd import queue as queue_mod
+from pecd import trust as trust_mod
+from pecd.clock import SystemClock
 from pecd.cms import SignatureInvalid
 from pecd.config import Config, ConfigError, Listen
+from pecd.verdict import Verdict, describe
 
 
 class Context:
@@ -213,19 +218,90 @@ def index_group() -> None:
 
 
 @index_group.command("export")
+@click.option("--ldif", "as_ldif", is_flag=True,
+              help="This provider's entry as LDIF (RFC 6109 §4.5 attributes) for the index authority,"
+                   " instead of a JSON card.")
+@click.option("--base", default=index_ldif.DEFAULT_BASE, show_default=True,
+              help="With --ldif: the DN the entry sits under.")
+@click.option("--unit", default="", help="With --ldif: providerUnit.")
+@click.option("--location-url", default="", help="With --ldif: LDIFLocationURL.")
 @pass_ctx
-def index_export(ctx: Context) -> None:
-    """Print this provider's card for other operators to import."""
-    click.echo(own_card(ctx.config).card(), nl=False)
+def index_export(ctx: Context, as_ldif: bool, base: str, unit: str, location_url: str) -> None:
+    """Print this provider's card (or, with --ldif, its index entry) for others to import."""
+    card = own_card(ctx.config)
+    if not as_ldif:
+        click.echo(card.card(), nl=False)
+        return
+    entry = dataclasses.replace(card, unit=unit, ldif_url=location_url)
+    click.echo(index_ldif.entry_ldif(entry, base).decode(), nl=False)
+
+
+def _take_copy(ctx: Context, source: str, obtain: Callable[[], index_mod.IndexCopy]) -> None:
+    """Check a would-be index copy; replace the one in force only if it passes. Either way a
+    ledger row says what happened; a refusal is one error line and a non-zero exit."""
+    at = SystemClock().now()
+
+    def save(conn: sqlite3.Connection, copy: index_mod.IndexCopy) -> None:
+        index_mod.store_copy(conn, copy, at)
+        index_mod.record_refresh(conn, source, at, copy=copy)
+
+    def refuse(conn: sqlite3.Connection, reason: str) -> str:
+        info = index_mod.copy_info(conn)
+        kept = [f"{info.source} of {info.fetched}"] if info else []
+        index_mod.record_refresh(conn, source, at, refused=reason, kept=kept)
+        return f"; the copy of {info.fetched} stays in force" if info else ""
+
+    conn = ctx.connect()
+    try:
+        try:
+            copy = obtain()
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                save(conn, copy)
+        except index_mod.IndexError_ as exc:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                still = refuse(conn, str(exc))
+            raise click.ClickException(f"index refused: {exc}{still}") from None
+    finally:
+        conn.close()
+    for why in copy.skipped:
+        click.echo(f"left out: {why}", err=True)
+    signer = f", signed by {copy.signer}" if copy.signer else ""
+    click.echo(f"index copy replaced: {len(copy.providers)} providers from {source}{signer}")
 
 
 @index_group.command("import")
-@click.argument("card", type=click.File("r"))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--card", "kind", flag_value="card", help="FILE is a JSON provider card.")
+@click.option("--ldif", "kind", flag_value="ldif",
+              help="FILE is the index authority's signed LDIF (S/MIME multipart/signed,"
+                   " application/pkcs7-mime, or CMS SignedData in DER or PEM).")
+@click.option("--authority", "authority", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Index-authority certificate (default: [index] authority_cert).")
 @pass_ctx
-def index_import(ctx: Context, card: Any) -> None:
-    """Trust a peer provider's card (its domains, address and signing certificate)."""
+def index_import(ctx: Context, file: Path, kind: str | None, authority: Path | None) -> None:
+    """Trust a peer's card, or take the authority's signed index as the index copy.
+
+    Without --card/--ldif the kind is told from the content: a JSON object is a card, anything
+    else must be a signed index. Unsigned LDIF, a wrong signer, altered content, a file over
+    [index] max_size or one with no provider entry are refused; the copy in force stays.
+    """
+    data = file.read_bytes()
+    if kind is None:
+        kind = "card" if data.lstrip().startswith(b"{") else "ldif"
+    if kind == "ldif":
+        source = ctx.config.index
+
+        def obtain() -> index_mod.IndexCopy:
+            certs = index_sync.authority_certs(source, authority)
+            return index_ldif.read_signed(data, str(file), certs, SystemClock().now(),
+                                          source.max_size)
+
+        _take_copy(ctx, str(file), obtain)
+        return
     try:
-        provider = index_mod.parse_card(card.read())
+        provider = index_mod.parse_card(data.decode("utf-8", "replace"))
     except index_mod.IndexError_ as exc:
         raise click.ClickException(str(exc)) from None
     conn = ctx.connect()
@@ -235,14 +311,58 @@ def index_import(ctx: Context, card: Any) -> None:
     click.echo(f"imported {provider.name} ({', '.join(provider.domains)}) {provider.fingerprint}")
 
 
+@index_group.command("import-ldap")
+@click.argument("url", required=False)
+@click.option("--base", default=None, help="Search base (default: [index] base).")
+@pass_ctx
+def index_import_ldap(ctx: Context, url: str | None, base: str | None) -> None:
+    """Read the provider entries from an LDAP server (URL, default [index] url) as the index copy.
+
+    The read is anonymous and unsigned: trust comes from the server named, so prefer ldaps://.
+    """
+    source = ctx.config.index
+    url = url or source.url
+    if not url or not url.lower().startswith(("ldap://", "ldaps://")):
+        raise click.ClickException("give an ldap:// or ldaps:// URL (or set [index] url to one)")
+    base = base or source.base
+    _take_copy(ctx, f"{url} {base}", lambda: index_sync.read_directory(url, base, source.timeout))
+
+
+@index_group.command("refresh")
+@click.option("--url", default=None, help="Fetch from here instead of [index] url.")
+@pass_ctx
+def index_refresh(ctx: Context, url: str | None) -> None:
+    """Fetch the index now from [index] url (signed LDIF over HTTP(S), or an LDAP server)."""
+    source = ctx.config.index
+    where = url or source.url
+    if not where:
+        raise click.ClickException("no index source: set [index] url or give --url")
+    _take_copy(ctx, where, lambda: index_sync.obtain(source, SystemClock(), url=where))
+
+
+@index_group.command("status")
+@pass_ctx
+def index_status(ctx: Context) -> None:
+    """Where the index copy in force came from, when, and who signed it."""
+    info = ctx.transact(index_mod.copy_info)
+    if info is None:
+        click.echo("no index copy (only cards)")
+        return
+    click.echo(f"source:   {info.source} ({info.kind})\nfetched:  {info.fetched}\n"
+               f"entries:  {info.entries}\nsha256:   {info.sha256}\n"
+               f"signer:   {info.signer or '-'}\nsigned:   {info.signed_at or '-'}")
+
+
 @index_group.command("list")
 @pass_ctx
 def index_list(ctx: Context) -> None:
     """List trusted providers."""
     conn = ctx.connect()
     for p in index_mod.load_all(conn):
-        click.echo(f"{p.fingerprint[:16]}  {p.name}  {','.join(p.domains)}  {p.host}:{p.port}"
-                   f"  {p.service_address}")
+        where = f"{p.host}:{p.port}" if p.host else f"(domain):{p.port}"
+        origin = "index" if p.from_index_copy else "card"
+        click.echo(f"{p.fingerprint[:16]}  {p.name}  {','.join(p.domains)}  {where}"
+                   f"  {p.service_address or '-'}  {origin}")
     conn.close()
 
 
@@ -250,10 +370,12 @@ def index_list(ctx: Context) -> None:
 @click.argument("fingerprint")
 @pass_ctx
 def index_remove(ctx: Context, fingerprint: str) -> None:
-    """Stop trusting a certificate (full SHA-256 fingerprint as `index list --full` shows)."""
+    """Stop trusting a card's certificate (a prefix of the fingerprint `index list` shows).
+
+    Entries of the index copy go only with the next copy that no longer lists them."""
     conn = ctx.connect()
     with conn:
-        matches = [p.fingerprint for p in index_mod.load_all(conn)
+        matches = [p.fingerprint for p in index_mod.load_cards(conn)
                    if p.fingerprint.startswith(fingerprint.lower())]
         if len(matches) != 1:
             raise click.ClickException(f"{len(matches)} entries match {fingerprint}")
@@ -266,45 +388,81 @@ def index_remove(ctx: Context, fingerprint: str) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--ca", "ca_file", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Trusted CA certificates (default: the configuration's).")
-@click.option("--no-timestamp", is_flag=True, help="Do not require an RFC 3161 timestamp.")
+@click.option("--ca", "ca_paths", type=click.Path(exists=True, path_type=Path), multiple=True,
+              help="Trusted CA certificates: a PEM file or a directory of them; repeatable "
+                   "(default: the provider configuration's, when there is one).")
+@click.option("--system-roots", is_flag=True,
+              help="Trust the system's CA bundle (Debian's ca-certificates), as for real providers.")
+@click.option("--at", "at", type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"]),
+              default=None, help="Judge the certificates at this UTC time instead of the signing time.")
+@click.option("--require-timestamp", is_flag=True,
+              help="Fail when the signature carries no RFC 3161 timestamp (pecd's own evidence has one).")
+@click.option("--no-timestamp", is_flag=True, hidden=True,
+              help="Kept for old scripts: a timestamp is no longer required unless asked for.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON for programs.")
 @pass_ctx
-def verify(ctx: Context, file: Path, ca_file: Path | None, no_timestamp: bool) -> None:
-    """Verify a receipt or envelope (or a ledger export with its FILE.p7s): signature, chain to
-    the CA, timestamp; exit 0 only if all hold."""
-    from pecd import pec
+def verify(ctx: Context, file: Path, ca_paths: tuple[Path, ...], system_roots: bool,
+           at: datetime | None, require_timestamp: bool, no_timestamp: bool, as_json: bool) -> None:
+    """Judge a signed PEC message (or a ledger export with its FILE.p7s): integrity, signer's
+    chain at the signing time, timestamp. Needs no provider: trust comes from --ca or
+    --system-roots. Exit 0 only when intact and trusted; otherwise the verdict's code:
+    10 untrusted, 11 altered, 12 expired or not yet valid, 13 revoked, 14 revocation unknown,
+    15 timestamp, 16 algorithm refused, 17 malformed / not a signed message."""
+    from pecd.judge import SYSTEM_ROOTS, judge, load_roots
 
-    roots = pki.load_certs(ca_file or ctx.config.paths.ca_certs)
+    paths = list(ca_paths) + ([SYSTEM_ROOTS] if system_roots else [])
+    policy = trust_mod.DEFAULT_POLICY
+    try:
+        if paths:
+            roots = load_roots(paths)
+        else:
+            roots = pki.load_certs(ctx.config.paths.ca_certs)
+            policy = ctx.config.trust.policy
+    except (ValueError, OSError, pki.PKIError) as exc:
+        raise click.ClickException(f"cannot load trust roots: {exc}") from None
+    if require_timestamp and no_timestamp:
+        raise click.UsageError("--require-timestamp and --no-timestamp contradict each other")
     detached = Path(f"{file}.p7s")
     if detached.exists():
-        _verify_export(file, detached, roots, not no_timestamp)
+        _verify_export(file, detached, roots, require_timestamp)
         return
-    data = file.read_bytes()
-    try:
-        _signed, info = smime.verify_message(data, roots, require_timestamp=not no_timestamp)
-    except (SignatureInvalid, smime.NotSigned) as exc:
-        raise click.ClickException(f"NOT VALID: {exc}") from None
-    click.echo("signature: valid")
-    click.echo(f"signer: {info.signer.subject.rfc4514_string()}")
-    if info.signing_time:
-        click.echo(f"signing time: {info.signing_time.isoformat()}")
-    if info.timestamp_time:
-        click.echo(f"timestamp: {info.timestamp_time.isoformat()} (RFC 3161, verified)")
-    try:
-        parsed = pec.parse(data)
-    except pec.NotPec as exc:
-        click.echo(f"PEC structure: {exc}")
-        return
-    if parsed.certdata is not None:
-        cd = parsed.certdata
-        click.echo(f"type: {cd.type} (error: {cd.error})")
-        click.echo(f"identifier: {cd.identifier}")
-        click.echo(f"sender: {cd.sender}")
-        for r in cd.recipients:
-            click.echo(f"recipient: {r.address} ({r.kind})")
-        click.echo(f"issuer: {cd.issuer}")
-        click.echo(f"time: {cd.time.isoformat()}")
+    when = at.replace(tzinfo=UTC) if at is not None else None
+    result = judge(file.read_bytes(), roots, at=when, policy=policy, require_timestamp=require_timestamp)
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        _echo_verdict(result)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+def _echo_verdict(v: Verdict) -> None:
+    click.echo(v.headline)
+    if v.reason:
+        click.echo(f"reason: {v.reason}")
+    if v.kind == "valid":
+        click.echo("signature: valid")
+    if v.signer is not None:
+        click.echo(f"signer: {describe(v.signer)}")
+    for cert in v.chain[1:]:
+        click.echo(f"  issued by: {describe(cert)}")
+    if v.digest:
+        weak = " (weak: accepted for interoperability)" if v.weak_digest else ""
+        click.echo(f"digest: {v.digest}{weak}")
+    if v.signing_time:
+        click.echo(f"signing time: {v.signing_time.isoformat()} (the signer's claim)")
+    if v.timestamp_time:
+        click.echo(f"timestamp: {v.timestamp_time.isoformat()} (RFC 3161, verified)")
+    elif v.kind == "valid":
+        click.echo("timestamp: none (times are the signer's own claim)")
+    if v.judged_at:
+        click.echo(f"certificates judged at: {v.judged_at.isoformat()}")
+    for key in ("structure", "type", "identifier", "sender", "issuer", "time"):
+        if key in v.pec:
+            click.echo(f"{key}: {v.pec[key]}" if key != "type" else
+                       f"type: {v.pec['type']} (error: {v.pec.get('error')})")
+    for r in v.pec.get("recipients", []):
+        click.echo(f"recipient: {r['address']} ({r['kind']})")
 
 
 @main.command()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pecd.trust import AlgorithmPolicy
+
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or inconsistent."""
@@ -105,6 +107,40 @@ class LedgerPolicy:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """What a peer's signature may use. ``digests`` is the allow-list for signatures and for the
+    certificates of their paths; the default takes SHA-1 because every real PEC provider still
+    signs with it (it is then marked weak in verdicts and ledger rows)."""
+
+    digests: tuple[str, ...] = ("sha1", "sha224", "sha256", "sha384", "sha512")
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "policy", AlgorithmPolicy.from_names(self.digests))
+        except ValueError as exc:
+            raise ConfigError(f"[trust] digests: {exc}") from None
+
+    policy: AlgorithmPolicy = field(init=False, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class IndexSource:
+    """The index authority's directory: where to refresh it from and whose signature it needs.
+
+    ``url``: ``http(s)://`` for a signed LDIF file, ``ldap(s)://host:port`` for a live directory
+    (entries under ``base``). No refresh when unset. A refresh that fails keeps the last good copy.
+    """
+
+    authority_cert: Path | None = None
+    url: str | None = None
+    base: str = "o=postacert"
+    refresh_interval: float = 86400.0
+    retry_interval: float = 900.0  # after a failed refresh
+    max_size: int = 16 * 1024 * 1024
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class Delivery:
     method: Literal["maildir", "lmtp"] = "maildir"
     lmtp_host: str = "127.0.0.1"
@@ -150,6 +186,8 @@ class Config:
     delivery: Delivery = field(default_factory=Delivery)
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     antivirus: Antivirus = field(default_factory=Antivirus)
+    index: IndexSource = field(default_factory=IndexSource)
+    trust: Trust = field(default_factory=Trust)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -173,6 +211,14 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"[{where}]: {exc}") from None
+
+
+def _trust(values: dict[str, Any]) -> Trust:
+    if "digests" in values:
+        if not isinstance(values["digests"], list):
+            raise ConfigError("[trust] digests must be a list of names")
+        values = {**values, "digests": tuple(str(d) for d in values["digests"])}
+    return _build(Trust, values, "trust")  # type: ignore[no-any-return]
 
 
 def load(path: Path) -> Config:
@@ -208,6 +254,13 @@ def load(path: Path) -> Config:
     )
     tsa = _section(raw, "tsa")
     delivery = _section(raw, "delivery")
+    index = dict(_section(raw, "index"))
+    if index.get("authority_cert"):
+        index["authority_cert"] = (base / str(index["authority_cert"])).resolve()
+    index_source: IndexSource = _build(IndexSource, index, "index")
+    if index_source.url and index_source.url.split(":", 1)[0].lower() not in (
+            "http", "https", "ldap", "ldaps"):
+        raise ConfigError("[index] url must be http(s):// (signed LDIF) or ldap(s):// (directory)")
     return Config(
         name=name,
         domains=domains,
@@ -222,6 +275,8 @@ def load(path: Path) -> Config:
         delivery=_build(Delivery, delivery, "delivery"),
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
+        index=index_source,
+        trust=_trust(_section(raw, "trust")),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
@@ -307,6 +362,18 @@ checkpoint_interval = 300.0            # ... or every T seconds, whichever comes
 [antivirus]
 # clamd = "unix:/run/clamav/clamd.ctl" # or "tcp:127.0.0.1:3310"; no virus scanning when unset
 
+[trust]
+digests = ["sha1", "sha224", "sha256", "sha384", "sha512"]   # accepted in peers' signatures and
+                                       # their chains; SHA-1 (all real PEC providers) is marked weak
+
 [tsa]
 # url = "http://tsa.example/tsr"       # external RFC 3161 TSA; the built-in one when unset
+
+[index]
+# authority_cert = "keys/index-authority.pem"  # signed LDIF must verify under this certificate
+# url = "https://index.example/providers.ldif.p7m"  # signed LDIF; or "ldap://host:389" (then base applies)
+# base = "o=postacert"                 # LDAP search base for the provider entries
+# refresh_interval = 86400.0           # seconds between refreshes; the last good copy stays when one fails
+# retry_interval = 900.0               # seconds before retrying a failed refresh
+# max_size = 16777216                  # bytes: a bigger index file is refused
 '''

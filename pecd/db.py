@@ -105,6 +105,34 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE queue ADD COLUMN body BLOB;
         """,
     ),
+    (
+        "0004_index_copy",
+        # the index authority's directory (signed LDIF or LDAP read): one copy in force, replaced
+        # whole (pecd.index.store_copy); raw keeps the signed file as received
+        """
+        CREATE TABLE index_copy (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            source TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            raw BLOB NOT NULL,
+            sha256 TEXT NOT NULL,
+            signer TEXT NOT NULL,
+            signed_at TEXT,
+            fetched TEXT NOT NULL,
+            entries INTEGER NOT NULL
+        );
+        CREATE TABLE index_entries (
+            dn TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            mail_receipt TEXT NOT NULL,
+            domains TEXT NOT NULL,
+            cert_hashes TEXT NOT NULL,
+            certs TEXT NOT NULL,
+            ldif_url TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 
