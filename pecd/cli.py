@@ -21,8 +21,8 @@ import click
 
 from pecd import config as config_mod
 from pecd import db as db_mod
+from pecd import durable, index_ldif, index_sync, ledger, pki, users
 from pecd import index as index_mod
-from pecd import index_ldif, index_sync, ledger, pki, users
 from pecd import queue as queue_mod
 from pecd import trust as trust_mod
 from pecd.clock import SystemClock
@@ -105,7 +105,7 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     if conf_path.exists():
         raise click.ClickException(f"{conf_path} exists; refusing to overwrite")
     keys = directory / "keys"
-    keys.mkdir(parents=True, exist_ok=True)
+    durable.private_dir(keys)  # and DIRECTORY itself, when init makes it
     ca_dir = ca_dir or directory / "ca"
     ca = pki.CertAuthority.load_or_create(ca_dir)
     kind: Any = key_type
@@ -579,8 +579,9 @@ def ledger_export(ctx: Context, since: datetime | None, until: datetime | None,
     payload = data.encode()
     clock = SystemClock()
     signer = make_issuer(cfg, clock, make_timestamper(cfg, clock)).signer
-    output.write_bytes(payload)
-    Path(f"{output}.p7s").write_bytes(signer.sign_detached(payload))
+    # the ledger names senders, recipients and subjects: owner-only, whatever the umask
+    durable.write_private(output, payload)
+    durable.write_private(Path(f"{output}.p7s"), signer.sign_detached(payload))
     click.echo(f"exported {len(rows)} rows to {output} (signature {output}.p7s)")
 
 

@@ -7,6 +7,7 @@ TSA, loopback ports.
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,36 @@ class Limits:
     max_header_bytes: int = 512 * 1024
     max_connections_per_address: int = 20
     max_commands_per_session: int = 1000
-    auth_failures_per_account: int = 5  # within auth_window: then 454 until the window lets go
-    auth_failures_per_address: int = 20
+    # failed logins within auth_window (see pecd.throttle.AuthThrottle and SECURITY.md):
+    auth_failures_per_source: int = 5  # per (account, client address): then 454 for that pair
+    auth_failures_per_address: int = 20  # per client address over all accounts: then 454
+    auth_failures_per_account: int = 10  # per account over all addresses: then it is slowed
     auth_window: float = 900.0
-    lock_after_failures: int = 20  # consecutive failures lock the account until `pecd user enable`
+    auth_slow_interval: float = 10.0  # a slowed account's password checks, this far apart
+    auth_slow_max_wait: float = 60.0  # an attempt that would wait longer gets 454 for now
+    tls_failures_per_address: int = 50  # failed TLS handshakes within auth_window: then 421
+    lock_after_failures: int = 0  # >0: consecutive failures lock the account until `pecd user
+    # enable` (off by default: anyone who knows an address could lock its owner out)
+
+
+TLS12_AEAD = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """What the listeners offer over TLS 1.2 (an OpenSSL cipher string; TLS 1.3 suites are all
+    AEAD and not affected). The default is ECDHE with AES-GCM or ChaCha20-Poly1305 only: no CBC
+    suite, whose MAC-then-encrypt padding checks are the Lucky13/POODLE family's door. An
+    operator with old clients may widen it, e.g. ``"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES"``."""
+
+    tls12_ciphers: str = TLS12_AEAD
+
+    def __post_init__(self) -> None:
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            probe.set_ciphers(self.tls12_ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"[tls] tls12_ciphers selects no cipher: {self.tls12_ciphers!r}") from None
 
 
 @dataclass(frozen=True)
@@ -153,6 +180,7 @@ class Config:
     paths: Paths
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
+    tls: Tls = field(default_factory=Tls)
     relay: Relay = field(default_factory=Relay)
     timeouts: Timeouts = field(default_factory=Timeouts)
     delivery: Delivery = field(default_factory=Delivery)
@@ -241,6 +269,7 @@ def load(path: Path) -> Config:
         paths=paths,
         listen=_build(Listen, _section(raw, "listen"), "listen"),
         limits=_build(Limits, _section(raw, "limits"), "limits"),
+        tls=_build(Tls, _section(raw, "tls"), "tls"),
         relay=_build(Relay, _section(raw, "relay"), "relay"),
         timeouts=_build(Timeouts, _section(raw, "timeouts"), "timeouts"),
         delivery=_build(Delivery, delivery, "delivery"),
@@ -294,10 +323,20 @@ max_header_fields = 500                # header fields per message
 max_header_bytes = 524288              # size of the header section
 max_connections_per_address = 20       # concurrent SMTP connections from one client address
 max_commands_per_session = 1000        # then 421 and the connection closes
-auth_failures_per_account = 5          # failed logins per account within auth_window: then 454 ...
-auth_failures_per_address = 20         # ... and per client address
+auth_failures_per_source = 5           # failed logins per (account, client address) in auth_window: 454
+auth_failures_per_address = 20         # ... per client address, over all accounts: then 454
+auth_failures_per_account = 10         # ... per account, over all addresses: then it is slowed, never locked:
+auth_slow_interval = 10.0              #     one password check per this many seconds, whoever asks;
+auth_slow_max_wait = 60.0              #     an attempt that would wait longer gets 454 for now
 auth_window = 900.0                    # seconds
-lock_after_failures = 20               # consecutive failed logins lock an account until `pecd user enable`
+tls_failures_per_address = 50          # failed TLS handshakes within auth_window: then 421 at connect
+lock_after_failures = 0                # N > 0: N failures in a row lock the account until `pecd user enable`
+                                       # (off: a lock lets anyone who knows an address lock its owner out)
+
+[tls]
+# TLS 1.2 suites every listener offers (OpenSSL syntax; TLS 1.3 is AEAD anyway): AEAD only.
+# Old CBC-only clients: append ":ECDHE+AES".
+tls12_ciphers = "{TLS12_AEAD}"
 
 [relay]
 retry_base = 30.0                      # seconds before the first retry; doubles, with jitter

@@ -19,7 +19,7 @@ from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pecd import ledger
+from pecd import durable, ledger
 
 T = TypeVar("T")
 
@@ -163,7 +163,7 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 def open_database(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    durable.private_dir(path.parent)
     # password hashes and the ledger: owner only (SQLite gives -wal/-shm the file's own mode)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     conn = connect(path)

@@ -71,7 +71,7 @@ class Maildir:
         box = self.path(address)
         name = f"{int(created)}.{key}.{self.hostname}"
         for sub in ("tmp", "new", "cur"):
-            (box / sub).mkdir(parents=True, exist_ok=True)
+            durable.private_dir(box / sub)
         final = box / "new" / name
         if final.exists() or any((box / "cur").glob(f"{name}:*")) or (box / "cur" / name).exists():
             return final

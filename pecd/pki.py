@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pecd import durable
 from pecd.clock import Clock, SystemClock
 
 KeyType = Literal["rsa", "ec"]
@@ -198,7 +199,7 @@ class CertAuthority:
             return cls(key=key, cert=cert, clock=clock or SystemClock())
         if key_path.exists() or cert_path.exists():
             raise PKIError(f"{dir}: only one of {CA_KEY_FILE} / {CA_CERT_FILE} exists")
-        dir.mkdir(parents=True, exist_ok=True)
+        durable.private_dir(dir)
         ca = cls.create(name, kind=kind, clock=clock)
         write_key(key_path, ca.key)
         write_cert(cert_path, ca.cert)

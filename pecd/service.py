@@ -246,6 +246,7 @@ class Service:
         cfg, tls = self.config, server_tls(self.config)
         sub = SubmissionHandler(cfg, self.queue, self.authenticator.login, self.clock)
         inbound = InboundHandler(cfg, self.queue, self.index)
+        inbound.tls_failures = sub.tls_failures  # one count per address across the listeners
         self._handlers = [sub, inbound]
         specs = [
             ("submission", sub, cfg.listen.submission_port, False, True),
