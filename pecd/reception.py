@@ -267,9 +267,12 @@ class ReceptionPoint:
     def _receipt(self, item: Item, data: bytes, v: Verified) -> Outcome:
         cd = v.parsed.certdata
         assert cd is not None
+        if not self.config.is_local(cd.sender):  # a receipt is for our own transactions only
+            return self._anomaly(item, data, f"{cd.type} receipt for a transaction of {cd.sender},"
+                                             " not of this provider")
         addressed, strangers = _addressed(item.rcpts, [_addressee(cd, self.config)])
         if not addressed:  # nothing for anyone here: no tracking, and the real one still counts
-            return self._anomaly(item, data, f"not the addressee of this {cd.type} receipt")
+            return self._anomaly(item, data, f"not a recipient of this {cd.type} receipt")
         message_id = (v.parsed.headers.get("Message-ID") or "").strip().strip("<>")
         now = self.clock.now().timestamp()
         effects: list[Callable[[sqlite3.Connection], None]] = []
@@ -365,8 +368,9 @@ class ReceptionPoint:
 
 
 def _addressee(cd: daticert.CertData, config: Config) -> str:
-    """Whom a receipt is for: the provider's service mailbox for the notices between providers
-    (take-charge, virus detection, RFC 6109 §3.2.1, §3.2.3), the certified sender otherwise."""
+    """Whom a receipt about one of our transactions is for: our service mailbox for the notices
+    between providers (take-charge, virus detection, RFC 6109 §3.2.1, §3.2.3), the certified
+    sender otherwise (delivery, non-delivery, §3.3)."""
     if cd.type in ("presa-in-carico", "rilevazione-virus"):
         return config.service_address
     return cd.sender
