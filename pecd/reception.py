@@ -269,10 +269,11 @@ class ReceptionPoint:
         assert cd is not None
         if not self.config.is_local(cd.sender):  # a receipt is for our own transactions only
             return self._anomaly(item, data, f"{cd.type} receipt for a transaction of {cd.sender},"
-                                             " not of this provider")
+                                             " not of this provider", "misaddressed")
         addressed, strangers = _addressed(item.rcpts, [_addressee(cd, self.config)])
         if not addressed:  # nothing for anyone here: no tracking, and the real one still counts
-            return self._anomaly(item, data, f"not a recipient of this {cd.type} receipt")
+            return self._anomaly(item, data, f"not a recipient of this {cd.type} receipt",
+                                 "misaddressed")
         message_id = (v.parsed.headers.get("Message-ID") or "").strip().strip("<>")
         now = self.clock.now().timestamp()
         effects: list[Callable[[sqlite3.Connection], None]] = []

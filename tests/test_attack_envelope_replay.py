@@ -138,6 +138,7 @@ def test_envelope_replayed_to_another_recipient(ab: tuple[ProviderDir, ProviderD
     assert _recipients(b, "taken-in-charge") == [[BOB]]
     assert _recipients(b, "delivered") == [[BOB]]
     assert _anomaly_reasons(b) == [([CAROL], NOT_A_RECIPIENT)]
+    assert [r["detail"]["verdict"] for r in ledger_rows(b, "anomaly")] == ["misaddressed"]
     # alice has her acceptance and one delivery receipt, for bob; one take-charge, for bob
     assert count(a, ALICE) == 2 and _delivery_receipts(a) == [BOB]
     (take,) = [pec.parse(m).certdata for m in a.messages(SERVICE["a.test"])]
@@ -406,6 +407,8 @@ def test_attack_plaintext_peer_envelope(ab: tuple[ProviderDir, ProviderDir]) -> 
     assert reasons == ["certified message from Provider a.test received over plaintext SMTP"
                        " (TLS required)",
                        "not a certified message"]  # ordinary mail in clear: as before
+    assert sorted(r["detail"]["verdict"] for r in ledger_rows(b, "anomaly")) == \
+        ["malformed", "plaintext"]
     assert _recipients(b, "taken-in-charge") == [[BOB]]
     assert _delivery_receipts(a) == [BOB]  # one, for the transaction over TLS
 
