@@ -34,6 +34,8 @@ from pecd.spool import Spool
 from .attack_support import add_user_fast, kind_of, ledger_rows, serving, wait_until
 from .conftest import ProviderDir, client_tls, exchange_cards, make_provider, submit
 from .pechelpers import configure, count, queued, send_inbound
+from .test_timeouts_virus import EICAR, message
+from .test_timeouts_virus import clamd_daemon as clamd_daemon  # fixture: a real clamd
 
 ALICE, ERIN, FRANK = "alice@a.test", "erin@a.test", "frank@a.test"
 BOB, CAROL, DAVE = "bob@b.test", "carol@b.test", "dave@b.test"
@@ -362,9 +364,34 @@ def test_take_charge_replayed_to_another_mailbox(
     assert ledger_rows(c, "receipt-received") == []
 
 
+def test_infected_envelope_replayed_to_another_recipient(
+        ab: tuple[ProviderDir, ProviderDir], clamd_daemon: tuple[str, str]) -> None:
+    """b scans: an infected envelope for bob, sent with carol added, then again: bob's virus
+    notice goes to a once, carol gets nothing at all (not even an anomaly: it is infected)."""
+    a, b = ab
+    configure(b, "antivirus", clamd=clamd_daemon[0])
+    signed = _fresh_envelope(a, "fattura", message("fattura", EICAR))
+    with serving(a, b) as (_svc_a, svc_b):
+        _replay(b, svc_b.ports.inbound, ALICE, [BOB, CAROL], signed)
+        wait_until(lambda: count(a, SERVICE["a.test"]) == 1 and _settled(b, a), what="notice")
+        _replay(b, svc_b.ports.inbound, ALICE, [BOB], signed)
+        wait_until(lambda: len(ledger_rows(b, "duplicate")) == 1
+                   and len(ledger_rows(a, "duplicate")) == 1 and _settled(b, a),
+                   what="replay dropped, notice sent again and dropped")
+
+    assert count(b, BOB) == 0 and count(b, CAROL) == 0
+    assert _recipients(b, "virus-detected") == [[BOB]]
+    assert _recipients(b, "duplicate") == [[BOB]]
+    (stranger,) = ledger_rows(b, "undeliverable")
+    assert stranger["recipients"] == [CAROL]
+    assert stranger["detail"]["reason"] == "not a recipient of this infected envelope"
+    assert ledger_rows(b, "taken-in-charge") == [] and ledger_rows(b, "anomaly") == []
+    assert _kinds(a, SERVICE["a.test"]) == ["rilevazione-virus"]
+
+
 # --- item 3: certified mail between providers in clear -----------------------------------------
 
-def _fresh_envelope(a: ProviderDir, subject: str) -> bytes:
+def _fresh_envelope(a: ProviderDir, subject: str, original: bytes | None = None) -> bytes:
     """A transport envelope really signed by a (a's keys, the pure builder), for bob."""
     cfg, clock = a.config, SystemClock()
     issuer = make_issuer(cfg, clock, make_timestamper(cfg, clock))
@@ -372,7 +399,8 @@ def _fresh_envelope(a: ProviderDir, subject: str) -> bytes:
     tx = Transaction(identifier=compose.message_id("a.test", at), ref_msgid=None, sender=ALICE,
                      recipients=(Recipient(BOB),), reply_to=ALICE, subject=subject,
                      accepted_at=at, issuer_name=issuer.name)
-    return bytes(envelope.transport_envelope(tx, _mail(subject, [BOB]), issuer, at))
+    original = _mail(subject, [BOB]) if original is None else original
+    return bytes(envelope.transport_envelope(tx, original, issuer, at))
 
 
 def _fresh_receipt(b: ProviderDir, subject: str) -> bytes:
