@@ -174,8 +174,10 @@ def make_mailbox(config: Config) -> Mailbox:
 
 
 def make_issuer(config: Config, clock: Clock, timestamper: Timestamper) -> Issuer:
-    signer = Signer(pki.load_key(config.paths.signing_key), pki.load_cert(config.paths.signing_cert),
-                    clock, timestamper=timestamper)
+    # signing.pem: the certificate, then any intermediates (an outside CA's), sent with each signature
+    cert, *chain = pki.load_certs(config.paths.signing_cert)
+    signer = Signer(pki.load_key(config.paths.signing_key), cert, clock, chain=chain,
+                    timestamper=timestamper)
     return Issuer(config.name, config.domain, config.service_address, signer)
 
 
