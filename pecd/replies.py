@@ -37,6 +37,8 @@ TOO_MANY_COMMANDS = "421 4.7.0 Too many commands in this session, closing"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
+REVOCATION_UNKNOWN = ("451 4.7.5 Revocation status of the signing certificate unknown"
+                      " (CRL/OCSP unreachable), try again later")
 
 
 class Refusal(Exception):
@@ -87,6 +89,13 @@ class BareLineEnding(Refusal):
 
 class TooManyHeaders(Refusal):
     reply = TOO_MANY_HEADERS
+
+
+class RevocationUnknown(Refusal):
+    """[reception] revocation = "defer": the peer retries until the status is known or the
+    grace is over (then the reception point makes an anomaly envelope)."""
+
+    reply = REVOCATION_UNKNOWN
 
 
 def reply_for(exc: BaseException) -> str:

@@ -9,10 +9,19 @@ its status through :class:`OcspResponder` (``openssl ocsp`` as a subprocess on l
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .conftest import OPENSSL
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+
+from .conftest import OPENSSL, free_port
 
 _EXTENSIONS = """
 [v3_int]
@@ -83,3 +92,224 @@ class OutsideCA:
                  "-CAcreateserial", "-days", "20", "-out", f"{name}.pem",
                  "-extfile", f"{name}.cnf", "-extensions", "v3_leaf", cwd=self.dir)
         return self.dir / f"{name}.key", self.dir / f"{name}.pem"
+
+
+# --------------------------------------------------------------------------- a CA that revokes
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, cn)])
+
+
+@dataclass
+class RevocationCA:
+    """A root CA that publishes a CRL at ``crl_url`` and answers OCSP at ``ocsp_url`` (through a
+    delegated responder certificate), as accredited PEC CAs do."""
+
+    dir: Path
+    key: rsa.RSAPrivateKey
+    cert: x509.Certificate
+    responder_key: rsa.RSAPrivateKey
+    responder: x509.Certificate
+    crl_url: str
+    ocsp_url: str
+    issued: list[x509.Certificate] = field(default_factory=list)
+    revoked: dict[int, datetime] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, dir: Path, crl_url: str, ocsp_url: str) -> RevocationCA:
+        dir.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(UTC)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (x509.CertificateBuilder().subject_name(_name("Revoking Root CA"))
+                .issuer_name(_name("Revoking Root CA")).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                             False), critical=True)
+                .add_extension(ski, critical=False)
+                .sign(key, hashes.SHA256()))
+        rkey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        responder = (x509.CertificateBuilder().subject_name(_name("Revoking CA OCSP responder"))
+                     .issuer_name(cert.subject).public_key(rkey.public_key())
+                     .serial_number(x509.random_serial_number())
+                     .not_valid_before(now - timedelta(days=1))
+                     .not_valid_after(now + timedelta(days=30))
+                     .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]),
+                                    critical=True)
+                     .add_extension(x509.OCSPNoCheck(), critical=False)  # RFC 6960 §4.2.2.2.1
+                     .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
+                                                  False, False), critical=True)
+                     .sign(key, hashes.SHA256()))
+        ca = cls(dir, key, cert, rkey, responder, crl_url, ocsp_url)
+        (dir / "root.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (dir / "responder.pem").write_bytes(responder.public_bytes(serialization.Encoding.PEM))
+        (dir / "responder.key").write_bytes(rkey.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        return ca
+
+    @property
+    def root(self) -> Path:
+        return self.dir / "root.pem"
+
+    def issue(self, provider: str, email: str, name: str, *, crl: bool = True,
+              ocsp: bool = True) -> tuple[Path, Path, x509.Certificate]:
+        """(key file, certificate file, certificate) of a provider signing certificate naming
+        the CRL distribution point and/or the OCSP responder."""
+        now = datetime.now(UTC)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        builder = (x509.CertificateBuilder().subject_name(_name(provider))
+                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(hours=1))
+                   .not_valid_after(now + timedelta(days=20))
+                   .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(email)]),
+                                  critical=False)
+                   .add_extension(x509.KeyUsage(True, True, False, False, False, False, False,
+                                                False, False), critical=True)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self.key.public_key()), critical=False))
+        if crl:
+            builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(self.crl_url)], None, None, None)]),
+                critical=False)
+        if ocsp:
+            builder = builder.add_extension(x509.AuthorityInformationAccess([
+                x509.AccessDescription(AuthorityInformationAccessOID.OCSP,
+                                       x509.UniformResourceIdentifier(self.ocsp_url))]),
+                critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        self.issued.append(cert)
+        key_path, cert_path = self.dir / f"{name}.key", self.dir / f"{name}.pem"
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return key_path, cert_path, cert
+
+    def revoke(self, cert: x509.Certificate, at: datetime | None = None) -> None:
+        self.revoked[cert.serial_number] = at or datetime.now(UTC) - timedelta(minutes=30)
+        self.write_index()
+
+    def crl(self, this_update: datetime | None = None, next_update: datetime | None = None,
+            key: rsa.RSAPrivateKey | None = None, issuer: x509.Name | None = None) -> bytes:
+        """The CRL, DER; by default issued a minute ago, good for an hour."""
+        this_update = this_update or datetime.now(UTC) - timedelta(minutes=1)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer or self.cert.subject)
+                   .last_update(this_update)
+                   .next_update(next_update or this_update + timedelta(hours=1))
+                   .add_extension(x509.CRLNumber(int(this_update.timestamp())), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self.key.public_key()), critical=False))
+        for serial, when in self.revoked.items():
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+                .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False)
+                .build())
+        return builder.sign(key or self.key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.DER)
+
+    @property
+    def index(self) -> Path:
+        return self.dir / "index.txt"
+
+    def write_index(self) -> None:
+        """The ``openssl ca`` database that ``openssl ocsp -index`` reads."""
+        lines = []
+        for cert in self.issued:
+            expiry = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
+            serial = f"{cert.serial_number:X}"
+            serial = serial if len(serial) % 2 == 0 else "0" + serial
+            when = self.revoked.get(cert.serial_number)
+            subject = "/" + "/".join(f"{a.oid._name}={a.value}" for a in cert.subject)
+            if when is None:
+                lines.append(f"V\t{expiry}\t\t{serial}\tunknown\t{subject}")
+            else:
+                lines.append(f"R\t{expiry}\t{when.strftime('%y%m%d%H%M%SZ')},keyCompromise\t"
+                             f"{serial}\tunknown\t{subject}")
+        self.index.write_text("".join(line + "\n" for line in lines))
+
+
+class CrlServer:
+    """``http.server`` on loopback in a thread: serves the bytes put at a path, counts the
+    requests; stopped and started again on the same port to play a source that is down."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.files: dict[str, bytes] = {}
+        self.hits: dict[str, int] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> None:
+        files, hits = self.files, self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits[self.path] = hits.get(self.path, 0) + 1
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/pkix-crl")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+
+class OcspResponder:
+    """``openssl ocsp`` answering for a :class:`RevocationCA` on loopback (a subprocess)."""
+
+    def __init__(self, ca: RevocationCA, port: int) -> None:
+        self.ca = ca
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.ca.write_index()
+        log = (self.ca.dir / "ocsp.log").open("ab")
+        # openssl 3.0's -port takes no address (it listens on all); clients use loopback
+        self.proc = subprocess.Popen(
+            [OPENSSL, "ocsp", "-index", str(self.ca.index), "-port", str(self.port),
+             "-rsigner", str(self.ca.dir / "responder.pem"), "-rkey",
+             str(self.ca.dir / "responder.key"), "-CA", str(self.ca.root), "-nmin", "60",
+             "-ignore_err"],
+            stdout=log, stderr=log)
+        log.close()
+        # ready once it says so (a probe connection would hold its one-at-a-time loop)
+        deadline = time.monotonic() + 20
+        while b"waiting for OCSP client connections" not in (self.ca.dir / "ocsp.log").read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("openssl ocsp did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
