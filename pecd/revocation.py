@@ -322,7 +322,8 @@ def judge(signer: x509.Certificate, others: Sequence[x509.Certificate],
     if material.sources == 0:
         return Status("unchecked", "the certificate names no CRL or OCSP responder")
     if not material.known:
-        return Status("unknown", "; ".join(material.problems) or "no revocation information")
+        return Status("unknown", "revocation status unknown: "
+                      + ("; ".join(material.problems) or "no revocation information"))
 
     def asn1(c: x509.Certificate) -> asn1_x509.Certificate:
         return asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER))
@@ -489,6 +490,7 @@ class Checker:
         self.roots = list(roots)
         self.clock = clock
         self.cpu = cpu
+        self._since: dict[str, float] | None = None
 
     async def check(self, data: bytes, at: datetime) -> Decision | None:
         """The decision for a message's signer at ``at``; None when there is nothing to check
@@ -509,13 +511,20 @@ class Checker:
         fingerprint = cert_fingerprint(signer)
         now = self.clock.now().timestamp()
         db = self.sources.db
+        if self._since is None:  # mirrored in memory: a known status costs no write
+            self._since = await db.transact(store.load_unknown) if db is not None else {}
         if status.state != "unknown":
-            if db is not None:
-                await db.transact(lambda conn: store.status_known(conn, fingerprint))
+            if self._since.pop(fingerprint, None) is not None and db is not None:
+                await db.transact(lambda conn: store.status_known(conn, fingerprint),
+                                  durable=False)
             return Decision("accept", status)
-        since = now
-        if db is not None:
-            since = await db.transact(lambda conn: store.unknown_since(conn, fingerprint, now))
+        since = self._since.get(fingerprint)
+        if since is None:
+            since = now
+            if db is not None:  # not durable: a crash only restarts the grace
+                since = await db.transact(
+                    lambda conn: store.unknown_since(conn, fingerprint, now), durable=False)
+            self._since[fingerprint] = since
         unknown_for = max(0.0, now - since)
         if self.settings.revocation == "defer" and unknown_for < self.settings.revocation_grace:
             return Decision("defer", status, unknown_for)

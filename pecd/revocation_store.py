@@ -37,6 +37,12 @@ def store_copy(conn: sqlite3.Connection, copy: Copy) -> None:
                  (copy.key, copy.der, copy.this_update, copy.next_update, copy.fetched))
 
 
+def load_unknown(conn: sqlite3.Connection) -> dict[str, float]:
+    """Certificate fingerprint → since when its status has been unknown."""
+    return {str(r[0]): float(r[1])
+            for r in conn.execute("SELECT fingerprint, since FROM revocation_unknown")}
+
+
 def unknown_since(conn: sqlite3.Connection, fingerprint: str, now: float) -> float:
     """When the certificate's status was first found unknown (``now`` if it is now)."""
     conn.execute("INSERT OR IGNORE INTO revocation_unknown (fingerprint, since) VALUES (?, ?)",

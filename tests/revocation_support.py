@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from .conftest import OPENSSL, free_port
+from .attack_support import ALICE, ALICE_PW, BOB, BOB_PW, add_user_fast
+from .conftest import OPENSSL, ProviderDir, exchange_cards, free_port, make_provider, submit
+from .pechelpers import configure
 
 _EXTENSIONS = """
 [v3_int]
@@ -313,3 +315,29 @@ class OcspResponder:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+def revoking_pair(base: Path, ca: RevocationCA, *, crl: bool = True,
+                  ocsp: bool = True) -> tuple[ProviderDir, ProviderDir, x509.Certificate]:
+    """``a.test`` signing with a certificate from ``ca`` (brought with ``pecd init --key
+    --cert --chain``), ``b.test`` with the dev PKI trusting ``ca`` too; alice and bob; the
+    relay retries fast (a peer's answer ``451`` is tried again within seconds)."""
+    key, cert_path, cert = ca.issue("Provider a.test", "posta-certificata@a.test", "a-signing",
+                                    crl=crl, ocsp=ocsp)
+    a = make_provider(base, "a.test", base / "ca", **{
+        "--key": str(key), "--cert": str(cert_path), "--chain": str(ca.root)})
+    b = make_provider(base, "b.test", base / "ca")
+    b.ca.write_bytes(b.ca.read_bytes() + ca.root.read_bytes())
+    exchange_cards(a, b)
+    add_user_fast(a, ALICE, ALICE_PW)
+    add_user_fast(b, BOB, BOB_PW)
+    configure(a, "relay", retry_base=0.2, retry_max=1.0)
+    return a, b, cert
+
+
+def send_certified(a: ProviderDir, port: int, subject: str) -> None:
+    """alice submits one message to bob at a.test's submission listener."""
+    body = (f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}@client.a.test>\r\n\r\nciao\r\n").encode()
+    code, reply = submit(a, ALICE, ALICE_PW, ALICE, [BOB], body, port)
+    assert code == 250, reply

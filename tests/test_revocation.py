@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -20,8 +21,10 @@ from pecd.clock import ManualClock
 from pecd.config import Reception
 from pecd.db import Database
 
+from .attack_support import BOB, kind_of, ledger_rows, serving, wait_until
 from .conftest import free_port
-from .revocation_support import CrlServer, OcspResponder, RevocationCA
+from .pechelpers import configure, queued
+from .revocation_support import CrlServer, OcspResponder, RevocationCA, revoking_pair, send_certified
 
 SETTINGS = Reception(revocation_timeout=5.0, revocation_retry=0.0, max_crl_bytes=100_000)
 
@@ -208,3 +211,45 @@ def test_unknown_status_defers_until_the_grace_is_over(tmp_path: Path, ca: Revoc
 
 def _no_index() -> revocation.ProviderIndex:
     return revocation.ProviderIndex([])
+
+
+# --------------------------------------------------------------------------- two providers
+
+
+def test_source_down_defers_the_peer_until_the_crl_is_back(
+        tmp_path: Path, ca: RevocationCA, crl_server: CrlServer) -> None:
+    """The CRL server is down and nothing is cached: b.test answers ``451`` at DATA (a
+    ``revocation-deferred`` row), a.test's relay retries; once the CRL is served again the
+    envelope is taken in charge. Nothing was accepted while the status was unknown."""
+    a, b, _cert = revoking_pair(tmp_path, ca, ocsp=False)
+    configure(b, "reception", revocation_retry=0.0)
+    crl_server.stop()
+    with serving(a, b) as (svc_a, _svc_b):
+        send_certified(a, svc_a.ports.submission, "mentre la CRL non risponde")
+        wait_until(lambda: len(ledger_rows(b, "revocation-deferred")) >= 2, what="451 twice")
+        assert b.messages(BOB) == [] and queued(b) == 0  # nothing accepted, nothing queued
+        crl_server.files["/ca.crl"] = ca.crl()
+        crl_server.start()
+        wait_until(lambda: len(b.messages(BOB)) == 1, what="bob's mailbox")
+    assert [kind_of(m) for m in b.messages(BOB)] == ["posta-certificata"]
+    deferred = ledger_rows(b, "revocation-deferred")
+    assert "unreachable" in deferred[0]["detail"]["reason"]
+    assert deferred[0]["recipients"] == [BOB]
+    assert len(ledger_rows(b, "taken-in-charge")) == 1 and ledger_rows(b, "anomaly") == []
+
+
+@pytest.mark.parametrize("policy", [{"revocation_grace": 0.0}, {"revocation": "anomaly"}],
+                         ids=["grace-over", "anomaly-at-once"])
+def test_unknown_status_past_the_grace_is_an_anomaly_never_certified(
+        tmp_path: Path, ca: RevocationCA, crl_server: CrlServer, policy: dict[str, Any]) -> None:
+    a, b, _cert = revoking_pair(tmp_path, ca, ocsp=False)
+    configure(b, "reception", **policy)
+    crl_server.files["/ca.crl"] = b"down for maintenance"  # malformed: no status either
+    with serving(a, b) as (svc_a, _svc_b):
+        send_certified(a, svc_a.ports.submission, "stato sconosciuto")
+        wait_until(lambda: len(b.messages(BOB)) == 1, what="bob's mailbox")
+    assert [kind_of(m) for m in b.messages(BOB)] == ["errore"]
+    reasons = [r["detail"]["reason"] for r in ledger_rows(b, "anomaly")]
+    assert len(reasons) == 1 and "revocation status unknown" in reasons[0], reasons
+    assert "malformed CRL" in reasons[0]
+    assert ledger_rows(b, "revocation-deferred") == [] and ledger_rows(b, "taken-in-charge") == []
