@@ -20,10 +20,12 @@ import click
 from pecd import config as config_mod
 from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import ledger, pki, smime, users
+from pecd import ledger, pki, users
 from pecd import queue as queue_mod
+from pecd import trust as trust_mod
 from pecd.cms import SignatureInvalid
 from pecd.config import Config, ConfigError, Listen
+from pecd.verdict import Verdict, describe
 
 
 class Context:
@@ -292,45 +294,81 @@ def index_remove(ctx: Context, fingerprint: str) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--ca", "ca_file", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Trusted CA certificates (default: the configuration's).")
-@click.option("--no-timestamp", is_flag=True, help="Do not require an RFC 3161 timestamp.")
+@click.option("--ca", "ca_paths", type=click.Path(exists=True, path_type=Path), multiple=True,
+              help="Trusted CA certificates: a PEM file or a directory of them; repeatable "
+                   "(default: the provider configuration's, when there is one).")
+@click.option("--system-roots", is_flag=True,
+              help="Trust the system's CA bundle (Debian's ca-certificates), as for real providers.")
+@click.option("--at", "at", type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"]),
+              default=None, help="Judge the certificates at this UTC time instead of the signing time.")
+@click.option("--require-timestamp", is_flag=True,
+              help="Fail when the signature carries no RFC 3161 timestamp (pecd's own evidence has one).")
+@click.option("--no-timestamp", is_flag=True, hidden=True,
+              help="Kept for old scripts: a timestamp is no longer required unless asked for.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON for programs.")
 @pass_ctx
-def verify(ctx: Context, file: Path, ca_file: Path | None, no_timestamp: bool) -> None:
-    """Verify a receipt or envelope (or a ledger export with its FILE.p7s): signature, chain to
-    the CA, timestamp; exit 0 only if all hold."""
-    from pecd import pec
+def verify(ctx: Context, file: Path, ca_paths: tuple[Path, ...], system_roots: bool,
+           at: datetime | None, require_timestamp: bool, no_timestamp: bool, as_json: bool) -> None:
+    """Judge a signed PEC message (or a ledger export with its FILE.p7s): integrity, signer's
+    chain at the signing time, timestamp. Needs no provider: trust comes from --ca or
+    --system-roots. Exit 0 only when intact and trusted; otherwise the verdict's code:
+    10 untrusted, 11 altered, 12 expired or not yet valid, 13 revoked, 14 revocation unknown,
+    15 timestamp, 16 algorithm refused, 17 malformed / not a signed message."""
+    from pecd.judge import SYSTEM_ROOTS, judge, load_roots
 
-    roots = pki.load_certs(ca_file or ctx.config.paths.ca_certs)
+    paths = list(ca_paths) + ([SYSTEM_ROOTS] if system_roots else [])
+    policy = trust_mod.DEFAULT_POLICY
+    try:
+        if paths:
+            roots = load_roots(paths)
+        else:
+            roots = pki.load_certs(ctx.config.paths.ca_certs)
+            policy = ctx.config.trust.policy
+    except (ValueError, OSError, pki.PKIError) as exc:
+        raise click.ClickException(f"cannot load trust roots: {exc}") from None
+    if require_timestamp and no_timestamp:
+        raise click.UsageError("--require-timestamp and --no-timestamp contradict each other")
     detached = Path(f"{file}.p7s")
     if detached.exists():
-        _verify_export(file, detached, roots, not no_timestamp)
+        _verify_export(file, detached, roots, require_timestamp)
         return
-    data = file.read_bytes()
-    try:
-        _signed, info = smime.verify_message(data, roots, require_timestamp=not no_timestamp)
-    except (SignatureInvalid, smime.NotSigned) as exc:
-        raise click.ClickException(f"NOT VALID: {exc}") from None
-    click.echo("signature: valid")
-    click.echo(f"signer: {info.signer.subject.rfc4514_string()}")
-    if info.signing_time:
-        click.echo(f"signing time: {info.signing_time.isoformat()}")
-    if info.timestamp_time:
-        click.echo(f"timestamp: {info.timestamp_time.isoformat()} (RFC 3161, verified)")
-    try:
-        parsed = pec.parse(data)
-    except pec.NotPec as exc:
-        click.echo(f"PEC structure: {exc}")
-        return
-    if parsed.certdata is not None:
-        cd = parsed.certdata
-        click.echo(f"type: {cd.type} (error: {cd.error})")
-        click.echo(f"identifier: {cd.identifier}")
-        click.echo(f"sender: {cd.sender}")
-        for r in cd.recipients:
-            click.echo(f"recipient: {r.address} ({r.kind})")
-        click.echo(f"issuer: {cd.issuer}")
-        click.echo(f"time: {cd.time.isoformat()}")
+    when = at.replace(tzinfo=UTC) if at is not None else None
+    result = judge(file.read_bytes(), roots, at=when, policy=policy, require_timestamp=require_timestamp)
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        _echo_verdict(result)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+def _echo_verdict(v: Verdict) -> None:
+    click.echo(v.headline)
+    if v.reason:
+        click.echo(f"reason: {v.reason}")
+    if v.kind == "valid":
+        click.echo("signature: valid")
+    if v.signer is not None:
+        click.echo(f"signer: {describe(v.signer)}")
+    for cert in v.chain[1:]:
+        click.echo(f"  issued by: {describe(cert)}")
+    if v.digest:
+        weak = " (weak: accepted for interoperability)" if v.weak_digest else ""
+        click.echo(f"digest: {v.digest}{weak}")
+    if v.signing_time:
+        click.echo(f"signing time: {v.signing_time.isoformat()} (the signer's claim)")
+    if v.timestamp_time:
+        click.echo(f"timestamp: {v.timestamp_time.isoformat()} (RFC 3161, verified)")
+    elif v.kind == "valid":
+        click.echo("timestamp: none (times are the signer's own claim)")
+    if v.judged_at:
+        click.echo(f"certificates judged at: {v.judged_at.isoformat()}")
+    for key in ("structure", "type", "identifier", "sender", "issuer", "time"):
+        if key in v.pec:
+            click.echo(f"{key}: {v.pec[key]}" if key != "type" else
+                       f"type: {v.pec['type']} (error: {v.pec.get('error')})")
+    for r in v.pec.get("recipients", []):
+        click.echo(f"recipient: {r['address']} ({r['kind']})")
 
 
 @main.command()

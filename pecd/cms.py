@@ -14,7 +14,7 @@ import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from asn1crypto import cms, core, tsp
 from asn1crypto import x509 as asn1_x509
@@ -22,11 +22,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pecd.blob import Blob
 from pecd.clock import Clock
 from pecd.pki import PrivateKey
+from pecd.trust import DEFAULT_POLICY, AlgorithmPolicy, RevocationInfo, validate_path
+from pecd.verdict import AlgorithmRefused, ContentAltered, TimestampProblem
+from pecd.verdict import CertificateUntrusted as CertificateUntrusted  # re-exported: callers catch them here
+from pecd.verdict import SignatureInvalid as SignatureInvalid
 
 if TYPE_CHECKING:
     from pecd.tsa import Timestamper
@@ -42,8 +45,10 @@ ID_AA_SIGNING_CERTIFICATE = "1.2.840.113549.1.9.16.2.12"
 ID_AA_SIGNING_CERTIFICATE_V2 = "1.2.840.113549.1.9.16.2.47"
 ID_AA_SIGNATURE_TIME_STAMP_TOKEN = "1.2.840.113549.1.9.16.2.14"
 
-# Digests accepted in signatures we verify. SHA-1 is out: collisions are practical.
+# Digests known to the verifier; which of them a signature may use is the AlgorithmPolicy's call
+# (pecd.trust). pecd itself signs with SHA-256 only.
 HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
     "sha224": hashes.SHA224,
     "sha256": hashes.SHA256,
     "sha384": hashes.SHA384,
@@ -51,6 +56,7 @@ HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 _RSA_SIG_OIDS: dict[str, str | None] = {
     "1.2.840.113549.1.1.1": None,  # rsaEncryption: the hash is the SignerInfo's digestAlgorithm
+    "1.2.840.113549.1.1.5": "sha1",
     "1.2.840.113549.1.1.14": "sha224",
     "1.2.840.113549.1.1.11": "sha256",
     "1.2.840.113549.1.1.12": "sha384",
@@ -59,23 +65,15 @@ _RSA_SIG_OIDS: dict[str, str | None] = {
 _EC_SIG_OIDS: dict[str, str | None] = {
     "1.2.840.10045.2.1": None,  # id-ecPublicKey, as some producers write it
     "1.2.840.10045.4": None,
+    "1.2.840.10045.4.1": "sha1",
     "1.2.840.10045.4.3.1": "sha224",
     "1.2.840.10045.4.3.2": "sha256",
     "1.2.840.10045.4.3.3": "sha384",
     "1.2.840.10045.4.3.4": "sha512",
 }
-_MAX_CHAIN = 8
+ID_RSASSA_PSS = "1.2.840.113549.1.1.10"
 _MAX_CERTIFICATES = 32
 
-Purpose = Literal["smime", "timestamping", "any"]
-
-
-class SignatureInvalid(Exception):
-    """The signature does not verify; the message says why."""
-
-
-class CertificateUntrusted(SignatureInvalid):
-    """The signature is intact but its certificate does not lead to a trusted root at that time."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +82,18 @@ class SignatureInfo:
 
     ``certificates`` is the validated path, signer first, trusted root last.
     ``signing_time`` is the signer's own claim; ``timestamp_time`` comes from a verified TSA token.
+    ``digest`` is the SignerInfo's digest algorithm; ``weak_digest`` marks one the policy accepts
+    only for interoperability (SHA-1, as the Italian network signs); ``judged_at`` is the time the
+    path was validated at.
     """
 
     signer: x509.Certificate
     signing_time: datetime | None
     timestamp_time: datetime | None
     certificates: tuple[x509.Certificate, ...]
+    digest: str = "sha256"
+    weak_digest: bool = False
+    judged_at: datetime | None = None
 
 
 # --------------------------------------------------------------------------- DER helpers
@@ -318,6 +322,7 @@ class _Checked:
     signature: bytes
     signing_time: datetime | None
     unsigned: dict[str, list[Any]]
+    digest: str
 
 
 def _load_der_cert(c: asn1_x509.Certificate) -> x509.Certificate:
@@ -368,16 +373,42 @@ def _same_name(a: asn1_x509.Name, b: asn1_x509.Name) -> bool:
     return bool(a.untag().dump() == b.untag().dump() or a == b)
 
 
-def _hash_name(algo: Any) -> str:
-    name = algo["algorithm"].native
+def _hash_name(algo: Any, policy: AlgorithmPolicy) -> str:
+    name = str(algo["algorithm"].native)
     if name not in HASHES:
-        raise SignatureInvalid(f"digest algorithm {name} not accepted")
-    return str(name)
+        raise AlgorithmRefused(f"digest algorithm {name} not known")
+    policy.check_digest(name)
+    return name
 
 
-def verify_raw(public_key: Any, signature: bytes, data: bytes, hash_name: str, sig_oid: str) -> None:
-    """One raw signature, RSA PKCS#1 v1.5 or ECDSA; ``sig_oid`` is the SignerInfo's algorithm."""
-    if sig_oid in _RSA_SIG_OIDS:
+def _pss_params(params: Any, hash_name: str) -> padding.PSS:
+    """RSASSA-PSS parameters (RFC 4055 §3.1): the hash must be the SignerInfo's, MGF1 with it."""
+    hash_alg = params["hash_algorithm"]["algorithm"].native
+    mgf = params["mask_gen_algorithm"]
+    mgf_hash = mgf["parameters"]["algorithm"].native
+    if mgf["algorithm"].native != "mgf1":
+        raise AlgorithmRefused(f"RSASSA-PSS mask generation {mgf['algorithm'].native} not supported")
+    if hash_alg != hash_name or mgf_hash != hash_name:
+        raise SignatureInvalid(
+            f"RSASSA-PSS parameters ({hash_alg}, MGF1 {mgf_hash}) do not match {hash_name}")
+    if params["trailer_field"].native not in (1, "trailer_field_bc"):
+        raise SignatureInvalid("RSASSA-PSS trailer field must be 1")
+    return padding.PSS(mgf=padding.MGF1(HASHES[hash_name]()), salt_length=int(params["salt_length"].native))
+
+
+def verify_raw(public_key: Any, signature: bytes, data: bytes, hash_name: str, sig_oid: str,
+               sig_params: Any = None) -> None:
+    """One raw signature, RSA PKCS#1 v1.5, RSASSA-PSS or ECDSA; ``sig_oid`` (and, for PSS,
+    ``sig_params``) are the SignerInfo's signature algorithm."""
+    pss: padding.PSS | None = None
+    implied: str | None
+    if sig_oid == ID_RSASSA_PSS:
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            raise SignatureInvalid("RSA-PSS signature but the certificate's key is not RSA")
+        if sig_params is None or isinstance(sig_params, core.Void):
+            raise SignatureInvalid("RSASSA-PSS without parameters")
+        pss, implied = _pss_params(sig_params, hash_name), None
+    elif sig_oid in _RSA_SIG_OIDS:
         implied = _RSA_SIG_OIDS[sig_oid]
         if not isinstance(public_key, rsa.RSAPublicKey):
             raise SignatureInvalid("RSA signature but the certificate's key is not RSA")
@@ -392,11 +423,11 @@ def verify_raw(public_key: Any, signature: bytes, data: bytes, hash_name: str, s
     hash_alg = HASHES[hash_name]()
     try:
         if isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, data, padding.PKCS1v15(), hash_alg)
+            public_key.verify(signature, data, pss or padding.PKCS1v15(), hash_alg)
         else:
             public_key.verify(signature, data, ec.ECDSA(hash_alg))
     except InvalidSignature:
-        raise SignatureInvalid("the signature value does not match the signed attributes") from None
+        raise ContentAltered("the signature value does not match the signed attributes") from None
 
 
 def _check_ess(values: list[Any], kind: str, signer: x509.Certificate) -> None:
@@ -433,6 +464,7 @@ def check_signed_data(
     detached: bytes | memoryview | None,
     extra_certs: Sequence[x509.Certificate] = (),
     require_ess: bool = False,
+    policy: AlgorithmPolicy = DEFAULT_POLICY,
 ) -> _Checked:
     """Parse a ContentInfo(SignedData) and verify its single SignerInfo, without any trust decision.
 
@@ -458,7 +490,7 @@ def check_signed_data(
         if len(signer_infos) != 1:
             raise SignatureInvalid(f"expected one SignerInfo, found {len(signer_infos)}")
         si = signer_infos[0]
-        hash_name = _hash_name(si["digest_algorithm"])
+        hash_name = _hash_name(si["digest_algorithm"], policy)
         signed_attrs = si["signed_attrs"]
         if isinstance(signed_attrs, core.Void):
             raise SignatureInvalid("signed attributes missing")
@@ -479,6 +511,7 @@ def check_signed_data(
                 unsigned.setdefault(attr["type"].dotted, []).extend(attr["values"])
         signature = si["signature"].native
         sig_oid = si["signature_algorithm"]["algorithm"].dotted
+        sig_params = si["signature_algorithm"]["parameters"]
         signer = _find_signer(si["sid"], [*certificates, *extra_certs])
 
         if econtent is not None and detached is not None:
@@ -494,7 +527,7 @@ def check_signed_data(
         if md is None or len(md) != 1:
             raise SignatureInvalid("messageDigest attribute missing")
         if not hmac.compare_digest(md[0].native, hashlib.new(hash_name, content).digest()):
-            raise SignatureInvalid("messageDigest does not match the content")
+            raise ContentAltered("messageDigest does not match the content: altered after signing")
         signing_time = None
         st = attrs.get(ID_SIGNING_TIME)
         if st is not None:
@@ -509,7 +542,7 @@ def check_signed_data(
             raise SignatureInvalid("ESS signingCertificate(V2) attribute missing")
 
         # Verify over the SET OF as received, re-tagged from [0] IMPLICIT to SET (RFC 5652 §5.4).
-        verify_raw(signer.public_key(), signature, signed_der, hash_name, sig_oid)
+        verify_raw(signer.public_key(), signature, signed_der, hash_name, sig_oid, sig_params)
     except SignatureInvalid:
         raise
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
@@ -525,155 +558,8 @@ def check_signed_data(
         signature=signature,
         signing_time=signing_time,
         unsigned=unsigned,
+        digest=hash_name,
     )
-
-
-# --------------------------------------------------------------------------- certificate paths
-
-
-def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
-
-
-def _valid_at(cert: x509.Certificate, at: datetime | None) -> bool:
-    return at is None or cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
-
-
-@functools.lru_cache(maxsize=512)
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    """Whether ``parent``'s key signed ``child`` (names and signature; validity dates are
-    checked by the caller for the time at hand, so the answer can be remembered)."""
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _may_issue(cert: x509.Certificate, is_root: bool) -> bool:
-    """A CA certificate: BasicConstraints CA (roots may predate it) and keyCertSign if KU is set."""
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if not bc.ca:
-            return False
-    except x509.ExtensionNotFound:
-        if not is_root:
-            return False
-    try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        if not ku.key_cert_sign:
-            return False
-    except x509.ExtensionNotFound:
-        pass
-    return True
-
-
-def _unknown_critical(cert: x509.Certificate) -> bool:
-    return any(ext.critical and isinstance(ext.value, x509.UnrecognizedExtension) for ext in cert.extensions)
-
-
-def chain_to_root(
-    leaf: x509.Certificate,
-    intermediates: Sequence[x509.Certificate],
-    roots: Sequence[x509.Certificate],
-    at: datetime | None,
-) -> list[x509.Certificate]:
-    """A path leaf → … → one of ``roots``, every certificate valid at ``at`` (None: not checked).
-
-    A small path builder for pecd's shallow hierarchies: signatures, CA flags, key usage, path
-    length and validity. Revocation is not checked here.
-    """
-    if at is not None and at.tzinfo is None:
-        raise ValueError("chain_to_root needs an aware datetime")
-    roots = list(roots)
-    problems: list[str] = []
-    if not _valid_at(leaf, at):
-        raise CertificateUntrusted(
-            f"certificate {_describe(leaf)} is not valid at {at:%Y-%m-%d %H:%M:%S}Z "
-            f"(valid {leaf.not_valid_before_utc:%Y-%m-%d} to {leaf.not_valid_after_utc:%Y-%m-%d})"
-        )
-    if _unknown_critical(leaf):
-        raise CertificateUntrusted(f"certificate {_describe(leaf)} has an unknown critical extension")
-    if leaf in roots:
-        return [leaf]
-
-    def extend(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
-        current = path[-1]
-        for root in roots:
-            if _issued_by(current, root):
-                if not _may_issue(root, is_root=True):
-                    problems.append(f"root {_describe(root)} is not a CA")
-                elif not _valid_at(root, at):
-                    problems.append(f"root {_describe(root)} is not valid at that time")
-                elif _path_lengths_ok([*path, root]):
-                    return [*path, root]
-                else:
-                    problems.append("path length constraint exceeded")
-        if len(path) >= _MAX_CHAIN:
-            return None
-        for cand in intermediates:
-            if cand in path or not _issued_by(current, cand):
-                continue
-            if not _may_issue(cand, is_root=False):
-                problems.append(f"{_describe(cand)} is not a CA")
-            elif not _valid_at(cand, at):
-                problems.append(f"intermediate {_describe(cand)} is not valid at that time")
-            elif _unknown_critical(cand):
-                problems.append(f"intermediate {_describe(cand)} has an unknown critical extension")
-            else:
-                found = extend([*path, cand])
-                if found is not None:
-                    return found
-        return None
-
-    found = extend([leaf])
-    if found is None:
-        detail = f" ({'; '.join(dict.fromkeys(problems))})" if problems else ""
-        raise CertificateUntrusted(f"no path from {_describe(leaf)} to a trusted root{detail}")
-    return found
-
-
-def _path_lengths_ok(path: list[x509.Certificate]) -> bool:
-    """BasicConstraints pathLenConstraint: how many intermediates may sit below each CA."""
-    for i, cert in enumerate(path[1:], start=1):
-        try:
-            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            continue
-        below = i - 1  # CA certificates between this one and the leaf
-        if bc.path_length is not None and below > bc.path_length:
-            return False
-    return True
-
-
-def check_purpose(cert: x509.Certificate, purpose: Purpose) -> None:
-    """Key usage and extended key usage fit for what the certificate just did."""
-    try:
-        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        ku = None
-    try:
-        eku: x509.ExtendedKeyUsage | None = cert.extensions.get_extension_for_class(
-            x509.ExtendedKeyUsage
-        ).value
-        eku_critical = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).critical
-    except x509.ExtensionNotFound:
-        eku, eku_critical = None, False
-    if purpose == "any":
-        return
-    if ku is not None and not (ku.digital_signature or ku.content_commitment):
-        raise CertificateUntrusted(f"{_describe(cert)}: key usage does not allow signatures")
-    if purpose == "smime":
-        allowed = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
-        if eku is not None and not allowed.intersection(eku):
-            raise CertificateUntrusted(f"{_describe(cert)}: extended key usage excludes e-mail")
-    elif purpose == "timestamping" and (
-        # RFC 3161 §2.3: exactly timeStamping, and critical
-        eku is None or list(eku) != [ExtendedKeyUsageOID.TIME_STAMPING] or not eku_critical
-    ):
-        raise CertificateUntrusted(
-            f"{_describe(cert)}: not a TSA certificate (needs the one critical EKU timeStamping)"
-        )
 
 
 # --------------------------------------------------------------------------- public verification
@@ -685,6 +571,8 @@ def _finish(
     tsa_roots: Sequence[x509.Certificate] | None,
     require_timestamp: bool,
     at: datetime | None,
+    policy: AlgorithmPolicy,
+    revocation: RevocationInfo | None,
 ) -> SignatureInfo:
     from pecd.tsa import TimestampInvalid, verify_token  # tsa builds on this module
 
@@ -700,22 +588,25 @@ def _finish(
         except TimestampInvalid as exc:
             # keep "intact but untrusted" apart from "broken" for the caller
             kind = (
-                CertificateUntrusted if isinstance(exc.__cause__, CertificateUntrusted) else SignatureInvalid
+                CertificateUntrusted if isinstance(exc.__cause__, CertificateUntrusted) else TimestampProblem
             )
             raise kind(f"signature timestamp: {exc}") from exc
         timestamp_time = when if timestamp_time is None else min(timestamp_time, when)
     if timestamp_time is None and require_timestamp:
-        raise SignatureInvalid("signature timestamp missing")
+        raise TimestampProblem("signature timestamp missing")
     check_at = at or timestamp_time or checked.signing_time
     if check_at is None:
         raise SignatureInvalid("no time to check the certificate at: no timestamp, no signingTime")
-    check_purpose(checked.signer, "smime")
-    chain = chain_to_root(checked.signer, checked.certificates, trust_roots, check_at)
+    chain = validate_path(checked.signer, checked.certificates, trust_roots, check_at, purpose="smime",
+                          policy=policy, revocation=revocation)
     return SignatureInfo(
         signer=checked.signer,
         signing_time=checked.signing_time,
         timestamp_time=timestamp_time,
         certificates=tuple(chain),
+        digest=checked.digest,
+        weak_digest=policy.is_weak(checked.digest),
+        judged_at=check_at,
     )
 
 
@@ -727,16 +618,18 @@ def verify_detached(
     require_timestamp: bool = False,
     *,
     at: datetime | None = None,
+    policy: AlgorithmPolicy = DEFAULT_POLICY,
+    revocation: RevocationInfo | None = None,
 ) -> SignatureInfo:
     """Verify a detached signature over ``data``; raise SignatureInvalid with the reason.
 
     Certificates must be valid at ``at``; by default at the verified timestamp's time, or else at
     the signer's claimed signingTime. A receiver checking fresh mail should pass ``at=clock.now()``.
     """
-    checked = check_signed_data(signature_der, data)
+    checked = check_signed_data(signature_der, data, policy=policy)
     if checked.econtent_type != ID_DATA:
         raise SignatureInvalid(f"content type {checked.econtent_type} is not id-data")
-    return _finish(checked, trust_roots, tsa_roots, require_timestamp, at)
+    return _finish(checked, trust_roots, tsa_roots, require_timestamp, at, policy, revocation)
 
 
 def verify_attached(
@@ -746,13 +639,14 @@ def verify_attached(
     require_timestamp: bool = False,
     *,
     at: datetime | None = None,
+    policy: AlgorithmPolicy = DEFAULT_POLICY,
 ) -> tuple[bytes, SignatureInfo]:
     """Verify a SignedData that carries its content; return the content and what was proved."""
-    checked = check_signed_data(signature_der, None)
+    checked = check_signed_data(signature_der, None, policy=policy)
     if checked.econtent_type != ID_DATA:
         raise SignatureInvalid(f"content type {checked.econtent_type} is not id-data")
     assert checked.econtent is not None  # check_signed_data demands content
-    return checked.econtent, _finish(checked, trust_roots, tsa_roots, require_timestamp, at)
+    return checked.econtent, _finish(checked, trust_roots, tsa_roots, require_timestamp, at, policy, None)
 
 
 def extract_timestamp_token(signature_der: bytes) -> tuple[bytes, bytes] | None:

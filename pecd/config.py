@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pecd.trust import AlgorithmPolicy
+
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or inconsistent."""
@@ -78,6 +80,23 @@ class LedgerPolicy:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """What a peer's signature may use. ``digests`` is the allow-list for signatures and for the
+    certificates of their paths; the default takes SHA-1 because every real PEC provider still
+    signs with it (it is then marked weak in verdicts and ledger rows)."""
+
+    digests: tuple[str, ...] = ("sha1", "sha224", "sha256", "sha384", "sha512")
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "policy", AlgorithmPolicy.from_names(self.digests))
+        except ValueError as exc:
+            raise ConfigError(f"[trust] digests: {exc}") from None
+
+    policy: AlgorithmPolicy = field(init=False, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class Delivery:
     method: Literal["maildir", "lmtp"] = "maildir"
     lmtp_host: str = "127.0.0.1"
@@ -140,6 +159,7 @@ class Config:
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     antivirus: Antivirus = field(default_factory=Antivirus)
     reception: Reception = field(default_factory=Reception)
+    trust: Trust = field(default_factory=Trust)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -163,6 +183,14 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"[{where}]: {exc}") from None
+
+
+def _trust(values: dict[str, Any]) -> Trust:
+    if "digests" in values:
+        if not isinstance(values["digests"], list):
+            raise ConfigError("[trust] digests must be a list of names")
+        values = {**values, "digests": tuple(str(d) for d in values["digests"])}
+    return _build(Trust, values, "trust")  # type: ignore[no-any-return]
 
 
 def load(path: Path) -> Config:
@@ -216,6 +244,7 @@ def load(path: Path) -> Config:
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
         reception=reception,
+        trust=_trust(_section(raw, "trust")),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
@@ -298,6 +327,10 @@ revocation_grace = 14400.0             # ... this many seconds, then anomaly env
 revocation_timeout = 10.0              # seconds per CRL or OCSP fetch
 revocation_retry = 60.0                # seconds before asking a failed source again
 max_crl_bytes = 20000000               # a bigger CRL is refused (the copy in force stays)
+
+[trust]
+digests = ["sha1", "sha224", "sha256", "sha384", "sha512"]   # accepted in peers' signatures and
+                                       # their chains; SHA-1 (all real PEC providers) is marked weak
 
 [tsa]
 # url = "http://tsa.example/tsr"       # external RFC 3161 TSA; the built-in one when unset

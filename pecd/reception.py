@@ -23,27 +23,44 @@ from cryptography import x509
 from pecd import envelope, pec, receipts, virus
 from pecd import revocation as revocation_mod
 from pecd.clock import Clock
-from pecd.cms import SignatureInvalid, verify_detached
+from pecd.cms import SignatureInfo, SignatureInvalid, verify_detached
 from pecd.config import Config
 from pecd.index import Provider, ProviderIndex
 from pecd.ledger import LedgerEvent
 from pecd.pec import Issuer, Transaction
 from pecd.queue import Item, NewItem, Outcome
 from pecd.relay import Router
+from pecd.trust import DEFAULT_POLICY, AlgorithmPolicy
+from pecd.verdict import kind_of
 
 
 class NotCertified(Exception):
-    """Why a message cannot be treated as certified; becomes the anomaly envelope's reason."""
+    """Why a message cannot be treated as certified; becomes the anomaly envelope's reason.
+    ``kind`` is the verdict class (pecd.verdict) the anomaly's ledger row records."""
+
+    def __init__(self, reason: str, kind: str = "malformed") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
 class Verified:
     parsed: pec.Parsed
     provider: Provider
+    signature: SignatureInfo
+
+    def evidence(self) -> dict[str, object]:
+        """What the ledger keeps of the signature: its digest, marked when only accepted for
+        interoperability (SHA-1)."""
+        detail: dict[str, object] = {"digest": self.signature.digest}
+        if self.signature.weak_digest:
+            detail["weak_digest"] = True
+        return detail
 
 
 def verify(data: bytes, mail_from: str, index: ProviderIndex,
-           trust_roots: Sequence[x509.Certificate], at: datetime | None = None) -> Verified:
+           trust_roots: Sequence[x509.Certificate], at: datetime | None = None,
+           policy: AlgorithmPolicy = DEFAULT_POLICY) -> Verified:
     """Signature, signer in the index, sender domain managed by that signer: all or nothing.
 
     ``at`` is when the message reached us: the signer's certificate must be valid then (without
@@ -60,15 +77,16 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
         raise NotCertified("not a certified message")
     assert parsed.signed is not None  # envelopes and receipts are split by pec.parse
     try:
-        info = verify_detached(parsed.signed.signature, parsed.signed.inner_view, trust_roots, at=at)
+        info = verify_detached(parsed.signed.signature, parsed.signed.inner_view, trust_roots, at=at,
+                               policy=policy)
     except SignatureInvalid as exc:
-        raise NotCertified(f"signature not valid: {exc}") from None
+        raise NotCertified(f"signature not valid: {exc}", kind_of(exc)) from None
     provider = index.for_certificate(info.signer)
     if provider is None:
-        raise NotCertified("the signer is not a provider in the index")
+        raise NotCertified("the signer is not a provider in the index", "untrusted")
     domain = mail_from.rpartition("@")[2].lower()
     if domain not in provider.domains:
-        raise NotCertified(f"sender domain {domain} is not managed by {provider.name}")
+        raise NotCertified(f"sender domain {domain} is not managed by {provider.name}", "untrusted")
     cd = parsed.certdata
     vouched: tuple[str, ...] = ()
     if cd is not None and parsed.category == "envelope":
@@ -80,8 +98,8 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
     for address in vouched:
         other = address.rpartition("@")[2].lower()
         if other not in provider.domains:
-            raise NotCertified(f"{address} is not in a domain managed by {provider.name}")
-    return Verified(parsed, provider)
+            raise NotCertified(f"{address} is not in a domain managed by {provider.name}", "untrusted")
+    return Verified(parsed, provider, info)
 
 
 class ReceptionPoint:
@@ -129,9 +147,10 @@ class ReceptionPoint:
         data = self.read(item)
         try:
             verified = verify(data, item.mail_from, self.index, self.trust_roots,
-                              at=datetime.fromtimestamp(item.created, UTC))
+                              at=datetime.fromtimestamp(item.created, UTC),
+                              policy=self.config.trust.policy)
         except NotCertified as exc:
-            return self._anomaly(item, data, str(exc))
+            return self._anomaly(item, data, str(exc), exc.kind)
         held = self._revocation_outcome(item, data, decision)
         if held is not None:
             return held
@@ -159,17 +178,17 @@ class ReceptionPoint:
             return Outcome(state="deferred", delay=retry, error=status.reason[:500], events=events)
         if status.state == "unknown":
             return self._anomaly(item, data, f"{status.reason} (unknown for"
-                                             f" {decision.unknown_for:.0f} s)")
-        return self._anomaly(item, data, status.reason)
+                                             f" {decision.unknown_for:.0f} s)", "revocation-unknown")
+        return self._anomaly(item, data, status.reason, status.kind)
 
-    def _anomaly(self, item: Item, data: bytes, reason: str) -> Outcome:
+    def _anomaly(self, item: Item, data: bytes, reason: str, kind: str = "malformed") -> Outcome:
         at = self.clock.now()
         wrapped = envelope.anomaly_envelope(data, item.rcpts, self.issuer, at, reason)
         return Outcome(
             outputs=[NewItem("deliver", item.mail_from, item.rcpts, data=wrapped,
                              meta={"mode": "plain", "what": "anomaly"})],
             events=[LedgerEvent(event="anomaly", sender=item.mail_from, recipients=item.rcpts,
-                                detail={"reason": reason, "queue_id": item.id})],
+                                detail={"reason": reason, "verdict": kind, "queue_id": item.id})],
         )
 
     def _envelope(self, item: Item, v: Verified) -> Outcome:
@@ -198,7 +217,7 @@ class ReceptionPoint:
                                 ref_msgid=tx.ref_msgid, sender=tx.sender, recipients=item.rcpts,
                                 subject=tx.subject, provider=v.provider.name,
                                 related=(tc_id,) if tc_id else (),
-                                detail={"queue_id": item.id})],
+                                detail={"queue_id": item.id, **v.evidence()})],
         )
 
     def _receipt(self, item: Item, v: Verified) -> Outcome:
@@ -222,7 +241,7 @@ class ReceptionPoint:
                                 subject=cd.subject, provider=v.provider.name,
                                 related=(message_id,),
                                 detail={"type": cd.type, "error": cd.error,
-                                        "queue_id": item.id})],
+                                        "queue_id": item.id, **v.evidence()})],
             effects=effects,
         )
 

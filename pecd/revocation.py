@@ -7,10 +7,10 @@ names the issuer, is signed by the issuer's key or, for OCSP, by a responder tha
 certified, nextUpdate still ahead, not older than the copy in force), so a bad one never
 replaces a good one. Copies are cached until nextUpdate (refreshed from three quarters of
 their life on, while the old copy still holds), in memory and in the database (kept across
-restarts). Then judges, with pyhanko-certvalidator, whether the certificate was revoked at
-the arrival time, and applies ``[reception] revocation``: while the status is unknown a
-peer is deferred (``451``, it retries) until the grace runs out, then the message becomes an
-anomaly envelope. Never a silent accept.
+restarts). Then has pecd.trust (pyhanko-certvalidator) judge whether a certificate of the
+signer's path was revoked at the arrival time, and applies ``[reception] revocation``: while
+the status is unknown a peer is deferred (``451``, it retries) until the grace runs out, then
+the message becomes an anomaly envelope. Never a silent accept.
 
 Receives: certificates from messages not yet judged. Fetches only for a signer certificate
 that is in the provider index (the operator imported it), so a stranger's certificate cannot
@@ -21,17 +21,17 @@ nothing the HTTP servers say beyond that.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import aiohttp
 from asn1crypto import cms as asn1_cms
 from asn1crypto import core as asn1_core
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -46,6 +46,8 @@ from pecd.config import Reception
 from pecd.db import Database
 from pecd.index import ProviderIndex
 from pecd.pki import cert_fingerprint
+from pecd.trust import DEFAULT_POLICY, AlgorithmPolicy, RevocationInfo, validate_path
+from pecd.verdict import CertificateRevoked, CertificateUntrusted, RevocationUnknown
 
 log = logging.getLogger("pecd.revocation")
 
@@ -57,15 +59,6 @@ _MAX_SOURCES = 4  # of each kind per certificate: a certificate is not a crawler
 
 class RevocationError(Exception):
     """A CRL or OCSP download that cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class RevocationInfo:
-    """What a path validator needs (the shape of pecd.trust's)."""
-
-    crls: Sequence[bytes] = ()
-    ocsps: Sequence[bytes] = ()
-    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,20 +82,20 @@ class Status:
     validator refused the certificate for another reason, named)."""
 
     state: Literal["good", "revoked", "unknown", "unchecked", "invalid"]
+    reason: str = ""
+    kind: str = ""  # the verdict class (pecd.verdict) for the anomaly's ledger row
 
     @property
     def refused(self) -> bool:
         return self.state in ("revoked", "invalid")
-    reason: str = ""
 
 
 @dataclass(frozen=True)
 class Signed:
-    """The signer of a CMS signature and the candidates for its issuer, not yet judged."""
+    """The signer of a CMS signature and the other certificates it carries, not yet judged."""
 
     signer: x509.Certificate
     others: tuple[x509.Certificate, ...]
-    issuer: x509.Certificate | None
 
 
 # --------------------------------------------------------------------------- pure: certificates
@@ -140,9 +133,9 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     return True
 
 
-def signed_by(signature_der: bytes, roots: Sequence[x509.Certificate]) -> Signed | None:
-    """The signer certificate of a SignedData and its issuer (from the included certificates or
-    the roots), without verifying the signature: a cheap look before the real judgement."""
+def signed_by(signature_der: bytes) -> Signed | None:
+    """The signer certificate of a SignedData and the certificates it carries, without
+    verifying anything: a cheap look before the real judgement."""
     try:
         ci = asn1_cms.ContentInfo.load(signature_der)
         sd = ci["content"]
@@ -161,10 +154,7 @@ def signed_by(signature_der: bytes, roots: Sequence[x509.Certificate]) -> Signed
                           if _ski(c) == ski)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, StopIteration):
         return None
-    others = tuple(c for c in included if c != signer)
-    issuer = next((c for c in [*others, *roots]
-                   if c.subject == signer.issuer and _issued_by(signer, c)), None)
-    return Signed(signer, others, issuer)
+    return Signed(signer, tuple(c for c in included if c != signer))
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
@@ -174,13 +164,24 @@ def _ski(cert: x509.Certificate) -> bytes | None:
         return None
 
 
-def signer_of_message(data: bytes, roots: Sequence[x509.Certificate]) -> Signed | None:
+def signer_of_message(data: bytes) -> Signed | None:
     """:func:`signed_by` for an S/MIME message; None when it is not one."""
     try:
         signed = smime.split_signed(data)
     except smime.NotSigned:
         return None
-    return signed_by(signed.signature, roots)
+    return signed_by(signed.signature)
+
+
+def path_of(signed: Signed, roots: Sequence[x509.Certificate], at: datetime,
+            policy: AlgorithmPolicy = DEFAULT_POLICY) -> list[x509.Certificate] | None:
+    """The signer's validated path (leaf first, root last) without revocation, or None when it
+    has none: the reception point refuses such a message whatever its revocation status."""
+    try:
+        return validate_path(signed.signer, signed.others, roots, at, purpose="smime",
+                             policy=policy)
+    except CertificateUntrusted:
+        return None
 
 
 # --------------------------------------------------------------------------- pure: checking downloads
@@ -298,58 +299,38 @@ def check_ocsp(der: bytes, cert: x509.Certificate, issuer: x509.Certificate, now
 # --------------------------------------------------------------------------- pure: judgement
 
 
-def judge(signer: x509.Certificate, others: Sequence[x509.Certificate],
-          roots: Sequence[x509.Certificate], material: Material, at: datetime) -> Status:
-    """Was ``signer`` revoked at ``at``? pyhanko-certvalidator reads the material (CRL scope,
-    signatures, OCSP responder authority); only the signer's own status is required, SHA-1
-    signatures are allowed (the network signs with them). Runs in a worker thread."""
-    from pyhanko_certvalidator import CertificateValidator, ValidationContext
-    from pyhanko_certvalidator.authority import CertTrustAnchor
-    from pyhanko_certvalidator.errors import (
-        InsufficientRevinfoError,
-        PathBuildingError,
-        PathValidationError,
-        RevokedError,
-        ValidationError,
-    )
-    from pyhanko_certvalidator.policy_decl import (
-        CertRevTrustPolicy,
-        RevocationCheckingPolicy,
-        RevocationCheckingRule,
-    )
-    from pyhanko_certvalidator.registry import SimpleTrustManager
+def judge(path: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
+          materials: Sequence[Material], at: datetime,
+          policy: AlgorithmPolicy = DEFAULT_POLICY) -> Status:
+    """Was a certificate of ``path`` (leaf first, root last) revoked at ``at``? ``materials``
+    holds what was gathered for each certificate below the root, in path order.
 
-    if material.sources == 0:
-        return Status("unchecked", "the certificate names no CRL or OCSP responder")
-    if not material.known:
-        return Status("unknown", "revocation status unknown: "
-                      + ("; ".join(material.problems) or "no revocation information"))
-
-    def asn1(c: x509.Certificate) -> asn1_x509.Certificate:
-        return asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER))
-
-    policy = CertRevTrustPolicy(RevocationCheckingPolicy(
-        ee_certificate_rule=RevocationCheckingRule.CRL_OR_OCSP_REQUIRED,
-        intermediate_ca_cert_rule=RevocationCheckingRule.NO_CHECK),
-        retroactive_revinfo=True)  # a CRL issued after the arrival still says what held then
-    context = ValidationContext(
-        trust_manager=SimpleTrustManager.build(
-            trust_roots=[CertTrustAnchor(asn1(r)) for r in roots]),
-        other_certs=[asn1(c) for c in others], moment=at, allow_fetching=False,
-        crls=list(material.info.crls), ocsps=list(material.info.ocsps), revinfo_policy=policy,
-        weak_hash_algos={"md2", "md5"})
-    validator = CertificateValidator(asn1(signer), validation_context=context)
+    pecd.trust (pyhanko-certvalidator) reads the material: CRL scope and signature, OCSP
+    responder authority, revocation date against ``at``. A certificate that names a source
+    but has nothing usable in force makes the status unknown before the validator is asked;
+    status is required of every certificate when each names a source (otherwise a
+    certificate that names none could never pass). Runs in a worker thread."""
+    declared = [m for m in materials if m.sources]
+    if not declared:
+        return Status("unchecked", "no certificate of the path names a CRL or OCSP responder")
+    missing = [p for m in declared if not m.known for p in (m.problems or ("nothing usable",))]
+    if missing:
+        return Status("unknown", "revocation status unknown: " + "; ".join(missing),
+                      RevocationUnknown.kind)
+    info = RevocationInfo(crls=tuple(c for m in materials for c in m.info.crls),
+                          ocsps=tuple(o for m in materials for o in m.info.ocsps),
+                          required=len(declared) == len(materials))
     try:
-        asyncio.run(validator.async_validate_path())
-    except RevokedError as exc:
-        when = exc.revocation_dt.astimezone(UTC)
-        return Status("revoked", f"certificate {signer.subject.rfc4514_string()} revoked at "
-                                 f"{when:%Y-%m-%d %H:%M:%S}Z ({exc.reason.human_friendly})")
-    except InsufficientRevinfoError as exc:
-        detail = "; ".join([str(exc), *material.problems])
-        return Status("unknown", f"revocation status unknown: {detail}")
-    except (PathValidationError, PathBuildingError, ValidationError) as exc:
-        return Status("invalid", f"certificate status not valid: {exc}")
+        validate_path(path[0], path[1:-1], roots, at, purpose="smime", policy=policy,
+                      revocation=info)
+    except CertificateRevoked as exc:
+        return Status("revoked", str(exc), exc.kind)
+    except RevocationUnknown as exc:
+        problems = [p for m in materials for p in m.problems]
+        return Status("unknown", "; ".join([f"revocation status unknown: {exc}", *problems]),
+                      exc.kind)
+    except CertificateUntrusted as exc:
+        return Status("invalid", str(exc), exc.kind)
     return Status("good")
 
 
@@ -376,15 +357,14 @@ class Sources:
         if self.db is not None:
             self._copies = {c.key: c for c in self.db.transact_sync(store.load_copies)}
 
-    async def material(self, cert: x509.Certificate, issuer: x509.Certificate | None) -> Material:
+    async def material(self, cert: x509.Certificate, issuer: x509.Certificate) -> Material:
+        """What is in force for ``cert`` (issued by ``issuer``), refreshed when due."""
         crl_sources = [(crl_key(u), u, None) for u in crl_urls(cert)]
         ocsp_sources = [(ocsp_key(u, cert, issuer), u, ocsp_request(cert, issuer))
-                        for u in ocsp_urls(cert)] if issuer is not None else []
-        sources = len(crl_sources) + len(ocsp_urls(cert))
+                        for u in ocsp_urls(cert)]
+        sources = len(crl_sources) + len(ocsp_sources)
         if sources == 0:
             return Material(RevocationInfo(), 0)
-        if issuer is None:
-            return Material(RevocationInfo(), sources, ("the certificate's issuer is unknown",))
         problems: list[str] = []
         crls: list[bytes] = []
         ocsps: list[bytes] = []
@@ -483,8 +463,10 @@ class Checker:
     """Revocation at the reception point: sources, index, roots and the policy together."""
 
     def __init__(self, settings: Reception, sources: Sources, index: ProviderIndex,
-                 roots: Sequence[x509.Certificate], clock: Clock, cpu: Executor | None) -> None:
+                 roots: Sequence[x509.Certificate], clock: Clock, cpu: Executor | None,
+                 policy: AlgorithmPolicy = DEFAULT_POLICY) -> None:
         self.settings = settings
+        self.policy = policy
         self.sources = sources
         self.index = index
         self.roots = list(roots)
@@ -497,12 +479,16 @@ class Checker:
         (not signed, or the signer is not a provider in the index: the reception point then
         refuses it anyway, and nothing is fetched for it)."""
         loop = asyncio.get_running_loop()
-        signed = await loop.run_in_executor(self.cpu, signer_of_message, data, self.roots)
+        signed = await loop.run_in_executor(self.cpu, signer_of_message, data)
         if signed is None or self.index.for_certificate(signed.signer) is None:
             return None
-        material = await self.sources.material(signed.signer, signed.issuer)
-        status = await loop.run_in_executor(self.cpu, judge, signed.signer, signed.others,
-                                            self.roots, material, at)
+        path = await loop.run_in_executor(self.cpu, path_of, signed, self.roots, at, self.policy)
+        if path is None:
+            return None
+        materials = await asyncio.gather(*(self.sources.material(cert, issuer)
+                                           for cert, issuer in itertools.pairwise(path)))
+        status = await loop.run_in_executor(self.cpu, judge, path, self.roots, materials, at,
+                                            self.policy)
         return await self.decide(signed.signer, status)
 
     async def decide(self, signer: x509.Certificate, status: Status) -> Decision:

@@ -205,7 +205,8 @@ class Service:
         self.revocation_sources = revocation.Sources(config.reception, self.clock, self.db, self.cpu)
         self.revocation_sources.load()  # the copies in force survive a restart
         self.revocation = revocation.Checker(config.reception, self.revocation_sources, self.index,
-                                             self.trust_roots, self.clock, self.cpu)
+                                             self.trust_roots, self.clock, self.cpu,
+                                             config.trust.policy)
         self.reception = ReceptionPoint(config, self.issuer, self.router, self.index,
                                         self.trust_roots, self.clock, read, self.cpu,
                                         self.scanner, self.revocation)

@@ -35,12 +35,11 @@ from pecd.cms import (
     _der_tlv,
     _oid,
     _SignerCore,
-    chain_to_root,
-    check_purpose,
     check_signed_data,
     der_attribute,
 )
 from pecd.pki import PrivateKey
+from pecd.trust import check_purpose, validate_path
 
 DEFAULT_POLICY = "1.3.6.1.4.1.99999.1.1"
 # Imprint digests a requester may choose; SHA-1 only because RFC 3161 clients still ask for it.
@@ -230,8 +229,7 @@ def _check_token(
     if not isinstance(gen_time, datetime):
         raise TimestampInvalid("genTime missing")
     try:
-        check_purpose(checked.signer, "timestamping")
-        chain_to_root(checked.signer, checked.certificates, trust_roots, gen_time)
+        validate_path(checked.signer, checked.certificates, trust_roots, gen_time, purpose="timestamping")
     except SignatureInvalid as exc:
         raise TimestampInvalid(str(exc)) from exc
     return gen_time, checked.signer

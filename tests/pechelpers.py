@@ -5,10 +5,18 @@ provider's configuration, and an SMTP sink that stands in for an ordinary mail s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import shutil
+import signal
 import smtplib
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -216,3 +224,48 @@ def send_inbound(provider: ProviderDir, port: int, mail_from: str, rcpts: list[s
             if code != 250:
                 return code, msg
         return s.data(data)
+
+
+def serve_under_faketime(provider: ProviderDir, offset: str, until: Callable[[], bool],
+                         what: str) -> None:
+    """``faketime -f <offset> pecd serve`` until ``until()`` holds (offset: "+13h", or
+    "@2018-12-08 12:00:00" for an absolute start that then runs on).
+
+    The faketime wrapper forks and does not pass SIGTERM on, so the pair runs in its own
+    session and the signal goes to that process group; we wait until the group is empty."""
+    faketime = shutil.which("faketime")
+    assert faketime, "faketime is not installed (apt-get install faketime; scripts/setup does)"
+    pecd = Path(sys.executable).with_name("pecd")
+    env = dict(os.environ, FAKETIME_DONT_FAKE_MONOTONIC="1")
+    proc = subprocess.Popen([faketime, "-f", offset, str(pecd), "-c", str(provider.conf), "serve"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 40
+        while not until():
+            assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, f"under faketime: no {what}"
+            time.sleep(0.05)
+    finally:
+        _stop_group(proc)
+        # the wrapper, stopped by a signal, leaves its shared memory named after its pid; a
+        # later wrapper given the same pid would refuse to start ("sem_open: File exists")
+        for leftover in (f"sem.faketime_sem_{proc.pid}", f"faketime_shm_{proc.pid}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(Path("/dev/shm") / leftover)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while True:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            deadline += 5
+        time.sleep(0.05)

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from pecd import cms, pki, tsa
+from pecd import cms, pki, trust, tsa, verdict
 from pecd.clock import ManualClock, SystemClock
 
 OPENSSL = "/usr/bin/openssl"
@@ -182,7 +182,7 @@ def test_expired_certificate(tmp_path: Path) -> None:
     late = ManualClock(start + timedelta(days=60))
     signer = cms.Signer(key, cert, late, timestamper=tsa.LocalTSA(tsa_key, tsa_cert, late))
     sig = signer.sign_detached(DATA)
-    with pytest.raises(cms.CertificateUntrusted, match="not valid at"):
+    with pytest.raises(verdict.CertificateExpired, match=r"CN=Old.*expired"):
         cms.verify_detached(sig, DATA, [ca.cert])
     # signed inside the validity period: good at that time, not good at a later check time
     early = ManualClock(start + timedelta(days=10))
@@ -191,7 +191,7 @@ def test_expired_certificate(tmp_path: Path) -> None:
     assert cms.verify_detached(sig, DATA, [ca.cert]).timestamp_time == early.now().replace(
         microsecond=early.now().microsecond // 1000 * 1000
     )
-    with pytest.raises(cms.CertificateUntrusted, match="not valid at"):
+    with pytest.raises(verdict.CertificateExpired, match="expired"):
         cms.verify_detached(sig, DATA, [ca.cert], at=datetime.now(UTC))
 
 
@@ -334,12 +334,13 @@ def test_signer_refuses_a_key_that_is_not_the_certificates(prov: Provider) -> No
 # --------------------------------------------------------------------------- chains
 
 
-def _intermediate(root: pki.CertAuthority, path_length: int | None = 0) -> pki.CertAuthority:
+def _intermediate(root: pki.CertAuthority, path_length: int | None = 0,
+                  name: str = "Intermediate") -> pki.CertAuthority:
     key = pki.new_key("ec")
     now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Intermediate")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(root.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -361,28 +362,30 @@ def test_chain_through_an_intermediate(prov: Provider, tmp_path: Path) -> None:
     key = pki.new_key("rsa")
     leaf = inter.issue_signing_cert(key, "Leaf", "leaf@leaf.test")
     now = datetime.now(UTC)
-    assert cms.chain_to_root(leaf, [inter.cert], [prov.ca.cert], now) == [
+    assert trust.validate_path(leaf, [inter.cert], [prov.ca.cert], now) == [
         leaf,
         inter.cert,
         prov.ca.cert,
     ]
     with pytest.raises(cms.CertificateUntrusted):
-        cms.chain_to_root(leaf, [], [prov.ca.cert], now)
-    with pytest.raises(cms.CertificateUntrusted, match="not valid"):
-        cms.chain_to_root(leaf, [inter.cert], [prov.ca.cert], now + timedelta(days=200))
+        trust.validate_path(leaf, [], [prov.ca.cert], now)
+    # the verdict names the link that failed, not only the leaf
+    with pytest.raises(verdict.CertificateExpired, match=r"Intermediate.*expired"):
+        trust.validate_path(leaf, [inter.cert], [prov.ca.cert], now + timedelta(days=200))
     # a leaf may not act as a CA
     not_ca = pki.CertAuthority(key=key, cert=leaf)
     grandchild = not_ca.issue_signing_cert(pki.new_key("ec"), "G", "g@g.test")
     with pytest.raises(cms.CertificateUntrusted, match="not a CA"):
-        cms.chain_to_root(grandchild, [leaf, inter.cert], [prov.ca.cert], now)
+        trust.validate_path(grandchild, [leaf, inter.cert], [prov.ca.cert], now)
     with pytest.raises(cms.CertificateUntrusted, match="not a CA"):
-        cms.chain_to_root(grandchild, [], [leaf], now)  # not even as a trust root
-    assert cms.chain_to_root(leaf, [], [leaf], now) == [leaf]  # but a pinned leaf is trusted
-    # pathLenConstraint 0: no further CA below the intermediate
-    sub = _intermediate(inter)
+        trust.validate_path(grandchild, [], [leaf], now)  # not even as a trust root
+    assert trust.validate_path(leaf, [], [leaf], now) == [leaf]  # but a pinned leaf is trusted
+    # pathLenConstraint 0: no further CA below the intermediate (a self-issued one would not
+    # count, RFC 5280 §4.2.1.9, hence another name)
+    sub = _intermediate(inter, name="Sub")
     below = sub.issue_signing_cert(pki.new_key("ec"), "B", "b@b.test")
     with pytest.raises(cms.CertificateUntrusted, match="path length"):
-        cms.chain_to_root(below, [sub.cert, inter.cert], [prov.ca.cert], now)
+        trust.validate_path(below, [sub.cert, inter.cert], [prov.ca.cert], now)
 
     # the signer includes its chain; both verifiers accept it
     sig = cms.Signer(key, leaf, SystemClock(), chain=[inter.cert]).sign_detached(DATA)

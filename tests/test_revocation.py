@@ -58,7 +58,7 @@ def test_crl_cached_until_next_update_and_kept_across_restarts(
         sources = revocation.Sources(SETTINGS, clock, db)
         first = _material(sources, cert, ca.cert)
         assert first.known and first.problems == () and len(first.info.crls) == 1
-        assert revocation.judge(cert, (), [ca.cert], first, clock.now()).state == "good"
+        assert revocation.judge([cert, ca.cert], [ca.cert], [first], clock.now()).state == "good"
         assert _material(sources, cert, ca.cert).info == first.info
         assert crl_server.hits["/ca.crl"] == 1  # the copy in force, not a second download
     finally:
@@ -74,7 +74,7 @@ def test_crl_cached_until_next_update_and_kept_across_restarts(
         stale = _material(restarted, cert, ca.cert)
         assert not stale.known
         assert "unreachable" in stale.problems[0]
-        assert revocation.judge(cert, (), [ca.cert], stale, clock.now()).state == "unknown"
+        assert revocation.judge([cert, ca.cert], [ca.cert], [stale], clock.now()).state == "unknown"
     finally:
         db.close()
 
@@ -87,11 +87,12 @@ def test_revoked_in_the_crl_is_revoked_from_its_revocation_date(
     crl_server.files["/ca.crl"] = ca.crl()
     sources = revocation.Sources(SETTINGS, ManualClock())
     material = _material(sources, cert, ca.cert)
-    now = revocation.judge(cert, (), [ca.cert], material, datetime.now(UTC))
+    now = revocation.judge([cert, ca.cert], [ca.cert], [material], datetime.now(UTC))
     assert now.state == "revoked" and now.refused
-    assert f"revoked at {revoked_at:%Y-%m-%d %H:%M:%S}Z" in now.reason
+    assert f"revoked at {revoked_at:%H:%M:%S} on {revoked_at:%Y-%m-%d}" in now.reason, now
+    assert now.kind == "revoked"
     assert "compromise" in now.reason.lower()
-    before = revocation.judge(cert, (), [ca.cert], material, revoked_at - timedelta(minutes=5))
+    before = revocation.judge([cert, ca.cert], [ca.cert], [material], revoked_at - timedelta(minutes=5))
     assert before.state == "good", before  # signed before the revocation: it held then
 
 
@@ -148,9 +149,9 @@ def test_ocsp_from_openssl_responder(tmp_path: Path, ca: RevocationCA) -> None:
     finally:
         responder.stop()
     assert good_material.known and len(good_material.info.ocsps) == 1, good_material.problems
-    fine_status = revocation.judge(fine, (), [ca.cert], good_material, datetime.now(UTC))
+    fine_status = revocation.judge([fine, ca.cert], [ca.cert], [good_material], datetime.now(UTC))
     assert fine_status.state == "good", fine_status
-    verdict = revocation.judge(bad, (), [ca.cert], bad_material, datetime.now(UTC))
+    verdict = revocation.judge([bad, ca.cert], [ca.cert], [bad_material], datetime.now(UTC))
     assert verdict.state == "revoked" and "revoked at" in verdict.reason, verdict
     # the responder is gone now: the answers stay in force until their nextUpdate
     again = asyncio.run(sources.material(bad, ca.cert))

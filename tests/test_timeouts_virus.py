@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import os
 import shutil
-import signal
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -37,7 +34,7 @@ from pecd.service import Service
 from pecd.timeouts import Policy, Tracked, decide
 
 from .conftest import ProviderDir, free_port, openssl_verifies, submit, wait_for
-from .pechelpers import queued
+from .pechelpers import queued, serve_under_faketime
 
 # The EICAR test file, assembled at run time so this source file is not itself "infected".
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -487,52 +484,6 @@ def test_a_receipt_arriving_mid_decision_cancels_the_notice(
 
 # --- the real clock path: pecd serve under faketime -----------------------------------------
 
-def _serve_under_faketime(a: ProviderDir, offset: str, until: int) -> None:
-    """``faketime -f <offset> pecd serve`` until ``until`` messages are in alice's mailbox.
-
-    The faketime wrapper forks and does not pass SIGTERM on, so the pair runs in its own
-    session and the signal goes to that process group; we wait until the group is empty."""
-    faketime = shutil.which("faketime")
-    assert faketime, "faketime is not installed (apt-get install faketime; scripts/setup does)"
-    pecd = Path(sys.executable).with_name("pecd")
-    env = dict(os.environ, FAKETIME_DONT_FAKE_MONOTONIC="1")
-    proc = subprocess.Popen([faketime, "-f", offset, str(pecd), "-c", str(a.conf), "serve"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 40
-        while len(a.messages("alice@a.test")) < until:
-            assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
-            assert time.monotonic() < deadline, "no timeout notice under faketime"
-            time.sleep(0.05)
-    finally:
-        _stop_group(proc)
-        # the wrapper, stopped by a signal, leaves its shared memory named after its pid; a
-        # later wrapper given the same pid would refuse to start ("sem_open: File exists")
-        for leftover in (f"sem.faketime_sem_{proc.pid}", f"faketime_shm_{proc.pid}"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(Path("/dev/shm") / leftover)
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while True:
-        proc.poll()
-        try:
-            os.killpg(proc.pid, 0)  # anyone left in the group?
-        except ProcessLookupError:
-            break
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            deadline += 5
-        time.sleep(0.05)
-    proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 def test_timeouts_on_the_system_clock_under_faketime(
         two_providers: tuple[ProviderDir, ProviderDir], tmp_path: Path) -> None:
     a, _b = two_providers
@@ -547,8 +498,8 @@ def test_timeouts_on_the_system_clock_under_faketime(
 
     asyncio.run(accept())
     accepted = _tracking(a)[0]["accepted"]
-    _serve_under_faketime(a, "+13h", until=2)
-    _serve_under_faketime(a, "+25h", until=3)
+    serve_under_faketime(a, "+13h", lambda: len(a.messages("alice@a.test")) >= 2, "the 12 h notice")
+    serve_under_faketime(a, "+25h", lambda: len(a.messages("alice@a.test")) >= 3, "the 24 h notice")
     notices = sorted(_timeout_notices(a, tmp_path), key=lambda p: p.certdata.time)  # type: ignore[union-attr]
     assert len(notices) == 2  # one warning, one final: none twice across the restarts
     warning, final = (p.certdata for p in notices)

@@ -127,7 +127,7 @@ def test_untrusted_tampered_and_expired_tokens_fail(tsa_files: TSAFiles, other_c
         tsa_files.cert,
         ManualClock(tsa_files.cert.not_valid_after_utc + timedelta(1)),
     )
-    with pytest.raises(tsa.TimestampInvalid, match="not valid at"):
+    with pytest.raises(tsa.TimestampInvalid, match="expired"):
         tsa.verify_token(late.timestamp(b"x"), b"x", [tsa_files.ca.cert])
 
 
