@@ -111,9 +111,10 @@ class Reception:
     sources down): ``"defer"`` answers ``451`` so the peer retries, and after
     ``revocation_grace`` seconds of unknown status the message is accepted and becomes an
     anomaly envelope; ``"anomaly"`` makes it an anomaly envelope at once. Never accepted as
-    certified."""
+    certified. ``"off"`` checks no revocation at all (an explicit choice for closed test
+    networks and offline replays of old mail; the service logs a warning at start)."""
 
-    revocation: Literal["defer", "anomaly"] = "defer"
+    revocation: Literal["defer", "anomaly", "off"] = "defer"
     revocation_grace: float = 4 * 3600.0
     revocation_timeout: float = 10.0  # seconds per CRL or OCSP fetch
     revocation_retry: float = 60.0  # seconds before a source that failed is asked again
@@ -227,8 +228,8 @@ def load(path: Path) -> Config:
     tsa = _section(raw, "tsa")
     delivery = _section(raw, "delivery")
     reception: Reception = _build(Reception, _section(raw, "reception"), "reception")
-    if reception.revocation not in ("defer", "anomaly"):
-        raise ConfigError(f"[reception] revocation must be \"defer\" or \"anomaly\","
+    if reception.revocation not in ("defer", "anomaly", "off"):
+        raise ConfigError(f"[reception] revocation must be \"defer\", \"anomaly\" or \"off\","
                           f" not {reception.revocation!r}")
     return Config(
         name=name,
@@ -323,7 +324,8 @@ checkpoint_interval = 300.0            # ... or every T seconds, whichever comes
 [reception]
 # peers' signing certificates are checked against their CRL / OCSP responder when they name one
 revocation = "defer"                   # status unknown (sources down): 451, the peer retries ...
-revocation_grace = 14400.0             # ... this many seconds, then anomaly envelope ("anomaly": at once)
+revocation_grace = 14400.0             # ... this many seconds, then anomaly envelope ("anomaly": at once;
+                                       # "off": no revocation check, for closed test networks only)
 revocation_timeout = 10.0              # seconds per CRL or OCSP fetch
 revocation_retry = 60.0                # seconds before asking a failed source again
 max_crl_bytes = 20000000               # a bigger CRL is refused (the copy in force stays)

@@ -204,9 +204,13 @@ class Service:
                                   self.scanner)
         self.revocation_sources = revocation.Sources(config.reception, self.clock, self.db, self.cpu)
         self.revocation_sources.load()  # the copies in force survive a restart
-        self.revocation = revocation.Checker(config.reception, self.revocation_sources, self.index,
-                                             self.trust_roots, self.clock, self.cpu,
-                                             config.trust.policy)
+        self.revocation: revocation.Checker | None = revocation.Checker(
+            config.reception, self.revocation_sources, self.index, self.trust_roots, self.clock,
+            self.cpu, config.trust.policy)
+        if config.reception.revocation == "off":
+            log.warning("[reception] revocation = \"off\": peers' certificates are not checked"
+                        " for revocation")
+            self.revocation = None
         self.reception = ReceptionPoint(config, self.issuer, self.router, self.index,
                                         self.trust_roots, self.clock, read, self.cpu,
                                         self.scanner, self.revocation)
