@@ -21,6 +21,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
+from pecd import compose, envelope, pki
+from pecd.clock import SystemClock
+from pecd.cms import Signer
+from pecd.daticert import Recipient
+from pecd.pec import Issuer, Transaction
+from pecd.tsa import LocalTSA
+
 from .attack_support import ALICE, ALICE_PW, BOB, BOB_PW, add_user_fast
 from .conftest import OPENSSL, ProviderDir, exchange_cards, free_port, make_provider, submit
 from .pechelpers import configure
@@ -244,6 +251,7 @@ class CrlServer:
         self.port = free_port()
         self.files: dict[str, bytes] = {}
         self.hits: dict[str, int] = {}
+        self.slow: set[str] = set()  # paths answered never (well, after 30 s)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -251,11 +259,14 @@ class CrlServer:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def start(self) -> None:
-        files, hits = self.files, self.hits
+        files, hits, slow = self.files, self.hits, self.slow
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 hits[self.path] = hits.get(self.path, 0) + 1
+                if self.path in slow:
+                    time.sleep(30)
+                    return
                 body = files.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -271,6 +282,7 @@ class CrlServer:
 
         ThreadingHTTPServer.allow_reuse_address = True
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True  # a slow answer does not hold up stop()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -341,3 +353,19 @@ def send_certified(a: ProviderDir, port: int, subject: str) -> None:
             f"Message-ID: <{subject.replace(' ', '-')}@client.a.test>\r\n\r\nciao\r\n").encode()
     code, reply = submit(a, ALICE, ALICE_PW, ALICE, [BOB], body, port)
     assert code == 250, reply
+
+
+def envelope_signed_by(a: ProviderDir, key: Path, cert: Path, subject: str) -> bytes:
+    """A transport envelope from alice as a.test would make it, signed with ``key``/``cert``
+    (a.test's TSA stamps it)."""
+    keys = a.root / "keys"
+    clock = SystemClock()
+    tsa = LocalTSA(pki.load_key(keys / "tsa.key"), pki.load_cert(keys / "tsa.pem"), clock)
+    signer = Signer(pki.load_key(key), pki.load_cert(cert), clock, timestamper=tsa)
+    issuer = Issuer("Provider a.test", "a.test", "posta-certificata@a.test", signer)
+    at = datetime.now(UTC).replace(microsecond=0)
+    tx = Transaction(identifier=compose.message_id("a.test", at), ref_msgid=None, sender=ALICE,
+                     recipients=(Recipient(BOB),), reply_to=ALICE, subject=subject,
+                     accepted_at=at, issuer_name=issuer.name)
+    original = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nciao\r\n".encode()
+    return bytes(envelope.transport_envelope(tx, original, issuer, at))
