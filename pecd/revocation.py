@@ -299,6 +299,19 @@ def check_ocsp(der: bytes, cert: x509.Certificate, issuer: x509.Certificate, now
 # --------------------------------------------------------------------------- pure: judgement
 
 
+def incomplete(materials: Sequence[Material]) -> Status | None:
+    """``unchecked`` when no certificate names a source, ``unknown`` when one that does has
+    nothing usable in force; None when there is material for the validator to judge."""
+    declared = [m for m in materials if m.sources]
+    if not declared:
+        return Status("unchecked", "no certificate of the path names a CRL or OCSP responder")
+    missing = [p for m in declared if not m.known for p in (m.problems or ("nothing usable",))]
+    if missing:
+        return Status("unknown", "revocation status unknown: " + "; ".join(missing),
+                      RevocationUnknown.kind)
+    return None
+
+
 def judge(path: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
           materials: Sequence[Material], at: datetime,
           policy: AlgorithmPolicy = DEFAULT_POLICY) -> Status:
@@ -310,13 +323,10 @@ def judge(path: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
     but has nothing usable in force makes the status unknown before the validator is asked;
     status is required of every certificate when each names a source (otherwise a
     certificate that names none could never pass). Runs in a worker thread."""
+    early = incomplete(materials)
+    if early is not None:
+        return early
     declared = [m for m in materials if m.sources]
-    if not declared:
-        return Status("unchecked", "no certificate of the path names a CRL or OCSP responder")
-    missing = [p for m in declared if not m.known for p in (m.problems or ("nothing usable",))]
-    if missing:
-        return Status("unknown", "revocation status unknown: " + "; ".join(missing),
-                      RevocationUnknown.kind)
     info = RevocationInfo(crls=tuple(c for m in materials for c in m.info.crls),
                           ocsps=tuple(o for m in materials for o in m.info.ocsps),
                           required=len(declared) == len(materials))
@@ -474,10 +484,13 @@ class Checker:
         self.cpu = cpu
         self._since: dict[str, float] | None = None
 
-    async def check(self, data: bytes, at: datetime) -> Decision | None:
+    async def check(self, data: bytes, at: datetime, *, full: bool = True) -> Decision | None:
         """The decision for a message's signer at ``at``; None when there is nothing to check
         (not signed, or the signer is not a provider in the index: the reception point then
-        refuses it anyway, and nothing is fetched for it)."""
+        refuses it anyway, and nothing is fetched for it).
+
+        ``full=False`` (the SMTP pre-check) only asks whether material is in force for every
+        certificate that names a source: the CRL itself is read once, by the reception point."""
         loop = asyncio.get_running_loop()
         signed = await loop.run_in_executor(self.cpu, signer_of_message, data)
         if signed is None or self.index.for_certificate(signed.signer) is None:
@@ -487,6 +500,11 @@ class Checker:
             return None
         materials = await asyncio.gather(*(self.sources.material(cert, issuer)
                                            for cert, issuer in itertools.pairwise(path)))
+        if not full:
+            early = incomplete(materials)
+            if early is None or early.state == "unchecked":
+                return Decision("accept", early or Status("good", "material in force"))
+            return await self.decide(signed.signer, early)
         status = await loop.run_in_executor(self.cpu, judge, path, self.roots, materials, at,
                                             self.policy)
         return await self.decide(signed.signer, status)

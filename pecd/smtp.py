@@ -573,7 +573,7 @@ class InboundHandler(_Base):
         certificate is revoked, the reception point judges after ``250``."""
         if self.revocation is None:
             return None
-        decision = await self.revocation.check(data, self.clock.now())
+        decision = await self.revocation.check(data, self.clock.now(), full=False)
         if decision is None or decision.action != "defer":
             return None
         refusal = replies.RevocationUnknown(decision.status.reason)
