@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -68,6 +70,7 @@ class Material:
     info: RevocationInfo
     sources: int  # CRL distribution points + OCSP responders the certificate names (http)
     problems: tuple[str, ...] = ()
+    copies: tuple[str, ...] = ()  # which copies (source, thisUpdate, fetched): judgements' key
 
     @property
     def known(self) -> bool:
@@ -326,6 +329,14 @@ def judge(path: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
     early = incomplete(materials)
     if early is not None:
         return early
+    key = _judgement_key(path, materials, policy)
+    until = _GOOD.get(key) if key is not None else None
+    if until is not None and at <= until:  # same path, same copies, none lists its certificates
+        try:
+            validate_path(path[0], path[1:-1], roots, at, purpose="smime", policy=policy)
+        except CertificateUntrusted as exc:
+            return Status("invalid", str(exc), exc.kind)
+        return Status("good")
     declared = [m for m in materials if m.sources]
     info = RevocationInfo(crls=tuple(c for m in materials for c in m.info.crls),
                           ocsps=tuple(o for m in materials for o in m.info.ocsps),
@@ -341,7 +352,73 @@ def judge(path: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
                       exc.kind)
     except CertificateUntrusted as exc:
         return Status("invalid", str(exc), exc.kind)
+    if key is not None:
+        until = _unlisted_until(path, materials)
+        if until is not None:
+            _GOOD.put(key, until)
     return Status("good")
+
+
+class _Judged:
+    """Good judgements that hold whatever the time judged: a CRL that does not list any
+    certificate of the path (an OCSP answer "good") says the same for every time it covers.
+    The validator reads a big CRL in about 15 µs an entry (20,000 entries: 0.3 s); with this
+    a provider's CRL is read once per copy, not once per message."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._keys: OrderedDict[tuple[Any, ...], datetime] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> datetime | None:
+        """Until when the good judgement holds (the copies' earliest nextUpdate)."""
+        with self._lock:
+            return self._keys.get(key)
+
+    def put(self, key: tuple[Any, ...], until: datetime) -> None:
+        with self._lock:
+            self._keys[key] = until
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+
+
+_GOOD = _Judged()
+
+
+def _judgement_key(path: Sequence[x509.Certificate], materials: Sequence[Material],
+                   policy: AlgorithmPolicy) -> tuple[Any, ...] | None:
+    if any(m.sources and not m.copies for m in materials):
+        return None  # material not from Sources (no copy names): nothing to key on
+    return (tuple(cert_fingerprint(c) for c in path), tuple(m.copies for m in materials),
+            policy.digests)
+
+
+def _unlisted_until(path: Sequence[x509.Certificate],
+                    materials: Sequence[Material]) -> datetime | None:
+    """The earliest nextUpdate of the material when no CRL lists a certificate of the path and
+    every OCSP answer is "good"; None otherwise (then every message is judged afresh)."""
+    serials = {(c.issuer.public_bytes(), c.serial_number) for c in path}
+    ends: list[datetime] = []
+    try:
+        for m in materials:
+            for der in m.info.crls:
+                crl = x509.load_der_x509_crl(der)
+                for issuer, serial in serials:
+                    if (crl.issuer.public_bytes() == issuer
+                            and crl.get_revoked_certificate_by_serial_number(serial) is not None):
+                        return None
+                if crl.next_update_utc is None:
+                    return None
+                ends.append(crl.next_update_utc)
+            for der in m.info.ocsps:
+                for r in ocsp.load_der_ocsp_response(der).responses:
+                    if r.certificate_status != ocsp.OCSPCertStatus.GOOD:
+                        return None
+                    ends.append(r.next_update_utc
+                                or r.this_update_utc + timedelta(seconds=OCSP_DEFAULT_VALIDITY))
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None  # cannot tell: judge afresh
+    return min(ends) if ends else None
 
 
 # --------------------------------------------------------------------------- edge: fetching
@@ -378,6 +455,7 @@ class Sources:
         problems: list[str] = []
         crls: list[bytes] = []
         ocsps: list[bytes] = []
+        used: list[str] = []
         results = await asyncio.gather(*(self._get(key, url, body, cert, issuer)
                                          for key, url, body in [*crl_sources, *ocsp_sources]))
         for (key, url, _body), (copy, problem) in zip([*crl_sources, *ocsp_sources], results,
@@ -386,8 +464,9 @@ class Sources:
                 problems.append(f"{url}: {problem}")
             if copy is not None:
                 (crls if key.startswith("crl ") else ocsps).append(copy.der)
+                used.append(f"{copy.key} {copy.this_update} {copy.fetched}")
         return Material(RevocationInfo(tuple(crls), tuple(ocsps), required=True), sources,
-                        tuple(problems))
+                        tuple(problems), tuple(used))
 
     def _in_force(self, key: str, now: float) -> store.Copy | None:
         copy = self._copies.get(key)

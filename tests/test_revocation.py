@@ -93,6 +93,8 @@ def test_revoked_in_the_crl_is_revoked_from_its_revocation_date(
     assert "compromise" in now.reason.lower()
     before = revocation.judge([cert, ca.cert], [ca.cert], [material], revoked_at - timedelta(minutes=5))
     assert before.state == "good", before  # signed before the revocation: it held then
+    again = revocation.judge([cert, ca.cert], [ca.cert], [material], datetime.now(UTC))
+    assert again.state == "revoked"  # that good answer was for its time only, not remembered
 
 
 def test_ocsp_from_openssl_responder(tmp_path: Path, ca: RevocationCA) -> None:
