@@ -97,6 +97,23 @@ class Trust:
 
 
 @dataclass(frozen=True)
+class IndexSource:
+    """The index authority's directory: where to refresh it from and whose signature it needs.
+
+    ``url``: ``http(s)://`` for a signed LDIF file, ``ldap(s)://host:port`` for a live directory
+    (entries under ``base``). No refresh when unset. A refresh that fails keeps the last good copy.
+    """
+
+    authority_cert: Path | None = None
+    url: str | None = None
+    base: str = "o=postacert"
+    refresh_interval: float = 86400.0
+    retry_interval: float = 900.0  # after a failed refresh
+    max_size: int = 16 * 1024 * 1024
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class Delivery:
     method: Literal["maildir", "lmtp"] = "maildir"
     lmtp_host: str = "127.0.0.1"
@@ -160,6 +177,7 @@ class Config:
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     antivirus: Antivirus = field(default_factory=Antivirus)
     reception: Reception = field(default_factory=Reception)
+    index: IndexSource = field(default_factory=IndexSource)
     trust: Trust = field(default_factory=Trust)
     tsa_url: str | None = None
     workers: int = 4
@@ -231,6 +249,13 @@ def load(path: Path) -> Config:
     if reception.revocation not in ("defer", "anomaly", "off"):
         raise ConfigError(f"[reception] revocation must be \"defer\", \"anomaly\" or \"off\","
                           f" not {reception.revocation!r}")
+    index = dict(_section(raw, "index"))
+    if index.get("authority_cert"):
+        index["authority_cert"] = (base / str(index["authority_cert"])).resolve()
+    index_source: IndexSource = _build(IndexSource, index, "index")
+    if index_source.url and index_source.url.split(":", 1)[0].lower() not in (
+            "http", "https", "ldap", "ldaps"):
+        raise ConfigError("[index] url must be http(s):// (signed LDIF) or ldap(s):// (directory)")
     return Config(
         name=name,
         domains=domains,
@@ -245,6 +270,7 @@ def load(path: Path) -> Config:
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
         reception=reception,
+        index=index_source,
         trust=_trust(_section(raw, "trust")),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
@@ -336,4 +362,12 @@ digests = ["sha1", "sha224", "sha256", "sha384", "sha512"]   # accepted in peers
 
 [tsa]
 # url = "http://tsa.example/tsr"       # external RFC 3161 TSA; the built-in one when unset
+
+[index]
+# authority_cert = "keys/index-authority.pem"  # signed LDIF must verify under this certificate
+# url = "https://index.example/providers.ldif.p7m"  # signed LDIF; or "ldap://host:389" (then base applies)
+# base = "o=postacert"                 # LDAP search base for the provider entries
+# refresh_interval = 86400.0           # seconds between refreshes; the last good copy stays when one fails
+# retry_interval = 900.0               # seconds before retrying a failed refresh
+# max_size = 16777216                  # bytes: a bigger index file is refused
 '''

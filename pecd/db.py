@@ -107,7 +107,35 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
-        "0004_revocation_cache",
+        "0004_index_copy",
+        # the index authority's directory (signed LDIF or LDAP read): one copy in force, replaced
+        # whole (pecd.index.store_copy); raw keeps the signed file as received
+        """
+        CREATE TABLE index_copy (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            source TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            raw BLOB NOT NULL,
+            sha256 TEXT NOT NULL,
+            signer TEXT NOT NULL,
+            signed_at TEXT,
+            fetched TEXT NOT NULL,
+            entries INTEGER NOT NULL
+        );
+        CREATE TABLE index_entries (
+            dn TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            mail_receipt TEXT NOT NULL,
+            domains TEXT NOT NULL,
+            cert_hashes TEXT NOT NULL,
+            certs TEXT NOT NULL,
+            ldif_url TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        "0005_revocation_cache",
         # pecd.revocation_store: CRLs / OCSP responses in force, and since when a peer
         # signer's revocation status has been unknown (the grace of [reception] revocation)
         """

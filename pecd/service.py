@@ -29,6 +29,7 @@ from pecd.config import Config
 from pecd.db import Database
 from pecd.delivery import DeliveryPoint, Mailbox, Maildir
 from pecd.index import ProviderIndex
+from pecd.index_sync import IndexRefresher
 from pecd.ledger import LedgerEvent
 from pecd.lmtp import LmtpMailbox
 from pecd.pec import Issuer
@@ -46,9 +47,8 @@ log = logging.getLogger("pecd")
 Handler = Callable[[Item], Awaitable[Outcome]]
 
 
-def _index_version(conn: sqlite3.Connection) -> tuple[int, str]:
-    row = conn.execute("SELECT count(*), coalesce(max(imported), '') FROM providers").fetchone()
-    return int(row[0]), str(row[1])
+def _index_version(conn: sqlite3.Connection) -> tuple[int, str, str]:
+    return index_mod.version(conn)
 
 
 def _rows_since_checkpoint(conn: sqlite3.Connection) -> int:
@@ -219,6 +219,7 @@ class Service:
                                       make_mailbox(config), self.clock,
                                       read, self.cpu)
         self.relay = RelayStage(config, self.index, self.connections, self.queue.open, self.clock)
+        self.index_refresher = IndexRefresher(config, self.db, self.clock, self.index)
         n = config.workers
         self.runners = {
             "submission": Runner(self.queue, "submission", self.access.handle, n),
@@ -247,6 +248,8 @@ class Service:
                 runner.start()
             self._tasks = [asyncio.create_task(self._housekeeping()),
                            asyncio.create_task(self.timeouts.run())]
+            if self.config.index.url:
+                self._tasks.append(asyncio.create_task(self.index_refresher.run()))
         if listeners:
             await self._listen()
 
