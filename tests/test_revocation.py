@@ -216,3 +216,17 @@ def test_unknown_status_past_the_grace_is_an_anomaly_never_certified(
     assert len(reasons) == 1 and "revocation status unknown" in reasons[0], reasons
     assert "malformed CRL" in reasons[0]
     assert ledger_rows(b, "revocation-deferred") == [] and ledger_rows(b, "taken-in-charge") == []
+
+
+def test_revocation_policy_must_be_a_known_one(tmp_path: Path) -> None:
+    from pecd.config import ConfigError, load
+
+    conf = tmp_path / "pecd.toml"
+    conf.write_text('[provider]\nname = "P"\ndomains = ["p.test"]\n\n'
+                    '[reception]\nrevocation = "accept"\n')
+    with pytest.raises(ConfigError, match=r'\[reception\] revocation must be "defer"'):
+        load(conf)
+    conf.write_text('[provider]\nname = "P"\ndomains = ["p.test"]\n\n'
+                    '[reception]\nrevocation = "anomaly"\nrevocation_grace = 60.0\n')
+    assert load(conf).reception.revocation == "anomaly"
+    assert load(conf).reception.revocation_grace == 60.0
