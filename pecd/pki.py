@@ -378,6 +378,9 @@ def check_outside_pair(key_path: Path, cert_path: Path, chain_path: Path | None,
                            f"{first.subject.rfc4514_string()}, the chain's first") from None
     else:
         warnings.append("no --chain: peers need the issuing CA's certificates to verify")
+    if not roots:
+        warnings.append("no root certificate given: add the CA's root to [files] ca_certs, or this"
+                        " provider's own mail (same-domain mail too) will not verify here")
     return OutsidePair(key, cert, intermediates, roots, tuple(warnings))
 
 

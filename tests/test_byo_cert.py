@@ -95,3 +95,4 @@ def test_outside_certificate_shape_problems_are_warned(tmp_path: Path) -> None:
     assert "warning: the service address posta-certificata@w.test is not in" in out
     assert "warning: the provider name 'Provider w' is in neither CN nor O" in out
     assert "warning: no --chain" in out
+    assert "warning: no root certificate given" in out
