@@ -1,4 +1,5 @@
-"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys.
+"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys,
+revocation material.
 
 Everything that must change together (a queue state, its outputs, their ledger rows) commits in
 one transaction. All writes go through one writer thread, which batches concurrent requests into
@@ -130,6 +131,24 @@ MIGRATIONS: list[tuple[str, str]] = [
             cert_hashes TEXT NOT NULL,
             certs TEXT NOT NULL,
             ldif_url TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        "0005_revocation_cache",
+        # pecd.revocation_store: CRLs / OCSP responses in force, and since when a peer
+        # signer's revocation status has been unknown (the grace of [reception] revocation)
+        """
+        CREATE TABLE revocation_cache (
+            key TEXT PRIMARY KEY,
+            der BLOB NOT NULL,
+            this_update REAL NOT NULL,
+            next_update REAL NOT NULL,
+            fetched REAL NOT NULL
+        );
+        CREATE TABLE revocation_unknown (
+            fingerprint TEXT PRIMARY KEY,
+            since REAL NOT NULL
         );
         """,
     ),
