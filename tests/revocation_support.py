@@ -8,6 +8,7 @@ its status through :class:`OcspResponder` (``openssl ocsp`` as a subprocess on l
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 import time
@@ -21,9 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from pecd import compose, envelope, pki
+from pecd import compose, envelope, pki, revocation
 from pecd.clock import SystemClock
 from pecd.cms import Signer
+from pecd.config import Reception
 from pecd.daticert import Recipient
 from pecd.pec import Issuer, Transaction
 from pecd.tsa import LocalTSA
@@ -369,3 +371,12 @@ def envelope_signed_by(a: ProviderDir, key: Path, cert: Path, subject: str) -> b
                      accepted_at=at, issuer_name=issuer.name)
     original = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nciao\r\n".encode()
     return bytes(envelope.transport_envelope(tx, original, issuer, at))
+
+
+SETTINGS = Reception(revocation_timeout=5.0, revocation_retry=0.0, max_crl_bytes=100_000)
+
+
+def gather(sources: revocation.Sources, cert: x509.Certificate,
+             issuer: x509.Certificate) -> revocation.Material:
+    """What the revocation sources gather for ``cert`` now (a private loop per call)."""
+    return asyncio.run(sources.material(cert, issuer))

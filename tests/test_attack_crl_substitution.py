@@ -8,9 +8,7 @@ reception point at addresses of its choosing."""
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,33 +21,18 @@ from cryptography.x509 import ocsp
 
 from pecd import pki, revocation
 from pecd.clock import ManualClock
-from pecd.config import Reception
 from pecd.db import Database
 
 from .attack_support import ALICE, BOB, kind_of, ledger_rows, serving, wait_until
-from .conftest import client_tls, free_port
-from .revocation_support import CrlServer, RevocationCA, envelope_signed_by, revoking_pair
-
-SETTINGS = Reception(revocation_timeout=5.0, revocation_retry=0.0, max_crl_bytes=100_000)
-
-
-@pytest.fixture
-def crl_server() -> Iterator[CrlServer]:
-    server = CrlServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def ca(tmp_path: Path, crl_server: CrlServer) -> RevocationCA:
-    return RevocationCA.create(tmp_path / "ca", crl_server.url("/ca.crl"),
-                               f"http://127.0.0.1:{free_port()}/")
-
-
-def _material(sources: revocation.Sources, cert: x509.Certificate,
-              issuer: x509.Certificate) -> revocation.Material:
-    return asyncio.run(sources.material(cert, issuer))
+from .conftest import client_tls
+from .revocation_support import (
+    SETTINGS,
+    CrlServer,
+    RevocationCA,
+    envelope_signed_by,
+    gather,
+    revoking_pair,
+)
 
 
 def test_attack_crl_substitution(
@@ -66,7 +49,7 @@ def test_attack_crl_substitution(
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     try:
         sources = revocation.Sources(SETTINGS, clock, db)
-        assert _material(sources, cert, ca.cert).info.crls == (good,)
+        assert gather(sources, cert, ca.cert).info.crls == (good,)
         clock.advance(timedelta(minutes=100))  # into the refresh window: a fetch is due
         now = clock.now()
         cases = {
@@ -80,7 +63,7 @@ def test_attack_crl_substitution(
         }
         for reason, body in cases.items():
             crl_server.files["/ca.crl"] = body
-            material = _material(sources, cert, ca.cert)
+            material = gather(sources, cert, ca.cert)
             assert material.info.crls == (good,), reason  # still in force
             assert len(material.problems) == 1 and reason in material.problems[0], \
                 (reason, material.problems)
@@ -97,7 +80,7 @@ def test_attack_crl_substitution_slow_source(ca: RevocationCA, crl_server: CrlSe
     crl_server.files["/ca.crl"] = ca.crl()
     crl_server.slow.add("/ca.crl")
     sources = revocation.Sources(replace(SETTINGS, revocation_timeout=0.5), ManualClock())
-    material = _material(sources, cert, ca.cert)
+    material = gather(sources, cert, ca.cert)
     assert not material.known and "unreachable: TimeoutError" in material.problems[0]
 
 

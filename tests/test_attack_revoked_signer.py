@@ -6,7 +6,6 @@ ocsp``), and the mail reaches bob only inside an anomaly envelope that says so, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from .revocation_support import (
     revoking_pair,
     send_certified,
 )
-
-
-@pytest.fixture
-def crl_server() -> Iterator[CrlServer]:
-    server = CrlServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("source", ["crl", "ocsp"])

@@ -6,45 +6,28 @@ caching (in the database, across restarts) and judging with pyhanko-certvalidato
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 
 from pecd import revocation
 from pecd.clock import ManualClock
-from pecd.config import Reception
 from pecd.db import Database
 
 from .attack_support import BOB, kind_of, ledger_rows, serving, wait_until
-from .conftest import free_port
 from .pechelpers import configure, queued
-from .revocation_support import CrlServer, OcspResponder, RevocationCA, revoking_pair, send_certified
-
-SETTINGS = Reception(revocation_timeout=5.0, revocation_retry=0.0, max_crl_bytes=100_000)
-
-
-@pytest.fixture
-def crl_server() -> Iterator[CrlServer]:
-    server = CrlServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def ca(tmp_path: Path, crl_server: CrlServer) -> RevocationCA:
-    return RevocationCA.create(tmp_path / "ca", crl_server.url("/ca.crl"),
-                               f"http://127.0.0.1:{free_port()}/")
-
-
-def _material(sources: revocation.Sources, cert: x509.Certificate,
-              issuer: x509.Certificate) -> revocation.Material:
-    return asyncio.run(sources.material(cert, issuer))
+from .revocation_support import (
+    SETTINGS,
+    CrlServer,
+    OcspResponder,
+    RevocationCA,
+    gather,
+    revoking_pair,
+    send_certified,
+)
 
 
 def test_crl_cached_until_next_update_and_kept_across_restarts(
@@ -55,10 +38,10 @@ def test_crl_cached_until_next_update_and_kept_across_restarts(
     db = Database(tmp_path / "pecd.sqlite")
     try:
         sources = revocation.Sources(SETTINGS, clock, db)
-        first = _material(sources, cert, ca.cert)
+        first = gather(sources, cert, ca.cert)
         assert first.known and first.problems == () and len(first.info.crls) == 1
         assert revocation.judge([cert, ca.cert], [ca.cert], [first], clock.now()).state == "good"
-        assert _material(sources, cert, ca.cert).info == first.info
+        assert gather(sources, cert, ca.cert).info == first.info
         assert crl_server.hits["/ca.crl"] == 1  # the copy in force, not a second download
     finally:
         db.close()
@@ -67,10 +50,10 @@ def test_crl_cached_until_next_update_and_kept_across_restarts(
     try:
         restarted = revocation.Sources(SETTINGS, clock, db)
         restarted.load()
-        again = _material(restarted, cert, ca.cert)
+        again = gather(restarted, cert, ca.cert)
         assert again.known and again.info.crls == first.info.crls and again.problems == ()
         clock.advance(timedelta(minutes=61))  # past nextUpdate: nothing in force any more
-        stale = _material(restarted, cert, ca.cert)
+        stale = gather(restarted, cert, ca.cert)
         assert not stale.known
         assert "unreachable" in stale.problems[0]
         assert revocation.judge([cert, ca.cert], [ca.cert], [stale], clock.now()).state == "unknown"
@@ -85,7 +68,7 @@ def test_revoked_in_the_crl_is_revoked_from_its_revocation_date(
     ca.revoke(cert, revoked_at)
     crl_server.files["/ca.crl"] = ca.crl()
     sources = revocation.Sources(SETTINGS, ManualClock())
-    material = _material(sources, cert, ca.cert)
+    material = gather(sources, cert, ca.cert)
     now = revocation.judge([cert, ca.cert], [ca.cert], [material], datetime.now(UTC))
     assert now.state == "revoked" and now.refused
     assert f"revoked at {revoked_at:%H:%M:%S} on {revoked_at:%Y-%m-%d}" in now.reason, now
@@ -106,8 +89,8 @@ def test_ocsp_from_openssl_responder(tmp_path: Path, ca: RevocationCA) -> None:
     responder.start()
     try:
         sources = revocation.Sources(SETTINGS, ManualClock())
-        good_material = _material(sources, fine, ca.cert)
-        bad_material = _material(sources, bad, ca.cert)
+        good_material = gather(sources, fine, ca.cert)
+        bad_material = gather(sources, bad, ca.cert)
     finally:
         responder.stop()
     assert good_material.known and len(good_material.info.ocsps) == 1, good_material.problems
@@ -126,7 +109,7 @@ def test_ocsp_answer_for_another_certificate_is_refused(tmp_path: Path, ca: Revo
     responder = OcspResponder(ca, int(ca.ocsp_url.rsplit(":", 1)[1].strip("/")))
     responder.start()
     try:
-        material = _material(revocation.Sources(SETTINGS, ManualClock()), one, ca.cert)
+        material = gather(revocation.Sources(SETTINGS, ManualClock()), one, ca.cert)
     finally:
         responder.stop()
     answer = material.info.ocsps[0]
