@@ -95,25 +95,49 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
 @click.option("--smtps-port", default=10465, show_default=True, type=int)
 @click.option("--inbound-port", default=10025, show_default=True, type=int)
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Signing key issued by an outside CA (PEM; with --cert).")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Signing certificate from that CA (PEM; with --key).")
+@click.option("--chain", "chain_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="The CA's intermediates (and root) for --cert (PEM bundle).")
 def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
          host: str, submission_port: int, smtps_port: int, inbound_port: int,
-         key_type: str) -> None:
-    """Create a provider: config, keys and certificates from a dev CA, database."""
+         key_type: str, key_file: Path | None, cert_file: Path | None,
+         chain_file: Path | None) -> None:
+    """Create a provider: config, keys and certificates from a dev CA, database.
+
+    With --key and --cert the signing pair comes from an outside CA instead (the dev CA
+    still issues the TLS and TSA certificates): checked, then copied into keys/."""
     domain = domain.lower()
     name = name or f"PEC {domain}"
     conf_path = directory / "pecd.toml"
     if conf_path.exists():
         raise click.ClickException(f"{conf_path} exists; refusing to overwrite")
+    if (key_file is None) != (cert_file is None) or (chain_file and not cert_file):
+        raise click.ClickException("--key and --cert go together (--chain needs them)")
+    service_address = f"posta-certificata@{domain}"
+    outside = None
+    if key_file is not None and cert_file is not None:
+        try:
+            outside = pki.check_outside_pair(key_file, cert_file, chain_file, service_address,
+                                             name, datetime.now(UTC))
+        except pki.PKIError as exc:
+            raise click.ClickException(str(exc)) from None
+        for warning in outside.warnings:
+            click.echo(f"warning: {warning}", err=True)
     keys = directory / "keys"
     durable.private_dir(keys)  # and DIRECTORY itself, when init makes it
     ca_dir = ca_dir or directory / "ca"
     ca = pki.CertAuthority.load_or_create(ca_dir)
     kind: Any = key_type
-    service_address = f"posta-certificata@{domain}"
-    signing_key = pki.new_key(kind)
-    pki.write_key(keys / "signing.key", signing_key)
-    pki.write_cert(keys / "signing.pem",
-                   ca.issue_signing_cert(signing_key, name, service_address))
+    if outside is not None:
+        pki.install_outside_pair(outside, keys / "signing.key", keys / "signing.pem")
+    else:
+        signing_key = pki.new_key(kind)
+        pki.write_key(keys / "signing.key", signing_key)
+        pki.write_cert(keys / "signing.pem",
+                       ca.issue_signing_cert(signing_key, name, service_address))
     tls_key = pki.new_key(kind)
     pki.write_key(keys / "tls.key", tls_key)
     pki.write_cert(keys / "tls.pem", ca.issue_tls_cert(tls_key, ["localhost", domain]))
@@ -121,6 +145,8 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     pki.write_key(keys / "tsa.key", tsa_key)
     pki.write_cert(keys / "tsa.pem", ca.issue_tsa_cert(tsa_key, f"{name} TSA"))
     shutil.copyfile(ca_dir / "ca.pem", keys / "ca.pem")
+    if outside is not None and outside.roots:  # our own signatures must verify here too
+        pki.write_certs(keys / "ca.pem", [*pki.load_certs(keys / "ca.pem"), *outside.roots])
     listen = Listen(host, submission_port, smtps_port, inbound_port)
     conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
                                            listen=listen, ca_certs="keys/ca.pem"))

@@ -172,6 +172,24 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Reception:
+    """Revocation of peers' signing certificates (RFC 6109 §2.2.2, §7; see pecd.revocation).
+
+    ``revocation``: what happens while a signer's status cannot be learnt (its CRL and OCSP
+    sources down): ``"defer"`` answers ``451`` so the peer retries, and after
+    ``revocation_grace`` seconds of unknown status the message is accepted and becomes an
+    anomaly envelope; ``"anomaly"`` makes it an anomaly envelope at once. Never accepted as
+    certified. ``"off"`` checks no revocation at all (an explicit choice for closed test
+    networks and offline replays of old mail; the service logs a warning at start)."""
+
+    revocation: Literal["defer", "anomaly", "off"] = "defer"
+    revocation_grace: float = 4 * 3600.0
+    revocation_timeout: float = 10.0  # seconds per CRL or OCSP fetch
+    revocation_retry: float = 60.0  # seconds before a source that failed is asked again
+    max_crl_bytes: int = 20_000_000
+
+
+@dataclass(frozen=True)
 class Paths:
     data_dir: Path
     signing_key: Path
@@ -211,6 +229,7 @@ class Config:
     delivery: Delivery = field(default_factory=Delivery)
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     antivirus: Antivirus = field(default_factory=Antivirus)
+    reception: Reception = field(default_factory=Reception)
     index: IndexSource = field(default_factory=IndexSource)
     trust: Trust = field(default_factory=Trust)
     tsa_url: str | None = None
@@ -279,6 +298,10 @@ def load(path: Path) -> Config:
     )
     tsa = _section(raw, "tsa")
     delivery = _section(raw, "delivery")
+    reception: Reception = _build(Reception, _section(raw, "reception"), "reception")
+    if reception.revocation not in ("defer", "anomaly", "off"):
+        raise ConfigError(f"[reception] revocation must be \"defer\", \"anomaly\" or \"off\","
+                          f" not {reception.revocation!r}")
     index = dict(_section(raw, "index"))
     if index.get("authority_cert"):
         index["authority_cert"] = (base / str(index["authority_cert"])).resolve()
@@ -301,6 +324,7 @@ def load(path: Path) -> Config:
         delivery=_build(Delivery, delivery, "delivery"),
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
+        reception=reception,
         index=index_source,
         trust=_trust(_section(raw, "trust")),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
@@ -391,6 +415,15 @@ checkpoint_interval = 300.0            # ... or every T seconds, whichever comes
 
 [antivirus]
 # clamd = "unix:/run/clamav/clamd.ctl" # or "tcp:127.0.0.1:3310"; no virus scanning when unset
+
+[reception]
+# peers' signing certificates are checked against their CRL / OCSP responder when they name one
+revocation = "defer"                   # status unknown (sources down): 451, the peer retries ...
+revocation_grace = 14400.0             # ... this many seconds, then anomaly envelope ("anomaly": at once;
+                                       # "off": no revocation check, for closed test networks only)
+revocation_timeout = 10.0              # seconds per CRL or OCSP fetch
+revocation_retry = 60.0                # seconds before asking a failed source again
+max_crl_bytes = 20000000               # a bigger CRL is refused (the copy in force stays)
 
 [trust]
 digests = ["sha1", "sha224", "sha256", "sha384", "sha512"]   # accepted in peers' signatures and

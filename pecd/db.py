@@ -1,4 +1,5 @@
-"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys.
+"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys,
+revocation material.
 
 Everything that must change together (a queue state, its outputs, their ledger rows) commits in
 one transaction. All writes go through one writer thread, which batches concurrent requests into
@@ -134,7 +135,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
-        "0005_seen_per_recipient",
+        "0005_revocation_cache",
+        # pecd.revocation_store: CRLs / OCSP responses in force, and since when a peer
+        # signer's revocation status has been unknown (the grace of [reception] revocation)
+        """
+        CREATE TABLE revocation_cache (
+            key TEXT PRIMARY KEY,
+            der BLOB NOT NULL,
+            this_update REAL NOT NULL,
+            next_update REAL NOT NULL,
+            fetched REAL NOT NULL
+        );
+        CREATE TABLE revocation_unknown (
+            fingerprint TEXT PRIMARY KEY,
+            since REAL NOT NULL
+        );
+        """,
+    ),
+    (
+        "0006_seen_per_recipient",
         # an envelope's arrival is remembered per (PEC id, recipient), not per recipient set:
         # a replay that groups recipients differently must not be taken in charge again
         # (reception.recipient_key); older keys "<id> <r1>,<r2>" become one row per recipient,

@@ -45,6 +45,8 @@ IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 TLS_FAILED = "454 4.7.0 TLS handshake failed"
 TOO_MANY_TLS_FAILURES = "421 4.7.0 Too many failed TLS handshakes from your address, try again later"
 UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
+REVOCATION_UNKNOWN = ("451 4.7.5 Revocation status of the signing certificate unknown"
+                      " (CRL/OCSP unreachable), try again later")
 
 
 class Refusal(Exception):
@@ -113,6 +115,13 @@ class MalformedHeader(Refusal):
 
 class TooManyHeaders(Refusal):
     reply = TOO_MANY_HEADERS
+
+
+class RevocationUnknown(Refusal):
+    """[reception] revocation = "defer": the peer retries until the status is known or the
+    grace is over (then the reception point makes an anomaly envelope)."""
+
+    reply = REVOCATION_UNKNOWN
 
 
 def reply_for(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import ledger, pki, users, virus
+from pecd import ledger, pki, revocation, users, virus
 from pecd.clock import Clock, SystemClock
 from pecd.cms import Signer
 from pecd.config import Config
@@ -174,8 +174,10 @@ def make_mailbox(config: Config) -> Mailbox:
 
 
 def make_issuer(config: Config, clock: Clock, timestamper: Timestamper) -> Issuer:
-    signer = Signer(pki.load_key(config.paths.signing_key), pki.load_cert(config.paths.signing_cert),
-                    clock, timestamper=timestamper)
+    # signing.pem: the certificate, then any intermediates (an outside CA's), sent with each signature
+    cert, *chain = pki.load_certs(config.paths.signing_cert)
+    signer = Signer(pki.load_key(config.paths.signing_key), cert, clock, chain=chain,
+                    timestamper=timestamper)
     return Issuer(config.name, config.domain, config.service_address, signer)
 
 
@@ -200,9 +202,18 @@ class Service:
         self.scanner = virus.scanner_for(config)  # None: [antivirus] unset, scanning off
         self.access = AccessPoint(config, self.issuer, self.router, self.clock, read, self.cpu,
                                   self.scanner)
+        self.revocation_sources = revocation.Sources(config.reception, self.clock, self.db, self.cpu)
+        self.revocation_sources.load()  # the copies in force survive a restart
+        self.revocation: revocation.Checker | None = revocation.Checker(
+            config.reception, self.revocation_sources, self.index, self.trust_roots, self.clock,
+            self.cpu, config.trust.policy)
+        if config.reception.revocation == "off":
+            log.warning("[reception] revocation = \"off\": peers' certificates are not checked"
+                        " for revocation")
+            self.revocation = None
         self.reception = ReceptionPoint(config, self.issuer, self.router, self.index,
                                         self.trust_roots, self.clock, read, self.cpu,
-                                        self.scanner, claimed=self.queue.claimed)
+                                        self.scanner, self.revocation, claimed=self.queue.claimed)
         self.timeouts = TimeoutWorker(config, self.issuer, self.queue, self.clock, self.cpu)
         self.delivery = DeliveryPoint(config, self.issuer, self.router, self.db,
                                       make_mailbox(config), self.clock,
@@ -245,7 +256,7 @@ class Service:
     async def _listen(self) -> None:
         cfg, tls = self.config, server_tls(self.config)
         sub = SubmissionHandler(cfg, self.queue, self.authenticator.login, self.clock)
-        inbound = InboundHandler(cfg, self.queue, self.index)
+        inbound = InboundHandler(cfg, self.queue, self.index, self.revocation, self.clock)
         inbound.tls_failures = sub.tls_failures  # one count per address across the listeners
         self._handlers = [sub, inbound]
         specs = [

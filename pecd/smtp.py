@@ -33,6 +33,7 @@ from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
 from pecd.queue import NewItem, Queue
 from pecd.replies import Refusal
+from pecd.revocation import Checker
 from pecd.throttle import AuthThrottle, ConnectionLimiter, SlidingWindow
 from pecd.users import Login
 
@@ -669,9 +670,12 @@ class InboundHandler(_Base):
     envelopes, and anything else for such a recipient ends as a ledger row.
     """
 
-    def __init__(self, config: Config, queue: Queue, index: ProviderIndex | None = None) -> None:
+    def __init__(self, config: Config, queue: Queue, index: ProviderIndex | None = None,
+                 revocation: Checker | None = None, clock: Clock | None = None) -> None:
         super().__init__(config, queue)
         self.index = index
+        self.revocation = revocation
+        self.clock = clock or SystemClock()
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -705,8 +709,32 @@ class InboundHandler(_Base):
         envelope.rcpt_tos.append(address)
         return replies.OK_RCPT
 
+    async def revocation_refusal(self, session: Session, envelope: Envelope,
+                                 data: bytes) -> str | None:
+        """``[reception] revocation = "defer"``: the reply that defers a message whose signer's
+        revocation status is unknown (CRL and OCSP unreachable, grace not over), or None.
+
+        Decided before ``250``, from the signer certificate in the message and the revocation
+        cache (a fetch when nothing is in force, bounded by ``revocation_timeout``); parsing
+        and judging run in a worker thread. Whether the signature holds, and whether the
+        certificate is revoked, the reception point judges after ``250``."""
+        if self.revocation is None:
+            return None
+        decision = await self.revocation.check(data, self.clock.now(), full=False)
+        if decision is None or decision.action != "defer":
+            return None
+        refusal = replies.RevocationUnknown(decision.status.reason)
+        return await self._refuse(refusal, LedgerEvent(
+            event="revocation-deferred", sender=str(envelope.mail_from or "")[:320],
+            recipients=tuple(r[:320] for r in envelope.rcpt_tos),
+            detail={"reason": decision.status.reason[:2000], "peer": peer_address(session.peer),
+                    "unknown_for": round(decision.unknown_for)}))
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
+        deferred = await self.revocation_refusal(session, envelope, data)
+        if deferred is not None:
+            return deferred
         msg = headers.parse(data)
         ids = await self.queue.enqueue(
             # how it came: the reception point takes certified mail from the network only

@@ -11,9 +11,10 @@ import smtplib
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +22,9 @@ from click.testing import CliRunner
 from pecd import cms, config, smime
 from pecd.cli import main as cli_main
 from pecd.service import Service
+
+if TYPE_CHECKING:
+    from .revocation_support import CrlServer, RevocationCA
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
@@ -206,3 +210,23 @@ def openssl_timestamp_verifies(eml: Path, ca: Path, tsa_cert: Path) -> bool:
                            "-token_in", "-CAfile", str(ca), "-untrusted", str(tsa_cert)],
                           capture_output=True, check=False)
     return proc.returncode == 0
+
+
+@pytest.fixture
+def crl_server() -> Iterator[CrlServer]:
+    """A CRL server on loopback, for the revocation tests."""
+    from .revocation_support import CrlServer  # it builds on this module
+
+    server = CrlServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ca(tmp_path: Path, crl_server: CrlServer) -> RevocationCA:
+    """A CA whose certificates name ``crl_server`` as their CRL distribution point."""
+    from .revocation_support import RevocationCA
+
+    return RevocationCA.create(tmp_path / "ca", crl_server.url("/ca.crl"),
+                               f"http://127.0.0.1:{free_port()}/")

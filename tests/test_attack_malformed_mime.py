@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pecd import compose, daticert, envelope, ledger, pec, pki
@@ -242,7 +242,10 @@ def test_fuzzed_messages_over_smtp_end_in_a_code_or_a_receipt(
     with serving(a) as (svc,):
         client = Client(a, svc.ports.submission)
 
+        # header lines that are not fields refuse a message (SECURITY.md), so most random heads
+        # are refused: one well-formed example keeps the accepting path in every run
         @given(messages(lenient=True))
+        @example(b"From: alice@a.test\r\nTo: alice@a.test\r\nSubject: ok\r\n\r\nbody\r\n")
         @settings(max_examples=30, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow])
         def one(data: bytes) -> None:
@@ -259,6 +262,6 @@ def test_fuzzed_messages_over_smtp_end_in_a_code_or_a_receipt(
 
         wait_until(lambda: queue_states(a) == [] and receipts() == accepted,
                    timeout=60, what="every accepted message answered")
-    assert len(codes) == 30 and accepted > 0  # some got through and were all answered
+    assert len(codes) == 31 and accepted > 0  # some got through and were all answered
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "ledger ok" in a.cli("ledger", "verify")
