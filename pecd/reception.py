@@ -1,9 +1,10 @@
 """The incoming point (punto di ricezione, RFC 6109 §3.2): mail from other providers and from the
 Internet. A transport envelope whose signature holds, whose signer is in the provider index and
 whose sender domain belongs to that signer is taken in charge (one take-charge receipt per
-transaction) and handed to the delivery point; a valid receipt goes to its addressee and updates
-the tracking of our own transactions; anything else reaches the recipient only inside an anomaly
-envelope, never as certified mail.
+transaction) for the recipients it certifies, each (PEC id, recipient) once ever, and handed to
+the delivery point; a valid receipt goes to its addressee and updates the tracking of our own
+transactions; certified mail from the network counts only if it came over TLS; anything else
+reaches the recipient only inside an anomaly envelope, never as certified mail.
 
 Trusts: the provider index and the configured CA certificates, nothing in the message itself;
 the signer's CRL / OCSP status only as far as its issuer signed it (:mod:`pecd.revocation`).
