@@ -84,6 +84,30 @@ class Relay:
     connect_timeout: float = 30.0
 
 
+TlsPolicy = Literal["indexed", "all", "off"]
+TLS_POLICIES: tuple[TlsPolicy, ...] = ("indexed", "all", "off")
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """What the inbound listener asks of peers (see SECURITY.md).
+
+    ``require_tls``: ``indexed`` (default) takes an envelope or receipt signed by a provider in
+    the index as certified only if it arrived over STARTTLS, the way pecd's own relay sends it;
+    one that came in clear reaches its recipients inside an anomaly envelope. Ordinary mail may
+    still come in clear (RFC 6109 §5). ``all`` refuses every plaintext transaction at ``MAIL``
+    (``530``), ordinary mail included: a closed network's choice, not the RFC's. ``off`` asks
+    nothing of the transport.
+    """
+
+    require_tls: TlsPolicy = "indexed"
+
+    def __post_init__(self) -> None:
+        if self.require_tls not in TLS_POLICIES:
+            raise TypeError(f"require_tls must be one of {', '.join(TLS_POLICIES)},"
+                            f" not {self.require_tls!r}")
+
+
 @dataclass(frozen=True)
 class Timeouts:
     warning_after: float = 12 * 3600.0
@@ -200,6 +224,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     tls: Tls = field(default_factory=Tls)
     relay: Relay = field(default_factory=Relay)
+    inbound: Inbound = field(default_factory=Inbound)
     timeouts: Timeouts = field(default_factory=Timeouts)
     delivery: Delivery = field(default_factory=Delivery)
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
@@ -294,6 +319,7 @@ def load(path: Path) -> Config:
         limits=_build(Limits, _section(raw, "limits"), "limits"),
         tls=_build(Tls, _section(raw, "tls"), "tls"),
         relay=_build(Relay, _section(raw, "relay"), "relay"),
+        inbound=_build(Inbound, _section(raw, "inbound"), "inbound"),
         timeouts=_build(Timeouts, _section(raw, "timeouts"), "timeouts"),
         delivery=_build(Delivery, delivery, "delivery"),
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
@@ -369,6 +395,10 @@ max_attempts = 30
 # smarthost = "127.0.0.1"              # where mail for non-PEC (esterno) recipients goes
 # smarthost_port = 25
 tls_verify = true
+
+[inbound]
+require_tls = "indexed"                # certified mail from indexed providers only over STARTTLS;
+                                       # "all": no plaintext transaction at all; "off": no check
 
 [timeouts]
 warning_after = 43200.0                # 12 h: notice when neither take-charge nor delivery came

@@ -152,6 +152,28 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0006_seen_per_recipient",
+        # an envelope's arrival is remembered per (PEC id, recipient), not per recipient set:
+        # a replay that groups recipients differently must not be taken in charge again
+        # (reception.recipient_key); older keys "<id> <r1>,<r2>" become one row per recipient,
+        # the stored replies kept on the first
+        """
+        INSERT OR IGNORE INTO seen (provider, message_id, at, replies)
+        WITH RECURSIVE split(provider, pec_id, rest, at, replies, first) AS (
+            SELECT provider, substr(message_id, 1, instr(message_id, ' ') - 1),
+                   substr(message_id, instr(message_id, ' ') + 1) || ',', at, replies, 1
+            FROM seen WHERE instr(message_id, ' ') > 0 AND instr(message_id, ',') > 0
+            UNION ALL
+            SELECT provider, pec_id, substr(rest, instr(rest, ',') + 1), at, replies, 0
+            FROM split WHERE rest <> ''
+        )
+        SELECT provider, pec_id || ' ' || substr(rest, 1, instr(rest, ',') - 1), at,
+               CASE WHEN first THEN replies ELSE '[]' END
+        FROM split WHERE instr(rest, ',') > 1;
+        DELETE FROM seen WHERE instr(message_id, ' ') > 0 AND instr(message_id, ',') > 0
+        """,
+    ),
 ]
 
 

@@ -139,6 +139,13 @@ class DeliveryPoint:
         parsed = pec.parse(data)  # verified by the reception point before it queued this item
         assert parsed.certdata is not None
         tx = Transaction.from_certdata(parsed.certdata)
+        if not any(headers.same_address(rcpt, r.address) for r in tx.recipients):
+            # the reception point never queues this (a replay to someone else ends as an
+            # anomaly there); were it ever to, nothing certified goes out and an operator looks
+            reason = "not a certified recipient of this envelope"
+            return Outcome(state="hold", error=reason, events=[LedgerEvent(
+                event="held", msgid=tx.identifier, recipients=(rcpt,),
+                detail={"reason": reason, "queue_id": item.id, "stage": "deliver"})])
         at = self.clock.now()
         base = LedgerEvent(event="delivered", msgid=tx.identifier, ref_msgid=tx.ref_msgid,
                            sender=tx.sender, recipients=(rcpt,), subject=tx.subject)

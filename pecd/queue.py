@@ -98,8 +98,13 @@ class Outcome:
     events: list[LedgerEvent] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)
     seen: tuple[str, str] | None = None  # (provider, message id): refuse to do this twice
+    # (provider, keys) this outcome takes for itself, each at most once ever: the outcome
+    # commits only if none of them is taken yet; if one is (another item took it since the
+    # stage looked, see :meth:`Queue.claimed`), nothing commits and the item is judged again
+    claims: tuple[str, tuple[str, ...]] | None = None
     # outputs to send again when the same (provider, message id) comes back (a peer that lost
-    # our 250 and retried gets the same take-charge receipt, and nobody gets a second delivery)
+    # our 250 and retried gets the same take-charge receipt, and nobody gets a second delivery);
+    # with ``claims``, kept with the first key
     replay: list[NewItem] = field(default_factory=list)
     delay: float = 0.0
     error: str | None = None
@@ -261,13 +266,40 @@ class Queue:
             await asyncio.wait_for(event.wait(), timeout)
         event.clear()
 
+    async def claimed(self, provider: str, keys: Sequence[str]) -> dict[str, list[NewItem]]:
+        """Which of ``keys`` were already taken for ``provider`` (see ``Outcome.claims``), each
+        with the outputs kept to send again (empty for all but a transaction's first key)."""
+        def txn(conn: sqlite3.Connection) -> dict[str, list[NewItem]]:
+            found: dict[str, list[NewItem]] = {}
+            for key in dict.fromkeys(keys):
+                row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
+                                   (provider, key)).fetchone()
+                if row is not None:
+                    found[key] = [_reply_item(r) for r in json.loads(row[0] or "[]")]
+            return found
+
+        return await self.db.transact(txn, durable=False)
+
     async def finish(self, item: Item, outcome: Outcome) -> bool:
-        """Commit a stage's outcome; False when ``outcome.seen`` shows it was already done."""
+        """Commit a stage's outcome; False when ``outcome.seen`` shows it was already done, or
+        when one of ``outcome.claims`` was taken meanwhile (the item is then judged again)."""
         stored = await self._write_outputs(outcome.outputs) if outcome.state == "done" else []
         at = self.clock.now()
         now = at.timestamp()
 
-        def txn(conn: sqlite3.Connection) -> bool:
+        def txn(conn: sqlite3.Connection) -> Literal["fresh", "duplicate", "conflict"]:
+            if outcome.claims is not None:
+                provider, keys = outcome.claims
+                if any(conn.execute("SELECT 1 FROM seen WHERE provider=? AND message_id=?",
+                                    (provider, key)).fetchone() for key in keys):
+                    conn.execute("UPDATE queue SET state='incoming', next_at=?, lease_until=NULL,"
+                                 " leases=0 WHERE id=?", (now, item.id))
+                    return "conflict"
+                for n, key in enumerate(dict.fromkeys(keys)):
+                    conn.execute(
+                        "INSERT INTO seen (provider, message_id, at, replies) VALUES (?, ?, ?, ?)",
+                        (provider, key, at.isoformat(),
+                         _replies_json(outcome.replay) if n == 0 else "[]"))
             if outcome.seen is not None:
                 provider, message_id = outcome.seen
                 dup = conn.execute(
@@ -280,7 +312,7 @@ class Queue:
                         detail={"queue_id": item.id},
                     ), at)
                     conn.execute("DELETE FROM queue WHERE id=?", (item.id,))
-                    return False
+                    return "duplicate"
                 conn.execute("INSERT INTO seen (provider, message_id, at, replies) VALUES (?, ?, ?, ?)",
                              (provider, message_id, at.isoformat(), _replies_json(outcome.replay)))
             self._insert(conn, outcome.outputs, stored)
@@ -302,17 +334,19 @@ class Queue:
                     " WHERE id=?",
                     (outcome.error, item.id),
                 )
-            return True
+            return "fresh"
 
         names = _files(stored)
-        fresh = await self._commit(txn, names)
-        if not fresh:
+        verdict = await self._commit(txn, names)
+        if verdict != "fresh":
             self.spool.remove(names)
-            self.wake(*KINDS)  # replayed replies may have been queued
+            self.wake(*KINDS)  # replayed replies may have been queued; a conflict is due again
+            if verdict == "conflict":
+                return False
         if outcome.state == "done" and item.spool:
             self.spool.remove([item.spool])
         self._notify(outcome.outputs)
-        return fresh
+        return verdict == "fresh"
 
     def _replay(self, conn: sqlite3.Connection, provider: str, message_id: str) -> None:
         row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",

@@ -18,6 +18,7 @@ AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 AUTH_TLS_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
+TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"  # RFC 3207 §4
 SENDER_NOT_OWNED = "553 5.7.1 Sender address rejected: not owned by the authenticated user"
 FROM_NOT_OWNED = "550 5.7.1 From header does not match the authenticated user"
 RELAY_DENIED = "554 5.7.1 Relay access denied: {} is not a domain of this provider"
@@ -86,6 +87,12 @@ class BadMessage(Refusal):
 
 class AuthThrottled(Refusal):
     reply = AUTH_THROTTLED
+
+
+class TlsRequired(Refusal):
+    """``[inbound] require_tls = "all"``: a plaintext transaction on the inbound listener."""
+
+    reply = TLS_REQUIRED
 
 
 class BareLineEnding(Refusal):

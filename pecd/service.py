@@ -213,7 +213,7 @@ class Service:
             self.revocation = None
         self.reception = ReceptionPoint(config, self.issuer, self.router, self.index,
                                         self.trust_roots, self.clock, read, self.cpu,
-                                        self.scanner, self.revocation)
+                                        self.scanner, self.revocation, claimed=self.queue.claimed)
         self.timeouts = TimeoutWorker(config, self.issuer, self.queue, self.clock, self.cpu)
         self.delivery = DeliveryPoint(config, self.issuer, self.router, self.db,
                                       make_mailbox(config), self.clock,

@@ -677,6 +677,20 @@ class InboundHandler(_Base):
         self.revocation = revocation
         self.clock = clock or SystemClock()
 
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        """``[inbound] require_tls = "all"``: nothing is taken in clear (``530``). Under the
+        other policies a plaintext transaction goes on, and the reception point, told how the
+        message came (``meta["tls"]``), judges it (see :class:`~pecd.config.Inbound`)."""
+        if self.config.inbound.require_tls == "all" and session.ssl is None:
+            return await self._refuse(replies.TlsRequired(), LedgerEvent(
+                event="smtp-refused", sender=address[:320],
+                detail={"reason": "plaintext transaction", "reply": replies.TLS_REQUIRED,
+                        "peer": peer_address(session.peer)}))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.OK
+
     def _from_pec_peer(self, session: Session, envelope: Envelope) -> bool:
         sender = str(envelope.mail_from or "")
         return (self.index is not None and session.ssl is not None
@@ -723,8 +737,10 @@ class InboundHandler(_Base):
             return deferred
         msg = headers.parse(data)
         ids = await self.queue.enqueue(
+            # how it came: the reception point takes certified mail from the network only
+            # over TLS (``[inbound] require_tls``); items without "via" are our own stages'
             [NewItem("inbound", str(envelope.mail_from or ""), tuple(envelope.rcpt_tos),
-                     data=data)],
+                     data=data, meta={"via": "smtp", "tls": session.ssl is not None})],
             [LedgerEvent(event="received", ref_msgid=headers.message_id(msg),
                          sender=str(envelope.mail_from or ""),
                          recipients=tuple(envelope.rcpt_tos),
