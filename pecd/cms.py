@@ -343,7 +343,11 @@ def _cert_der(cert: x509.Certificate) -> bytes:
 
 @functools.lru_cache(maxsize=512)
 def _cert_issuer(cert: x509.Certificate) -> asn1_x509.Name:
-    return asn1_x509.Certificate.load(_cert_der(cert))["tbs_certificate"]["issuer"]
+    """Shared by the worker threads: parsed whole here (``.native``), since asn1crypto parses
+    lazily and a lazy parse is not thread-safe."""
+    issuer = asn1_x509.Certificate.load(_cert_der(cert))["tbs_certificate"]["issuer"]
+    issuer.native  # noqa: B018 - parse every child now
+    return issuer
 
 
 def _find_signer(sid: cms.SignerIdentifier, candidates: Sequence[x509.Certificate]) -> x509.Certificate:

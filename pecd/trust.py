@@ -91,9 +91,22 @@ class RevocationInfo:
     required: bool = False
 
 
-@functools.lru_cache(maxsize=1024)
+_PARSED = threading.local()
+
+
 def _asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
-    return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+    """The asn1crypto form, parsed once per certificate *and thread*: asn1crypto parses lazily
+    and is not thread-safe, and the reception point validates on several worker threads (a
+    shared object once failed with "No field numbered 2")."""
+    cache: dict[x509.Certificate, asn1_x509.Certificate] | None = getattr(_PARSED, "certs", None)
+    if cache is None:
+        cache = _PARSED.certs = {}
+    found = cache.get(cert)
+    if found is None:
+        if len(cache) >= 1024:
+            cache.clear()
+        found = cache[cert] = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+    return found
 
 
 @functools.lru_cache(maxsize=64)
