@@ -20,7 +20,7 @@ import click
 from pecd import config as config_mod
 from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import ledger, pki, users
+from pecd import ledger, pki, readings, users
 from pecd import queue as queue_mod
 from pecd import trust as trust_mod
 from pecd.cms import SignatureInvalid
@@ -134,6 +134,7 @@ def own_card(cfg: Config) -> index_mod.Provider:
         name=cfg.name, domains=cfg.domains, host=cfg.listen.host, port=cfg.listen.inbound_port,
         service_address=cfg.service_address,
         cert_pem=index_mod.cert_pem(pki.load_cert(cfg.paths.signing_cert)),
+        read_evidence=cfg.consultation.enabled,
     )
 
 
@@ -197,6 +198,21 @@ def user_enable(ctx: Context, address: str) -> None:
     """Re-enable (and unlock) an account."""
     ctx.transact(users.set_disabled, address, False)
     click.echo(f"enabled {address}")
+
+
+@user.command("set")
+@click.argument("address")
+@click.option("--read-evidence/--no-read-evidence", "read_evidence", default=None,
+              help="Ask for reading evidence (presa visione) on this user's messages unless a "
+                   "message says otherwise (X-Presa-Visione); unset: [consultation] default.")
+@pass_ctx
+def user_set(ctx: Context, address: str, read_evidence: bool | None) -> None:
+    """Change an account's settings."""
+    if read_evidence is None:
+        raise click.UsageError("nothing to set (see --help)")
+    if not ctx.transact(readings.set_user_default, address, read_evidence):
+        raise click.ClickException(f"no such user: {address}")
+    click.echo(f"{address}: read evidence {'on' if read_evidence else 'off'}")
 
 
 @user.command("list")
@@ -362,12 +378,32 @@ def status(ctx: Context, message_id: str | None) -> None:
             return
         bare = message_id.strip().strip("<>")
         rows = ledger.events_for(conn, bare) or ledger.events_for(conn, f"<{bare}>")
+        pec_id = next((str(r["msgid"]) for r in rows if r.get("msgid")), bare)
+        sent = readings.tracked(conn, pec_id)
+        held = readings.for_message(conn, pec_id)
     finally:
         conn.close()
     if not rows:
         raise click.ClickException(f"no ledger events for {message_id}")
     for row in rows:
         click.echo(json.dumps(row, sort_keys=True, default=str))
+    for t in sent:  # we are the sender's provider: what came back
+        click.echo(f"recipient {t['recipient']}: " + "; ".join(
+            f"{label} {_when(t[col])}" for label, col in (
+                ("accepted", "accepted"), ("taken in charge", "taken"),
+                ("delivered", "delivered"), ("read", "read"), ("not read", "not_read"))
+            if t[col] is not None) + (f"; outcome {t['outcome']}" if t["outcome"] else ""))
+    for r in held:  # we are the recipient's provider: what we evidenced
+        state = (f"read {_when(r.read)} ({r.read_via})" if r.read is not None else
+                 f"not read by {_when(r.deadline)}" if r.not_read is not None else
+                 f"not read yet (deadline {_when(r.deadline)})")
+        extra = f"; not-read evidence {_when(r.not_read)}" if (
+            r.not_read is not None and r.read is not None) else ""
+        click.echo(f"reading {r.recipient}: delivered {_when(r.delivered)}; {state}{extra}")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 # --- queue ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ TSA, loopback ports.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,44 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Consultation:
+    """Reading evidence (presa visione, see pecd.reading): ``enabled`` says this provider issues
+    it (and its card declares so); ``default`` whether a sender who says nothing asks for it;
+    ``deadline`` (seconds) after which an unread message gets the not-read evidence."""
+
+    enabled: bool = False
+    deadline: float = 7 * 86400.0
+    default: bool = False
+
+
+def parse_duration(value: object, where: str) -> float:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+        if match is None:
+            raise ConfigError(f"{where}: not a duration (use s, m, h or d): {value!r}")
+        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[
+            match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{where}: must be positive")
+    return seconds
+
+
+def _consultation(values: dict[str, Any]) -> Consultation:
+    values = dict(values)
+    if "deadline" in values:
+        values["deadline"] = parse_duration(values["deadline"], "[consultation] deadline")
+    for key in ("enabled", "default"):
+        if key in values and not isinstance(values[key], bool):
+            raise ConfigError(f"[consultation] {key} must be true or false")
+    return _build(Consultation, values, "consultation")  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
 class Paths:
     data_dir: Path
     signing_key: Path
@@ -142,6 +181,7 @@ class Config:
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     antivirus: Antivirus = field(default_factory=Antivirus)
     trust: Trust = field(default_factory=Trust)
+    consultation: Consultation = field(default_factory=Consultation)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -222,6 +262,7 @@ def load(path: Path) -> Config:
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
         trust=_trust(_section(raw, "trust")),
+        consultation=_consultation(_section(raw, "consultation")),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )

@@ -15,19 +15,20 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Protocol
 
-from pecd import daticert, durable, headers, pec, receipts, users
+from pecd import consultation, daticert, durable, headers, pec, readings, receipts, users
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.db import Database
 from pecd.ledger import LedgerEvent
 from pecd.pec import Issuer, Transaction
-from pecd.queue import Item, Outcome, backoff
+from pecd.queue import Effect, Item, Outcome, backoff
 from pecd.relay import Router
 
 MailboxState = Literal["active", "disabled", "unknown", "foreign"]
@@ -157,9 +158,13 @@ class DeliveryPoint:
             error, reason = _NON_DELIVERY[state]
             return refuse(error, reason)
         try:
-            self.mailbox.store(rcpt, f"{item.id}-0", item.created, data)
+            stored = self.mailbox.store(rcpt, f"{item.id}-0", item.created, data)
         except MailboxError as exc:  # over quota, unsafe name, refused by the store
             return refuse("altro", f"the mailbox cannot take the message: {exc}")
+        effects: list[Effect] = []
+        if isinstance(stored, Path) and self._reading_requested(parsed, tx):
+            effects.append(self._watch_reading(tx, rcpt, stored, at.timestamp()))
+            base = replace(base, detail={"read_evidence": True})
         original = parsed.original_headers()
         cc = rcpt.lower() in {a.lower() for a in headers.addresses(original, "Cc")} and \
             rcpt.lower() not in {a.lower() for a in headers.addresses(original, "To")}
@@ -170,8 +175,34 @@ class DeliveryPoint:
             outputs=self.router.items(self.issuer.service_address, [tx.sender], receipt,
                                       local_kind="inbound",
                                       meta={"msgid": receipt_id, "what": "delivery-receipt"}),
-            events=[replace(base, related=(receipt_id,), detail={"form": form})],
+            events=[replace(base, related=(receipt_id,), detail={**base.detail, "form": form})],
+            effects=effects,
         )
+
+    def _reading_requested(self, parsed: pec.Parsed, tx: Transaction) -> bool:
+        """Reading evidence is due when this provider issues it, the envelope asks for it
+        (``X-Presa-Visione: si``, set by the sender's provider) and the sender's provider's
+        card declares it: a plain PEC provider would take the evidence for an anomaly."""
+        if not self.config.consultation.enabled:
+            return False
+        if consultation.requested(parsed.headers.get(consultation.REQUEST_HEADER)) is not True:
+            return False
+        if self.config.is_local(tx.sender):
+            return True
+        provider = self.router.index.for_address(tx.sender)
+        return provider is not None and provider.read_evidence
+
+    def _watch_reading(self, tx: Transaction, rcpt: str, stored: Path,
+                       at: float) -> Effect:
+        mailbox, file = str(stored.parent.parent), stored.name
+        deadline = at + self.config.consultation.deadline
+
+        def effect(conn: sqlite3.Connection) -> None:
+            readings.record(conn, pec_id=tx.identifier, recipient=rcpt, sender=tx.sender,
+                            subject=tx.subject, ref_msgid=tx.ref_msgid, mailbox=mailbox,
+                            file=file, delivered=at, deadline=deadline)
+
+        return effect
 
 
 _NON_DELIVERY: dict[MailboxState, tuple[daticert.ErrorKind, str]] = {

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from pecd import envelope, pec, receipts, virus
+from pecd import envelope, pec, readings, receipts, virus
 from pecd.clock import Clock
 from pecd.cms import SignatureInfo, SignatureInvalid, verify_detached
 from pecd.config import Config
@@ -89,7 +89,7 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
     vouched: tuple[str, ...] = ()
     if cd is not None and parsed.category == "envelope":
         vouched = (cd.sender,)
-    elif cd is not None and cd.type == "avvenuta-consegna" and cd.delivered_to:
+    elif cd is not None and cd.type in _PER_RECIPIENT and cd.delivered_to:
         vouched = (cd.delivered_to,)
     elif cd is not None and cd.type == "presa-in-carico":
         vouched = cd.taken_in_charge
@@ -195,6 +195,8 @@ class ReceptionPoint:
             effects.append(_track("taken", cd.identifier, cd.taken_in_charge, now))
         elif cd.type == "errore-consegna" and cd.delivered_to:
             effects.append(_track("closed", cd.identifier, (cd.delivered_to,), now, "errore"))
+        elif cd.type in _READING and cd.delivered_to:  # reading evidence (pecd.reading)
+            effects.append(_reading(cd.type, cd.identifier, cd.delivered_to, now))
         return Outcome(
             outputs=[NewItem("deliver", item.mail_from, item.rcpts, same_as=item,
                              meta={"mode": "plain", "msgid": message_id})],
@@ -276,6 +278,17 @@ def _track(column: str, pec_id: str, recipients: Sequence[str], at: float,
             )
 
     return effect
+
+
+_READING = ("presa-visione", "mancata-presa-visione")
+# receipts about one recipient: only that recipient's provider may sign them
+_PER_RECIPIENT = ("avvenuta-consegna", *_READING)
+
+
+def _reading(tipo: str, pec_id: str, recipient: str,
+             at: float) -> Callable[[sqlite3.Connection], None]:
+    event: readings.Event = "read" if tipo == "presa-visione" else "not_read"
+    return lambda conn: readings.track(conn, pec_id, recipient, event, at)
 
 
 def _transaction_key(identifier: str, rcpts: Sequence[str]) -> str:

@@ -33,6 +33,7 @@ from pecd.ledger import LedgerEvent
 from pecd.lmtp import LmtpMailbox
 from pecd.pec import Issuer
 from pecd.queue import Item, Kind, Outcome, Queue, Recovery
+from pecd.reading import ReadingWorker
 from pecd.reception import ReceptionPoint
 from pecd.relay import Connections, RelayStage, Router
 from pecd.smtp import InboundHandler, SubmissionHandler, listen, server_tls
@@ -199,7 +200,7 @@ class Service:
         read = self.queue.read
         self.scanner = virus.scanner_for(config)  # None: [antivirus] unset, scanning off
         self.access = AccessPoint(config, self.issuer, self.router, self.clock, read, self.cpu,
-                                  self.scanner)
+                                  self.scanner, db=self.db)
         self.reception = ReceptionPoint(config, self.issuer, self.router, self.index,
                                         self.trust_roots, self.clock, read, self.cpu,
                                         self.scanner)
@@ -207,6 +208,8 @@ class Service:
         self.delivery = DeliveryPoint(config, self.issuer, self.router, self.db,
                                       make_mailbox(config), self.clock,
                                       read, self.cpu)
+        self.reading = ReadingWorker(config, self.issuer, self.queue, self.router, self.clock,
+                                     self.cpu)
         self.relay = RelayStage(config, self.index, self.connections, self.queue.open, self.clock)
         n = config.workers
         self.runners = {
@@ -236,6 +239,8 @@ class Service:
                 runner.start()
             self._tasks = [asyncio.create_task(self._housekeeping()),
                            asyncio.create_task(self.timeouts.run())]
+            if self.config.consultation.enabled and self.config.delivery.method == "maildir":
+                self._tasks.append(asyncio.create_task(self.reading.run()))
         if listeners:
             await self._listen()
 
@@ -305,8 +310,9 @@ class Service:
             await server.wait_closed()
         for handler in self._handlers:
             await handler.close_sessions(timeout)
+        # one grace period for all, not one each
         await asyncio.gather(*(r.drain(timeout) for r in self.runners.values()),
-                             self.timeouts.drain(timeout))  # one grace period for all, not one each
+                             self.timeouts.drain(timeout), self.reading.drain(timeout))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
