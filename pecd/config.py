@@ -331,6 +331,12 @@ method = "maildir"                     # or "lmtp" (e.g. to Dovecot)
 # lmtp_host = "127.0.0.1"
 # lmtp_port = 24
 
+# reading evidence, beyond RFC 6109 (docs/reading.md)
+[consultation]
+enabled = false                        # issue presa visione / mancata presa visione (the card says so)
+deadline = "7d"                        # not opened by then: proof of not reading (s, m, h, d)
+default = false                        # whether a sender who says nothing asks for it
+
 [ledger]
 checkpoint_rows = 1000                 # timestamp the hash-chain head every N rows ...
 checkpoint_interval = 300.0            # ... or every T seconds, whichever comes first
