@@ -83,6 +83,7 @@ class ReadingWorker:
         self._inotify: inotify_simple.INotify | None = None
         self._watches: dict[str, int] = {}  # mailbox path → inotify watch descriptor
         self._by_wd: dict[int, str] = {}
+        self._unread: dict[str, set[str]] = {}  # mailbox path → its unread files (base names)
         self._last_rowid = 0
         self._lock = asyncio.Lock()
         self._events: asyncio.Queue[list[tuple[str, str]]] = asyncio.Queue()
@@ -107,7 +108,12 @@ class ReadingWorker:
         self._inotify = None
         self._watches.clear()
         self._by_wd.clear()
+        self._unread.clear()
         self._last_rowid = 0
+
+    def watched(self) -> tuple[str, ...]:
+        """The mailboxes watched now (those with unread rows)."""
+        return tuple(sorted(self._watches))
 
     def _readable(self) -> None:
         """The loop's reader callback: collect the names, hand them to the worker task."""
@@ -153,6 +159,7 @@ class ReadingWorker:
                     await self._unwatchable(row, f"cannot watch the mailbox: {exc.strerror}")
                     continue
             fresh.setdefault(row.mailbox, []).append(row)
+            self._unread.setdefault(row.mailbox, set()).add(row.file)
         for box, box_rows in fresh.items():
             seen = await asyncio.get_running_loop().run_in_executor(self.cpu, _seen_in, box)
             for row in box_rows:
@@ -174,6 +181,7 @@ class ReadingWorker:
         if wd is None:
             return
         self._by_wd.pop(wd, None)
+        self._unread.pop(box, None)
         rows = await self.queue.db.transact(lambda conn: readings.unread_since(conn, 0))
         for row in rows:
             if row.mailbox == box:
@@ -239,7 +247,25 @@ class ReadingWorker:
             except readings.Stale as exc:
                 log.info("reading evidence dropped: %s", exc)
                 return False
+            if kind == "read":
+                self._done_with(row.mailbox, row.file)
             return True
+
+    def _done_with(self, mailbox: str, file: str) -> None:
+        """A read file needs no watching; a mailbox with none left unread gives its watch back
+        (inotify watches are a per-user kernel budget, ``fs.inotify.max_user_watches``)."""
+        left = self._unread.get(mailbox)
+        if left is None:
+            return
+        left.discard(file)
+        if left:
+            return
+        del self._unread[mailbox]
+        wd = self._watches.pop(mailbox, None)
+        if wd is not None and self._inotify is not None:
+            self._by_wd.pop(wd, None)  # so the IN_IGNORED of our own removal is not a loss
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(wd)
 
     async def _deadlines(self) -> int:
         now = self.clock.now().timestamp()

@@ -258,11 +258,14 @@ def test_presa_visione_over_imap_reaches_the_sender_verified(
     a, b, _c = providers
     box = b.maildir("bob@b.test")
     dovecot.serve("bob@b.test", box)
-    with RunningService(a.config) as svc_a, RunningService(b.config):
+    with RunningService(a.config) as svc_a, RunningService(b.config) as svc_b:
+        assert svc_b.service is not None
+        worker = svc_b.service.reading
         _send(a, svc_a.submission_port, "Verbale uno")
         _send(a, svc_a.submission_port, "Verbale due")
         wait_until(lambda: len(a.messages("alice@a.test")) == 4, what="acceptance and delivery")
         assert [r["read"] for r in reading_rows(b)] == [None, None]
+        wait_until(lambda: worker.watched() == (str(box),), what="bob's cur/ watched")
         assert evidence(a, "alice@a.test", "presa-visione") == []
 
         fetched = dovecot.open_message("bob@b.test", box, "Verbale uno")
@@ -283,6 +286,7 @@ def test_presa_visione_over_imap_reaches_the_sender_verified(
         dovecot.open_message("bob@b.test", box, "Verbale due")
         wait_until(lambda: len(evidence(a, "alice@a.test", "presa-visione")) == 2,
                    what="the second presa-visione")
+        wait_until(lambda: worker.watched() == (), what="the watch given back")
 
     receipts = evidence(a, "alice@a.test", "presa-visione")
     ids = sorted(pec.parse(m).certdata.identifier for m in receipts)  # type: ignore[union-attr]
