@@ -205,14 +205,49 @@ def user_enable(ctx: Context, address: str) -> None:
 @click.option("--read-evidence/--no-read-evidence", "read_evidence", default=None,
               help="Ask for reading evidence (presa visione) on this user's messages unless a "
                    "message says otherwise (X-Presa-Visione); unset: [consultation] default.")
+@click.option("--notify", metavar="ADDR2",
+              help="An ordinary address told of each certified message delivered here (no "
+                   "content); --notify '' stops the notices.")
+@click.option("--quota", metavar="SIZE",
+              help="Mailbox quota (e.g. 500MB, 2GB); --quota '' returns to [delivery] quota.")
 @pass_ctx
-def user_set(ctx: Context, address: str, read_evidence: bool | None) -> None:
+def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str | None,
+             quota: str | None) -> None:
     """Change an account's settings."""
-    if read_evidence is None:
+    if read_evidence is None and notify is None and quota is None:
         raise click.UsageError("nothing to set (see --help)")
-    if not ctx.transact(readings.set_user_default, address, read_evidence):
+    size: int | None = None
+    if quota:
+        try:
+            size = config_mod.parse_size(quota, "--quota")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--quota") from None
+    if notify:
+        users.normalise(notify)  # a UserError says what is wrong with it
+
+    def apply(conn: sqlite3.Connection) -> bool:
+        found = True
+        if read_evidence is not None:
+            found = readings.set_user_default(conn, address, read_evidence)
+        if notify is not None:
+            found = readings.set_notify(conn, address, notify or None) and found
+        if quota is not None:
+            found = readings.set_quota(conn, address, size) and found
+        return found
+
+    try:
+        found = ctx.transact(apply)
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not found:
         raise click.ClickException(f"no such user: {address}")
-    click.echo(f"{address}: read evidence {'on' if read_evidence else 'off'}")
+    if read_evidence is not None:
+        click.echo(f"{address}: read evidence {'on' if read_evidence else 'off'}")
+    if notify is not None:
+        click.echo(f"{address}: arrival notices {'to ' + notify if notify else 'off'}")
+    if quota is not None:
+        click.echo(f"{address}: quota {size if size is not None else 'provider default'}"
+                   + (" bytes" if size is not None else ""))
 
 
 @user.command("list")

@@ -132,6 +132,22 @@ def parse_duration(value: object, where: str) -> float:
     return seconds
 
 
+def parse_size(value: object, where: str) -> int:
+    """``"1GB"``, ``"500MB"``, ``"64KB"`` (powers of 1024; ``K``/``M``/``G`` alone too) or bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: not a size: {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
+        if match is None:
+            raise ConfigError(f"{where}: not a size (e.g. 500MB, 1GB): {value!r}")
+        size = int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+    if size <= 0:
+        raise ConfigError(f"{where}: must be positive")
+    return size
+
+
 def _consultation(values: dict[str, Any]) -> Consultation:
     values = dict(values)
     if "deadline" in values:

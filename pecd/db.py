@@ -106,10 +106,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
-        "0004_reading_evidence",
+        "0004_recipient_side",
         # pecd.reading: at the recipient's provider one row per certified delivery whose sender
         # asked for reading evidence; at the sender's, the read / not-read times in tracking;
-        # the per-user default and the peers' card flag (see pecd.readings)
+        # the per-user default and the peers' card flag; the user's arrival-notice address,
+        # quota and last quota warning (see pecd.readings)
         """
         CREATE TABLE reading (
             pec_id TEXT NOT NULL,
@@ -134,6 +135,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE tracking ADD COLUMN read REAL;
         ALTER TABLE tracking ADD COLUMN not_read REAL;
         ALTER TABLE users ADD COLUMN read_evidence INTEGER;
+        ALTER TABLE users ADD COLUMN notify TEXT;
+        ALTER TABLE users ADD COLUMN quota INTEGER;
+        ALTER TABLE users ADD COLUMN quota_warned INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE providers ADD COLUMN read_evidence INTEGER NOT NULL DEFAULT 0
         """,
     ),

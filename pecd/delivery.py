@@ -19,16 +19,17 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
-from pecd import consultation, daticert, durable, headers, pec, readings, receipts, users
+from pecd import arrival, consultation, daticert, durable, headers, pec, readings, receipts, users
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.db import Database
 from pecd.ledger import LedgerEvent
 from pecd.pec import Issuer, Transaction
-from pecd.queue import Effect, Item, Outcome, backoff
+from pecd.queue import Effect, Item, NewItem, Outcome, backoff
 from pecd.relay import Router
 
 MailboxState = Literal["active", "disabled", "unknown", "foreign"]
@@ -102,9 +103,13 @@ class DeliveryPoint:
 
     async def handle(self, item: Item) -> Outcome:
         states = {r: await self.mailbox_state(r) for r in item.rcpts}
+        settings = readings.Settings()
+        if item.meta.get("mode") == "certified" and states[item.rcpts[0]] == "active":
+            rcpt = item.rcpts[0]
+            settings = await self.db.transact(lambda conn: readings.settings(conn, rcpt))
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.cpu, self._handle, item, states)
+            return await loop.run_in_executor(self.cpu, self._handle, item, states, settings)
         except MailboxUnavailable as exc:  # stores are idempotent per key: retrying is safe
             event = LedgerEvent(event="deferred", msgid=_msgid(item), recipients=item.rcpts,
                                 detail={"reason": str(exc), "stage": "delivery"})
@@ -114,10 +119,12 @@ class DeliveryPoint:
                             self.config.relay.retry_max, random.random())
             return Outcome(state="deferred", delay=delay, error=str(exc), events=[event])
 
-    def _handle(self, item: Item, states: dict[str, MailboxState]) -> Outcome:
+    def _handle(self, item: Item, states: dict[str, MailboxState],
+                settings: readings.Settings | None = None) -> Outcome:
         data = self.read(item)
         if item.meta.get("mode") == "certified":
-            return self._certified(item, data, states[item.rcpts[0]])
+            return self._certified(item, data, states[item.rcpts[0]],
+                                   settings or readings.Settings())
         events = []
         for rcpt in item.rcpts:
             if states[rcpt] != "active":  # no notice for what was not certified (§2.2.3)
@@ -135,7 +142,8 @@ class DeliveryPoint:
                                       detail={"what": item.meta.get("what", "receipt")}))
         return Outcome(events=events)
 
-    def _certified(self, item: Item, data: bytes, state: MailboxState) -> Outcome:
+    def _certified(self, item: Item, data: bytes, state: MailboxState,
+                   settings: readings.Settings) -> Outcome:
         rcpt = item.rcpts[0]
         parsed = pec.parse(data)  # verified by the reception point before it queued this item
         assert parsed.certdata is not None
@@ -171,13 +179,32 @@ class DeliveryPoint:
         form = receipts.delivery_form(tx, rcpt, cc)
         receipt_id, receipt = receipts.delivery(tx, rcpt, form, parsed.original_view, self.issuer,
                                                   at)
-        return Outcome(
-            outputs=self.router.items(self.issuer.service_address, [tx.sender], receipt,
-                                      local_kind="inbound",
-                                      meta={"msgid": receipt_id, "what": "delivery-receipt"}),
-            events=[replace(base, related=(receipt_id,), detail={**base.detail, "form": form})],
-            effects=effects,
-        )
+        outputs = self.router.items(self.issuer.service_address, [tx.sender], receipt,
+                                    local_kind="inbound",
+                                    meta={"msgid": receipt_id, "what": "delivery-receipt"})
+        events = [replace(base, related=(receipt_id,), detail={**base.detail, "form": form})]
+        if settings.notify:
+            notice_items, notice_event = self._arrival_notice(tx, rcpt, settings.notify, at)
+            outputs += notice_items
+            events.append(notice_event)
+        return Outcome(outputs=outputs, events=events, effects=effects)
+
+    def _arrival_notice(self, tx: Transaction, rcpt: str, to: str,
+                        at: datetime) -> tuple[list[NewItem], LedgerEvent]:
+        """A plain notice to the recipient's ordinary address, queued as its own item: the
+        relay retries it or gives up on it without touching the delivery."""
+        notice_id, notice = arrival.notice(
+            service_address=self.issuer.service_address, provider_name=self.issuer.name,
+            domain=self.issuer.domain, to=to, mailbox=rcpt, sender=tx.sender,
+            subject=tx.subject, pec_id=tx.identifier, at=at)
+        items = self.router.items(self.issuer.service_address, [to], notice,
+                                  local_kind="deliver",
+                                  meta={"mode": "plain", "msgid": notice_id,
+                                        "what": "arrival-notice"})
+        return items, LedgerEvent(event="arrival-notice", msgid=tx.identifier,
+                                  ref_msgid=tx.ref_msgid, sender=tx.sender, recipients=(rcpt,),
+                                  subject=tx.subject, related=(notice_id,),
+                                  detail={"to": to})
 
     def _reading_requested(self, parsed: pec.Parsed, tx: Transaction) -> bool:
         """Reading evidence is due when this provider issues it, the envelope asks for it

@@ -4,7 +4,9 @@ At the recipient's provider, table ``reading``: one row per certified delivery w
 for evidence, naming the Maildir file; ``read`` / ``not_read`` are set once, in the same
 transaction that queues the evidence message, so it is issued exactly once. At the sender's
 provider, columns ``read`` / ``not_read`` of ``tracking``, set when the evidence comes back.
-Also the per-user default (``users.read_evidence``, NULL: the provider's default).
+Also the recipient's own settings on ``users``: the reading-evidence default
+(``read_evidence``, NULL: the provider's), the arrival-notice address (``notify``), the quota
+(``quota`` bytes, NULL: the provider's) and the last quota warning sent (``quota_warned``).
 
 Touches only those tables and columns; callers run these inside ``Database.transact``.
 """
@@ -174,3 +176,43 @@ def provider_flags(conn: sqlite3.Connection) -> dict[str, bool]:
     """Fingerprint → whether that provider's card declares reading evidence."""
     return {r[0]: bool(r[1]) for r in conn.execute("SELECT fingerprint, read_evidence"
                                                     " FROM providers")}
+
+
+# --- the recipient's settings -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    notify: str | None = None
+    quota: int | None = None
+    quota_warned: int = 0
+
+
+def settings(conn: sqlite3.Connection, address: str) -> Settings:
+    """Defaults for an address that is not a user (the service mailbox, say)."""
+    try:
+        key = users.normalise(address)
+    except users.UserError:
+        return Settings()
+    row = conn.execute("SELECT notify, quota, quota_warned FROM users WHERE address=?",
+                       (key,)).fetchone()
+    if row is None:
+        return Settings()
+    return Settings(row["notify"], row["quota"], int(row["quota_warned"]))
+
+
+def set_notify(conn: sqlite3.Connection, address: str, notify: str | None) -> bool:
+    cur = conn.execute("UPDATE users SET notify=? WHERE address=?",
+                       (None if notify is None else users.normalise(notify),
+                        users.normalise(address)))
+    return cur.rowcount == 1
+
+
+def set_quota(conn: sqlite3.Connection, address: str, quota: int | None) -> bool:
+    cur = conn.execute("UPDATE users SET quota=? WHERE address=?",
+                       (quota, users.normalise(address)))
+    return cur.rowcount == 1
+
+
+def set_quota_warned(conn: sqlite3.Connection, address: str, level: int) -> None:
+    conn.execute("UPDATE users SET quota_warned=? WHERE address=?",
+                 (level, users.normalise(address)))
