@@ -102,6 +102,7 @@ class Delivery:
     method: Literal["maildir", "lmtp"] = "maildir"
     lmtp_host: str = "127.0.0.1"
     lmtp_port: int = 24
+    quota: int | None = None  # bytes per Maildir (pecd.delivery); None: no quota
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,8 @@ def load(path: Path) -> Config:
     )
     tsa = _section(raw, "tsa")
     delivery = _section(raw, "delivery")
+    if "quota" in delivery:
+        delivery = {**delivery, "quota": parse_size(delivery["quota"], "[delivery] quota")}
     return Config(
         name=name,
         domains=domains,
@@ -344,6 +347,7 @@ give_up_after = 86400.0                # 24 h: the transaction ends negative
 
 [delivery]
 method = "maildir"                     # or "lmtp" (e.g. to Dovecot)
+# quota = "1GB"                        # per Maildir (users: pecd user set ADDR --quota SIZE)
 # lmtp_host = "127.0.0.1"
 # lmtp_port = 24
 

@@ -13,6 +13,8 @@ does not deliver twice (queue ids are never reused: ``AUTOINCREMENT``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import re
 import sqlite3
@@ -75,10 +77,43 @@ class Maildir:
         for sub in ("tmp", "new", "cur"):
             (box / sub).mkdir(parents=True, exist_ok=True)
         final = box / "new" / name
-        if final.exists() or any((box / "cur").glob(f"{name}:*")) or (box / "cur" / name).exists():
+        if self._exists(box, name):
             return final
         durable.publish(box / "tmp" / name, data, final)
         return final
+
+    @staticmethod
+    def _exists(box: Path, name: str) -> bool:
+        return ((box / "new" / name).exists() or any((box / "cur").glob(f"{name}:*"))
+                or (box / "cur" / name).exists())
+
+    def stored(self, address: str, key: str, created: float) -> bool:
+        """Whether ``store`` with this key already happened (a retry after a crash)."""
+        return self._exists(self.path(address), f"{int(created)}.{key}.{self.hostname}")
+
+    def usage(self, address: str) -> int:
+        """Bytes of mail in the Maildir now: ``new/`` and ``cur/`` of INBOX and of every
+        folder (``.Name/``), as Dovecot leaves them (it may have deleted some); one listing."""
+        box = self.path(address)
+        total = 0
+        for folder in (box, *(p for p in _subdirs(box) if p.name.startswith("."))):
+            for sub in ("new", "cur"):
+                try:
+                    with os.scandir(folder / sub) as entries:
+                        for entry in entries:
+                            with contextlib.suppress(OSError):  # renamed meanwhile
+                                if entry.is_file(follow_symlinks=False):
+                                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+        return total
+
+
+def _subdirs(box: Path) -> list[Path]:
+    try:
+        return [p for p in box.iterdir() if p.is_dir()]
+    except OSError:
+        return []
 
 
 class DeliveryPoint:
@@ -165,6 +200,17 @@ class DeliveryPoint:
         if state != "active":
             error, reason = _NON_DELIVERY[state]
             return refuse(error, reason)
+        quota = settings.quota or self.config.delivery.quota
+        used: int | None = None
+        if quota is not None and isinstance(self.mailbox, Maildir):
+            try:
+                if not self.mailbox.stored(rcpt, f"{item.id}-0", item.created):
+                    used = self.mailbox.usage(rcpt)
+            except MailboxError as exc:
+                return refuse("altro", f"the mailbox cannot take the message: {exc}")
+            if used is not None and used + len(data) > quota:
+                return refuse("altro", f"mailbox full: casella piena ({used} of {quota} bytes "
+                                       f"used, the message needs {len(data)})")
         try:
             stored = self.mailbox.store(rcpt, f"{item.id}-0", item.created, data)
         except MailboxError as exc:  # over quota, unsafe name, refused by the store
@@ -187,7 +233,31 @@ class DeliveryPoint:
             notice_items, notice_event = self._arrival_notice(tx, rcpt, settings.notify, at)
             outputs += notice_items
             events.append(notice_event)
+        if quota is not None and used is not None:
+            self._quota_level(rcpt, used + len(data), quota, settings.quota_warned, at,
+                              outputs, events, effects)
         return Outcome(outputs=outputs, events=events, effects=effects)
+
+    def _quota_level(self, rcpt: str, used: int, quota: int, warned: int, at: datetime,
+                     outputs: list[NewItem], events: list[LedgerEvent],
+                     effects: list[Effect]) -> None:
+        """Warn the holder once per crossing of 80% and 95%; a level that dropped (mail
+        deleted) is lowered, so the next crossing warns again."""
+        level = next((pc for pc in QUOTA_WARNINGS if used * 100 >= quota * pc), 0)
+        if level == warned:
+            return
+        effects.append(lambda conn: readings.set_quota_warned(conn, rcpt, level))
+        if level < warned:
+            return
+        notice_id, notice = arrival.quota_warning(
+            service_address=self.issuer.service_address, provider_name=self.issuer.name,
+            domain=self.issuer.domain, mailbox=rcpt, level=level, used=used, quota=quota, at=at)
+        outputs.append(NewItem("deliver", self.issuer.service_address, (rcpt,), data=notice,
+                               meta={"mode": "plain", "msgid": notice_id,
+                                     "what": "quota-warning"}))
+        events.append(LedgerEvent(event="quota-warning", recipients=(rcpt,),
+                                  related=(notice_id,),
+                                  detail={"level": level, "used": used, "quota": quota}))
 
     def _arrival_notice(self, tx: Transaction, rcpt: str, to: str,
                         at: datetime) -> tuple[list[NewItem], LedgerEvent]:
@@ -231,6 +301,8 @@ class DeliveryPoint:
 
         return effect
 
+
+QUOTA_WARNINGS = (95, 80)  # per cent, highest first
 
 _NON_DELIVERY: dict[MailboxState, tuple[daticert.ErrorKind, str]] = {
     "unknown": ("no-dest", "mailbox does not exist"),

@@ -10,8 +10,11 @@ import sqlite3
 from email import policy
 from pathlib import Path
 
-from pecd import arrival
+import pytest
+
+from pecd import arrival, pec
 from pecd.clock import ManualClock
+from pecd.config import ConfigError, parse_size
 
 from .conftest import ProviderDir, free_port, running, submit, wait_for
 from .interop_support import configure, ledger_rows
@@ -106,3 +109,71 @@ def _queued(p: ProviderDir) -> list[tuple[str, str]]:
             "SELECT kind, state FROM queue WHERE state != 'done'")]
     finally:
         conn.close()
+
+
+# --- quota ------------------------------------------------------------------------------------
+
+def _usage(box: Path) -> int:
+    return sum(p.stat().st_size for sub in ("new", "cur") if (box / sub).exists()
+               for p in (box / sub).iterdir())
+
+
+def _fill(box: Path, target: int) -> None:
+    """Make the Maildir hold ``target`` bytes, as mail Dovecot stored (or deleted) would."""
+    filler = box / "cur" / "1.filler.host:2,S"
+    if filler.exists():
+        filler.unlink()
+    missing = target - _usage(box)
+    assert missing > 0
+    filler.write_bytes(b"x" * missing)
+
+
+def test_quota_warnings_once_per_crossing_and_a_full_mailbox_refuses(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    box = b.maildir("bob@b.test")
+
+    async def scenario() -> list[str]:
+        async with running(a, b) as (svc_a, _svc_b):
+            async def deliver(n: int) -> None:
+                await _send(a, svc_a.ports.submission)
+                await wait_for(lambda: len(a.messages("alice@a.test")) == 2 * n)
+
+            await deliver(1)  # no quota yet: how big is one envelope here?
+            size = _usage(box)
+            quota = 20 * size
+            b.cli("user", "set", "bob@b.test", "--quota", str(quota))
+            _fill(box, int(quota * 0.80) - size // 2)
+            await deliver(2)  # → 82.5%: the 80% warning
+            await deliver(3)  # → 87.5%: nothing new
+            _fill(box, int(quota * 0.95) - size // 2)
+            await deliver(4)  # → 97.5%: the 95% warning
+            await deliver(5)  # would be 102.5%: refused, the sender is told
+            _fill(box, quota // 2)  # bob deleted mail
+            await deliver(6)  # → about 55%: the level comes down, no warning
+            _fill(box, int(quota * 0.80) - size // 2)
+            await deliver(7)  # → 82.5% again: a new crossing, a new warning
+        return [str(r["detail"]["level"]) for r in ledger_rows(b, "quota-warning")]
+
+    assert asyncio.run(scenario()) == ["80", "95", "80"]
+    warnings = [m for m in b.messages("bob@b.test") if b"Auto-Submitted: auto-generated" in m]
+    assert len(warnings) == 3 and b"casella piena al 95%" in warnings[1]
+    (refused,) = ledger_rows(b, "non-delivery")
+    assert refused["detail"]["error"] == "altro"  # type: ignore[index]
+    assert "mailbox full" in refused["detail"]["reason"]  # type: ignore[index]
+    notices = [m for m in a.messages("alice@a.test") if b"X-Ricevuta: errore-consegna" in m]
+    assert len(notices) == 1
+    parsed = pec.parse(notices[0])
+    assert parsed.certdata is not None and parsed.certdata.error == "altro"
+    assert "mailbox full" in (parsed.certdata.extended_error or "")
+    assert len(ledger_rows(b, "delivered")) == 6
+
+
+def test_size_units() -> None:
+    assert parse_size("1GB", "x") == 1 << 30
+    assert parse_size("500MB", "x") == 500 << 20
+    assert parse_size("64K", "x") == 64 << 10
+    assert parse_size(1000, "x") == 1000
+    for bad in ("1PB", "", "0", "-5MB", True):
+        with pytest.raises(ConfigError):
+            parse_size(bad, "[delivery] quota")
