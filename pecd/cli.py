@@ -210,11 +210,14 @@ def user_enable(ctx: Context, address: str) -> None:
                    "content); --notify '' stops the notices.")
 @click.option("--quota", metavar="SIZE",
               help="Mailbox quota (e.g. 500MB, 2GB); --quota '' returns to [delivery] quota.")
+@click.option("--postal-address", "postal", metavar="TEXT",
+              help="The postal address the print fallback puts on its cover page (use \\n "
+                   "between lines); --postal-address '' removes it.")
 @pass_ctx
 def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str | None,
-             quota: str | None) -> None:
+             quota: str | None, postal: str | None) -> None:
     """Change an account's settings."""
-    if read_evidence is None and notify is None and quota is None:
+    if read_evidence is None and notify is None and quota is None and postal is None:
         raise click.UsageError("nothing to set (see --help)")
     size: int | None = None
     if quota:
@@ -233,6 +236,9 @@ def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str
             found = readings.set_notify(conn, address, notify or None) and found
         if quota is not None:
             found = readings.set_quota(conn, address, size) and found
+        if postal is not None:
+            text = postal.replace("\\n", "\n").strip() or None
+            found = readings.set_postal_address(conn, address, text) and found
         return found
 
     try:
@@ -245,6 +251,8 @@ def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str
         click.echo(f"{address}: read evidence {'on' if read_evidence else 'off'}")
     if notify is not None:
         click.echo(f"{address}: arrival notices {'to ' + notify if notify else 'off'}")
+    if postal is not None:
+        click.echo(f"{address}: postal address {'set' if postal.strip() else 'removed'}")
     if quota is not None:
         click.echo(f"{address}: quota {size if size is not None else 'provider default'}"
                    + (" bytes" if size is not None else ""))

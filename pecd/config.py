@@ -149,6 +149,19 @@ def parse_size(value: object, where: str) -> int:
     return size
 
 
+def _fallback(values: dict[str, Any], base: Path) -> Fallback:
+    values = dict(values)
+    for key in ("webhook_secret_file", "print_dir"):
+        if values.get(key):
+            values[key] = (base / str(values[key])).resolve()
+    url = values.get("webhook")
+    if url and not str(url).startswith(("http://", "https://")):
+        raise ConfigError("[fallback] webhook must be an http or https URL")
+    if url and not values.get("webhook_secret_file"):
+        raise ConfigError("[fallback] webhook needs webhook_secret_file (the HMAC key)")
+    return _build(Fallback, values, "fallback")  # type: ignore[no-any-return]
+
+
 def _consultation(values: dict[str, Any]) -> Consultation:
     values = dict(values)
     if "deadline" in values:
@@ -157,6 +170,22 @@ def _consultation(values: dict[str, Any]) -> Consultation:
         if key in values and not isinstance(values[key], bool):
             raise ConfigError(f"[consultation] {key} must be true or false")
     return _build(Consultation, values, "consultation")  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What runs when a message is not read by its deadline (pecd.fallback); all optional."""
+
+    webhook: str | None = None  # http(s) URL: POST of a JSON event, HMAC-SHA256 signed
+    webhook_secret_file: Path | None = None
+    command: str | None = None  # run by /bin/sh with the JSON event on stdin
+    print_dir: Path | None = None  # outbox for print-and-post PDFs
+    timeout: float = 30.0  # seconds per webhook call or command
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(name for name, on in (("webhook", self.webhook), ("command", self.command),
+                                           ("print", self.print_dir)) if on)
 
 
 @dataclass(frozen=True)
@@ -199,6 +228,7 @@ class Config:
     antivirus: Antivirus = field(default_factory=Antivirus)
     trust: Trust = field(default_factory=Trust)
     consultation: Consultation = field(default_factory=Consultation)
+    fallback: Fallback = field(default_factory=Fallback)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -282,6 +312,7 @@ def load(path: Path) -> Config:
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
         trust=_trust(_section(raw, "trust")),
         consultation=_consultation(_section(raw, "consultation")),
+        fallback=_fallback(_section(raw, "fallback"), base),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )

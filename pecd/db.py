@@ -136,6 +136,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE tracking ADD COLUMN not_read REAL;
         ALTER TABLE users ADD COLUMN read_evidence INTEGER;
         ALTER TABLE users ADD COLUMN notify TEXT;
+        ALTER TABLE users ADD COLUMN postal_address TEXT;
         ALTER TABLE users ADD COLUMN quota INTEGER;
         ALTER TABLE users ADD COLUMN quota_warned INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE providers ADD COLUMN read_evidence INTEGER NOT NULL DEFAULT 0

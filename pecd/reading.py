@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import inotify_simple
 
-from pecd import consultation, daticert, ledger, readings
+from pecd import consultation, daticert, fallback, ledger, readings
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.ledger import LedgerEvent
@@ -241,6 +242,8 @@ class ReadingWorker:
                 ref_msgid=row.ref_msgid, sender=row.sender, recipients=(row.recipient,),
                 subject=row.subject, provider=self.issuer.name, related=(receipt_id,),
                 detail=detail)
+            if kind == "not_read":
+                items += await self._fallbacks(row, receipt_id)
             try:
                 await self.queue.enqueue(items, [ledger_event], effects=[readings.marker(
                     row.pec_id, row.recipient, kind, at.timestamp(), receipt_id, via)])
@@ -250,6 +253,24 @@ class ReadingWorker:
             if kind == "read":
                 self._done_with(row.mailbox, row.file)
             return True
+
+    async def _fallbacks(self, row: Reading, evidence_id: str) -> list[NewItem]:
+        """One ``fallback`` item per configured channel, committed with the not-read evidence
+        (so queued exactly once); pecd.fallback runs them."""
+        channels = self.config.fallback.channels
+        if not channels:
+            return []
+        recipient = row.recipient
+        settings = await self.queue.db.transact(lambda conn: readings.settings(conn, recipient))
+        ev = fallback.event(pec_id=row.pec_id, recipient=row.recipient, sender=row.sender,
+                            subject=row.subject, delivered=row.delivered, deadline=row.deadline,
+                            evidence_id=evidence_id, provider=self.issuer.name,
+                            postal_address=settings.postal_address, mailbox=row.mailbox,
+                            file=row.file)
+        data = json.dumps(ev, sort_keys=True).encode()
+        return [NewItem("fallback", self.issuer.service_address, (row.recipient,), data=data,
+                        meta={"fallback": channel, "msgid": row.pec_id})
+                for channel in channels]
 
     def _done_with(self, mailbox: str, file: str) -> None:
         """A read file needs no watching; a mailbox with none left unread gives its watch back

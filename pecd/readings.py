@@ -6,7 +6,8 @@ transaction that queues the evidence message, so it is issued exactly once. At t
 provider, columns ``read`` / ``not_read`` of ``tracking``, set when the evidence comes back.
 Also the recipient's own settings on ``users``: the reading-evidence default
 (``read_evidence``, NULL: the provider's), the arrival-notice address (``notify``), the quota
-(``quota`` bytes, NULL: the provider's) and the last quota warning sent (``quota_warned``).
+(``quota`` bytes, NULL: the provider's), the last quota warning sent (``quota_warned``) and
+the postal address the print fallback uses (``postal_address``).
 
 Touches only those tables and columns; callers run these inside ``Database.transact``.
 """
@@ -185,6 +186,7 @@ class Settings:
     notify: str | None = None
     quota: int | None = None
     quota_warned: int = 0
+    postal_address: str | None = None
 
 
 def settings(conn: sqlite3.Connection, address: str) -> Settings:
@@ -193,11 +195,17 @@ def settings(conn: sqlite3.Connection, address: str) -> Settings:
         key = users.normalise(address)
     except users.UserError:
         return Settings()
-    row = conn.execute("SELECT notify, quota, quota_warned FROM users WHERE address=?",
-                       (key,)).fetchone()
+    row = conn.execute("SELECT notify, quota, quota_warned, postal_address FROM users"
+                       " WHERE address=?", (key,)).fetchone()
     if row is None:
         return Settings()
-    return Settings(row["notify"], row["quota"], int(row["quota_warned"]))
+    return Settings(row["notify"], row["quota"], int(row["quota_warned"]), row["postal_address"])
+
+
+def set_postal_address(conn: sqlite3.Connection, address: str, postal: str | None) -> bool:
+    cur = conn.execute("UPDATE users SET postal_address=? WHERE address=?",
+                       (postal, users.normalise(address)))
+    return cur.rowcount == 1
 
 
 def set_notify(conn: sqlite3.Connection, address: str, notify: str | None) -> bool:

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import ledger, pki, users, virus
+from pecd import ledger, pki, printjob, users, virus
 from pecd.clock import Clock, SystemClock
 from pecd.cms import Signer
 from pecd.config import Config
 from pecd.db import Database
 from pecd.delivery import DeliveryPoint, Mailbox, Maildir
+from pecd.fallback import FallbackStage
 from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
 from pecd.lmtp import LmtpMailbox
@@ -210,6 +211,7 @@ class Service:
                                       read, self.cpu)
         self.reading = ReadingWorker(config, self.issuer, self.queue, self.router, self.clock,
                                      self.cpu)
+        self.fallback = FallbackStage(config, read, self.cpu, printer=printjob.write_job)
         self.relay = RelayStage(config, self.index, self.connections, self.queue.open, self.clock)
         n = config.workers
         self.runners = {
@@ -217,6 +219,7 @@ class Service:
             "inbound": Runner(self.queue, "inbound", self.reception.handle, n),
             "deliver": Runner(self.queue, "deliver", self.delivery.handle, n),
             "relay": Runner(self.queue, "relay", self.relay.handle, n * 4),
+            "fallback": Runner(self.queue, "fallback", self.fallback.handle, n),
         }
         self.ports = Ports()
         self.recovery: Recovery | None = None
