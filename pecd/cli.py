@@ -443,6 +443,14 @@ def status(ctx: Context, message_id: str | None) -> None:
         extra = f"; not-read evidence {_when(r.not_read)}" if (
             r.not_read is not None and r.read is not None) else ""
         click.echo(f"reading {r.recipient}: delivered {_when(r.delivered)}; {state}{extra}")
+    for row in rows:  # the fallback channels run for an unread message
+        if row.get("event") in ("fallback", "fallback-failed"):
+            detail = row.get("detail")
+            channel = detail.get("channel") if isinstance(detail, dict) else None
+            outcome = "run" if row["event"] == "fallback" else "failed"
+            recipients = row.get("recipients")
+            who = ",".join(map(str, recipients)) if isinstance(recipients, list | tuple) else ""
+            click.echo(f"fallback {who}: {channel} {outcome} {row.get('at', '')}")
 
 
 def _when(ts: float) -> str:

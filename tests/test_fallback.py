@@ -161,6 +161,10 @@ def test_fallback_runs_webhook_command_and_print_once(tmp_path: Path, hook: Hook
     assert printed["detail"]["left_out"] == [  # type: ignore[index]
         "attachment rotto.pdf: not a readable PDF, not printed"]
     assert len(ledger_rows(b, "not-read")) == 1
+    status = b.cli("status", event["pec_id"])
+    for channel in ("webhook", "command", "print"):
+        assert f"fallback bob@b.test: {channel} run " in status
+    assert "fallback bob@b.test: webhook failed " in status
 
 
 def test_a_failing_command_and_a_missing_postal_address_are_ledger_rows(
