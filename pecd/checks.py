@@ -22,7 +22,10 @@ class Limits:
 
 
 def formal_checks(msg: Message, mail_from: str, rcpts: tuple[str, ...], size: int,
-                  limits: Limits) -> None:
+                  limits: Limits, block: bytes | None = None) -> None:
+    """``block``: the raw header section, when the caller has it (its lines are checked)."""
+    if block is not None and (line := headers.malformed_line(block)) is not None:
+        raise FormalCheckFailed(f"header line {line} is not a header field")
     froms = headers.addresses(msg, "From")
     if not froms:
         raise FormalCheckFailed("the From header is missing or holds no valid address")
@@ -30,6 +33,9 @@ def formal_checks(msg: Message, mail_from: str, rcpts: tuple[str, ...], size: in
         raise FormalCheckFailed("the From header must hold exactly one address")
     if not headers.same_address(froms[0], mail_from):
         raise FormalCheckFailed("the From address differs from the SMTP sender (MAIL FROM)")
+    for name in ("From", "Sender"):
+        if headers.foreign_addresses(msg, name, mail_from):
+            raise FormalCheckFailed(f"the {name} header names an address other than the sender")
     if any(str(value).strip() for value in msg.get_all("Bcc", [])):
         # an empty "Bcc:" left by a client is allowed: §3.1.1 forbids a Bcc holding a value
         raise FormalCheckFailed("Bcc recipients are not allowed in certified mail")

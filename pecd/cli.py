@@ -5,12 +5,14 @@ messages and a non-zero exit; nothing here holds logic another caller would need
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import sqlite3
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,11 @@ import click
 
 from pecd import config as config_mod
 from pecd import db as db_mod
+from pecd import durable, index_ldif, index_sync, ledger, pki, readings, users
 from pecd import index as index_mod
-from pecd import ledger, pki, readings, users
 from pecd import queue as queue_mod
 from pecd import trust as trust_mod
+from pecd.clock import SystemClock
 from pecd.cms import SignatureInvalid
 from pecd.config import Config, ConfigError, Listen
 from pecd.verdict import Verdict, describe
@@ -92,25 +95,49 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
 @click.option("--smtps-port", default=10465, show_default=True, type=int)
 @click.option("--inbound-port", default=10025, show_default=True, type=int)
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Signing key issued by an outside CA (PEM; with --cert).")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Signing certificate from that CA (PEM; with --key).")
+@click.option("--chain", "chain_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="The CA's intermediates (and root) for --cert (PEM bundle).")
 def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
          host: str, submission_port: int, smtps_port: int, inbound_port: int,
-         key_type: str) -> None:
-    """Create a provider: config, keys and certificates from a dev CA, database."""
+         key_type: str, key_file: Path | None, cert_file: Path | None,
+         chain_file: Path | None) -> None:
+    """Create a provider: config, keys and certificates from a dev CA, database.
+
+    With --key and --cert the signing pair comes from an outside CA instead (the dev CA
+    still issues the TLS and TSA certificates): checked, then copied into keys/."""
     domain = domain.lower()
     name = name or f"PEC {domain}"
     conf_path = directory / "pecd.toml"
     if conf_path.exists():
         raise click.ClickException(f"{conf_path} exists; refusing to overwrite")
+    if (key_file is None) != (cert_file is None) or (chain_file and not cert_file):
+        raise click.ClickException("--key and --cert go together (--chain needs them)")
+    service_address = f"posta-certificata@{domain}"
+    outside = None
+    if key_file is not None and cert_file is not None:
+        try:
+            outside = pki.check_outside_pair(key_file, cert_file, chain_file, service_address,
+                                             name, datetime.now(UTC))
+        except pki.PKIError as exc:
+            raise click.ClickException(str(exc)) from None
+        for warning in outside.warnings:
+            click.echo(f"warning: {warning}", err=True)
     keys = directory / "keys"
-    keys.mkdir(parents=True, exist_ok=True)
+    durable.private_dir(keys)  # and DIRECTORY itself, when init makes it
     ca_dir = ca_dir or directory / "ca"
     ca = pki.CertAuthority.load_or_create(ca_dir)
     kind: Any = key_type
-    service_address = f"posta-certificata@{domain}"
-    signing_key = pki.new_key(kind)
-    pki.write_key(keys / "signing.key", signing_key)
-    pki.write_cert(keys / "signing.pem",
-                   ca.issue_signing_cert(signing_key, name, service_address))
+    if outside is not None:
+        pki.install_outside_pair(outside, keys / "signing.key", keys / "signing.pem")
+    else:
+        signing_key = pki.new_key(kind)
+        pki.write_key(keys / "signing.key", signing_key)
+        pki.write_cert(keys / "signing.pem",
+                       ca.issue_signing_cert(signing_key, name, service_address))
     tls_key = pki.new_key(kind)
     pki.write_key(keys / "tls.key", tls_key)
     pki.write_cert(keys / "tls.pem", ca.issue_tls_cert(tls_key, ["localhost", domain]))
@@ -118,6 +145,8 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     pki.write_key(keys / "tsa.key", tsa_key)
     pki.write_cert(keys / "tsa.pem", ca.issue_tsa_cert(tsa_key, f"{name} TSA"))
     shutil.copyfile(ca_dir / "ca.pem", keys / "ca.pem")
+    if outside is not None and outside.roots:  # our own signatures must verify here too
+        pki.write_certs(keys / "ca.pem", [*pki.load_certs(keys / "ca.pem"), *outside.roots])
     listen = Listen(host, submission_port, smtps_port, inbound_port)
     conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
                                            listen=listen, ca_certs="keys/ca.pem"))
@@ -274,19 +303,90 @@ def index_group() -> None:
 
 
 @index_group.command("export")
+@click.option("--ldif", "as_ldif", is_flag=True,
+              help="This provider's entry as LDIF (RFC 6109 §4.5 attributes) for the index authority,"
+                   " instead of a JSON card.")
+@click.option("--base", default=index_ldif.DEFAULT_BASE, show_default=True,
+              help="With --ldif: the DN the entry sits under.")
+@click.option("--unit", default="", help="With --ldif: providerUnit.")
+@click.option("--location-url", default="", help="With --ldif: LDIFLocationURL.")
 @pass_ctx
-def index_export(ctx: Context) -> None:
-    """Print this provider's card for other operators to import."""
-    click.echo(own_card(ctx.config).card(), nl=False)
+def index_export(ctx: Context, as_ldif: bool, base: str, unit: str, location_url: str) -> None:
+    """Print this provider's card (or, with --ldif, its index entry) for others to import."""
+    card = own_card(ctx.config)
+    if not as_ldif:
+        click.echo(card.card(), nl=False)
+        return
+    entry = dataclasses.replace(card, unit=unit, ldif_url=location_url)
+    click.echo(index_ldif.entry_ldif(entry, base).decode(), nl=False)
+
+
+def _take_copy(ctx: Context, source: str, obtain: Callable[[], index_mod.IndexCopy]) -> None:
+    """Check a would-be index copy; replace the one in force only if it passes. Either way a
+    ledger row says what happened; a refusal is one error line and a non-zero exit."""
+    at = SystemClock().now()
+
+    def save(conn: sqlite3.Connection, copy: index_mod.IndexCopy) -> None:
+        index_mod.store_copy(conn, copy, at)
+        index_mod.record_refresh(conn, source, at, copy=copy)
+
+    def refuse(conn: sqlite3.Connection, reason: str) -> str:
+        info = index_mod.copy_info(conn)
+        kept = [f"{info.source} of {info.fetched}"] if info else []
+        index_mod.record_refresh(conn, source, at, refused=reason, kept=kept)
+        return f"; the copy of {info.fetched} stays in force" if info else ""
+
+    conn = ctx.connect()
+    try:
+        try:
+            copy = obtain()
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                save(conn, copy)
+        except index_mod.IndexError_ as exc:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                still = refuse(conn, str(exc))
+            raise click.ClickException(f"index refused: {exc}{still}") from None
+    finally:
+        conn.close()
+    for why in copy.skipped:
+        click.echo(f"left out: {why}", err=True)
+    signer = f", signed by {copy.signer}" if copy.signer else ""
+    click.echo(f"index copy replaced: {len(copy.providers)} providers from {source}{signer}")
 
 
 @index_group.command("import")
-@click.argument("card", type=click.File("r"))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--card", "kind", flag_value="card", help="FILE is a JSON provider card.")
+@click.option("--ldif", "kind", flag_value="ldif",
+              help="FILE is the index authority's signed LDIF (S/MIME multipart/signed,"
+                   " application/pkcs7-mime, or CMS SignedData in DER or PEM).")
+@click.option("--authority", "authority", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Index-authority certificate (default: [index] authority_cert).")
 @pass_ctx
-def index_import(ctx: Context, card: Any) -> None:
-    """Trust a peer provider's card (its domains, address and signing certificate)."""
+def index_import(ctx: Context, file: Path, kind: str | None, authority: Path | None) -> None:
+    """Trust a peer's card, or take the authority's signed index as the index copy.
+
+    Without --card/--ldif the kind is told from the content: a JSON object is a card, anything
+    else must be a signed index. Unsigned LDIF, a wrong signer, altered content, a file over
+    [index] max_size or one with no provider entry are refused; the copy in force stays.
+    """
+    data = file.read_bytes()
+    if kind is None:
+        kind = "card" if data.lstrip().startswith(b"{") else "ldif"
+    if kind == "ldif":
+        source = ctx.config.index
+
+        def obtain() -> index_mod.IndexCopy:
+            certs = index_sync.authority_certs(source, authority)
+            return index_ldif.read_signed(data, str(file), certs, SystemClock().now(),
+                                          source.max_size)
+
+        _take_copy(ctx, str(file), obtain)
+        return
     try:
-        provider = index_mod.parse_card(card.read())
+        provider = index_mod.parse_card(data.decode("utf-8", "replace"))
     except index_mod.IndexError_ as exc:
         raise click.ClickException(str(exc)) from None
     conn = ctx.connect()
@@ -296,14 +396,58 @@ def index_import(ctx: Context, card: Any) -> None:
     click.echo(f"imported {provider.name} ({', '.join(provider.domains)}) {provider.fingerprint}")
 
 
+@index_group.command("import-ldap")
+@click.argument("url", required=False)
+@click.option("--base", default=None, help="Search base (default: [index] base).")
+@pass_ctx
+def index_import_ldap(ctx: Context, url: str | None, base: str | None) -> None:
+    """Read the provider entries from an LDAP server (URL, default [index] url) as the index copy.
+
+    The read is anonymous and unsigned: trust comes from the server named, so prefer ldaps://.
+    """
+    source = ctx.config.index
+    url = url or source.url
+    if not url or not url.lower().startswith(("ldap://", "ldaps://")):
+        raise click.ClickException("give an ldap:// or ldaps:// URL (or set [index] url to one)")
+    base = base or source.base
+    _take_copy(ctx, f"{url} {base}", lambda: index_sync.read_directory(url, base, source.timeout))
+
+
+@index_group.command("refresh")
+@click.option("--url", default=None, help="Fetch from here instead of [index] url.")
+@pass_ctx
+def index_refresh(ctx: Context, url: str | None) -> None:
+    """Fetch the index now from [index] url (signed LDIF over HTTP(S), or an LDAP server)."""
+    source = ctx.config.index
+    where = url or source.url
+    if not where:
+        raise click.ClickException("no index source: set [index] url or give --url")
+    _take_copy(ctx, where, lambda: index_sync.obtain(source, SystemClock(), url=where))
+
+
+@index_group.command("status")
+@pass_ctx
+def index_status(ctx: Context) -> None:
+    """Where the index copy in force came from, when, and who signed it."""
+    info = ctx.transact(index_mod.copy_info)
+    if info is None:
+        click.echo("no index copy (only cards)")
+        return
+    click.echo(f"source:   {info.source} ({info.kind})\nfetched:  {info.fetched}\n"
+               f"entries:  {info.entries}\nsha256:   {info.sha256}\n"
+               f"signer:   {info.signer or '-'}\nsigned:   {info.signed_at or '-'}")
+
+
 @index_group.command("list")
 @pass_ctx
 def index_list(ctx: Context) -> None:
     """List trusted providers."""
     conn = ctx.connect()
     for p in index_mod.load_all(conn):
-        click.echo(f"{p.fingerprint[:16]}  {p.name}  {','.join(p.domains)}  {p.host}:{p.port}"
-                   f"  {p.service_address}")
+        where = f"{p.host}:{p.port}" if p.host else f"(domain):{p.port}"
+        origin = "index" if p.from_index_copy else "card"
+        click.echo(f"{p.fingerprint[:16]}  {p.name}  {','.join(p.domains)}  {where}"
+                   f"  {p.service_address or '-'}  {origin}")
     conn.close()
 
 
@@ -311,10 +455,12 @@ def index_list(ctx: Context) -> None:
 @click.argument("fingerprint")
 @pass_ctx
 def index_remove(ctx: Context, fingerprint: str) -> None:
-    """Stop trusting a certificate (full SHA-256 fingerprint as `index list --full` shows)."""
+    """Stop trusting a card's certificate (a prefix of the fingerprint `index list` shows).
+
+    Entries of the index copy go only with the next copy that no longer lists them."""
     conn = ctx.connect()
     with conn:
-        matches = [p.fingerprint for p in index_mod.load_all(conn)
+        matches = [p.fingerprint for p in index_mod.load_cards(conn)
                    if p.fingerprint.startswith(fingerprint.lower())]
         if len(matches) != 1:
             raise click.ClickException(f"{len(matches)} entries match {fingerprint}")
@@ -546,8 +692,9 @@ def ledger_export(ctx: Context, since: datetime | None, until: datetime | None,
     payload = data.encode()
     clock = SystemClock()
     signer = make_issuer(cfg, clock, make_timestamper(cfg, clock)).signer
-    output.write_bytes(payload)
-    Path(f"{output}.p7s").write_bytes(signer.sign_detached(payload))
+    # the ledger names senders, recipients and subjects: owner-only, whatever the umask
+    durable.write_private(output, payload)
+    durable.write_private(Path(f"{output}.p7s"), signer.sign_detached(payload))
     click.echo(f"exported {len(rows)} rows to {output} (signature {output}.p7s)")
 
 

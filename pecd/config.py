@@ -8,6 +8,7 @@ TSA, loopback ports.
 from __future__ import annotations
 
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +40,36 @@ class Limits:
     max_header_bytes: int = 512 * 1024
     max_connections_per_address: int = 20
     max_commands_per_session: int = 1000
-    auth_failures_per_account: int = 5  # within auth_window: then 454 until the window lets go
-    auth_failures_per_address: int = 20
+    # failed logins within auth_window (see pecd.throttle.AuthThrottle and SECURITY.md):
+    auth_failures_per_source: int = 5  # per (account, client address): then 454 for that pair
+    auth_failures_per_address: int = 20  # per client address over all accounts: then 454
+    auth_failures_per_account: int = 10  # per account over all addresses: then it is slowed
     auth_window: float = 900.0
-    lock_after_failures: int = 20  # consecutive failures lock the account until `pecd user enable`
+    auth_slow_interval: float = 10.0  # a slowed account's password checks, this far apart
+    auth_slow_max_wait: float = 60.0  # an attempt that would wait longer gets 454 for now
+    tls_failures_per_address: int = 50  # failed TLS handshakes within auth_window: then 421
+    lock_after_failures: int = 0  # >0: consecutive failures lock the account until `pecd user
+    # enable` (off by default: anyone who knows an address could lock its owner out)
+
+
+TLS12_AEAD = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """What the listeners offer over TLS 1.2 (an OpenSSL cipher string; TLS 1.3 suites are all
+    AEAD and not affected). The default is ECDHE with AES-GCM or ChaCha20-Poly1305 only: no CBC
+    suite, whose MAC-then-encrypt padding checks are the Lucky13/POODLE family's door. An
+    operator with old clients may widen it, e.g. ``"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES"``."""
+
+    tls12_ciphers: str = TLS12_AEAD
+
+    def __post_init__(self) -> None:
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            probe.set_ciphers(self.tls12_ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"[tls] tls12_ciphers selects no cipher: {self.tls12_ciphers!r}") from None
 
 
 @dataclass(frozen=True)
@@ -95,6 +122,23 @@ class Trust:
             raise ConfigError(f"[trust] digests: {exc}") from None
 
     policy: AlgorithmPolicy = field(init=False, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class IndexSource:
+    """The index authority's directory: where to refresh it from and whose signature it needs.
+
+    ``url``: ``http(s)://`` for a signed LDIF file, ``ldap(s)://host:port`` for a live directory
+    (entries under ``base``). No refresh when unset. A refresh that fails keeps the last good copy.
+    """
+
+    authority_cert: Path | None = None
+    url: str | None = None
+    base: str = "o=postacert"
+    refresh_interval: float = 86400.0
+    retry_interval: float = 900.0  # after a failed refresh
+    max_size: int = 16 * 1024 * 1024
+    timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -189,6 +233,24 @@ class Fallback:
 
 
 @dataclass(frozen=True)
+class Reception:
+    """Revocation of peers' signing certificates (RFC 6109 §2.2.2, §7; see pecd.revocation).
+
+    ``revocation``: what happens while a signer's status cannot be learnt (its CRL and OCSP
+    sources down): ``"defer"`` answers ``451`` so the peer retries, and after
+    ``revocation_grace`` seconds of unknown status the message is accepted and becomes an
+    anomaly envelope; ``"anomaly"`` makes it an anomaly envelope at once. Never accepted as
+    certified. ``"off"`` checks no revocation at all (an explicit choice for closed test
+    networks and offline replays of old mail; the service logs a warning at start)."""
+
+    revocation: Literal["defer", "anomaly", "off"] = "defer"
+    revocation_grace: float = 4 * 3600.0
+    revocation_timeout: float = 10.0  # seconds per CRL or OCSP fetch
+    revocation_retry: float = 60.0  # seconds before a source that failed is asked again
+    max_crl_bytes: int = 20_000_000
+
+
+@dataclass(frozen=True)
 class Paths:
     data_dir: Path
     signing_key: Path
@@ -221,11 +283,14 @@ class Config:
     paths: Paths
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
+    tls: Tls = field(default_factory=Tls)
     relay: Relay = field(default_factory=Relay)
     timeouts: Timeouts = field(default_factory=Timeouts)
     delivery: Delivery = field(default_factory=Delivery)
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     antivirus: Antivirus = field(default_factory=Antivirus)
+    reception: Reception = field(default_factory=Reception)
+    index: IndexSource = field(default_factory=IndexSource)
     trust: Trust = field(default_factory=Trust)
     consultation: Consultation = field(default_factory=Consultation)
     fallback: Fallback = field(default_factory=Fallback)
@@ -297,6 +362,17 @@ def load(path: Path) -> Config:
     delivery = _section(raw, "delivery")
     if "quota" in delivery:
         delivery = {**delivery, "quota": parse_size(delivery["quota"], "[delivery] quota")}
+    reception: Reception = _build(Reception, _section(raw, "reception"), "reception")
+    if reception.revocation not in ("defer", "anomaly", "off"):
+        raise ConfigError(f"[reception] revocation must be \"defer\", \"anomaly\" or \"off\","
+                          f" not {reception.revocation!r}")
+    index = dict(_section(raw, "index"))
+    if index.get("authority_cert"):
+        index["authority_cert"] = (base / str(index["authority_cert"])).resolve()
+    index_source: IndexSource = _build(IndexSource, index, "index")
+    if index_source.url and index_source.url.split(":", 1)[0].lower() not in (
+            "http", "https", "ldap", "ldaps"):
+        raise ConfigError("[index] url must be http(s):// (signed LDIF) or ldap(s):// (directory)")
     return Config(
         name=name,
         domains=domains,
@@ -305,11 +381,14 @@ def load(path: Path) -> Config:
         paths=paths,
         listen=_build(Listen, _section(raw, "listen"), "listen"),
         limits=_build(Limits, _section(raw, "limits"), "limits"),
+        tls=_build(Tls, _section(raw, "tls"), "tls"),
         relay=_build(Relay, _section(raw, "relay"), "relay"),
         timeouts=_build(Timeouts, _section(raw, "timeouts"), "timeouts"),
         delivery=_build(Delivery, delivery, "delivery"),
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
+        reception=reception,
+        index=index_source,
         trust=_trust(_section(raw, "trust")),
         consultation=_consultation(_section(raw, "consultation")),
         fallback=_fallback(_section(raw, "fallback"), base),
@@ -359,10 +438,20 @@ max_header_fields = 500                # header fields per message
 max_header_bytes = 524288              # size of the header section
 max_connections_per_address = 20       # concurrent SMTP connections from one client address
 max_commands_per_session = 1000        # then 421 and the connection closes
-auth_failures_per_account = 5          # failed logins per account within auth_window: then 454 ...
-auth_failures_per_address = 20         # ... and per client address
+auth_failures_per_source = 5           # failed logins per (account, client address) in auth_window: 454
+auth_failures_per_address = 20         # ... per client address, over all accounts: then 454
+auth_failures_per_account = 10         # ... per account, over all addresses: then it is slowed, never locked:
+auth_slow_interval = 10.0              #     one password check per this many seconds, whoever asks;
+auth_slow_max_wait = 60.0              #     an attempt that would wait longer gets 454 for now
 auth_window = 900.0                    # seconds
-lock_after_failures = 20               # consecutive failed logins lock an account until `pecd user enable`
+tls_failures_per_address = 50          # failed TLS handshakes within auth_window: then 421 at connect
+lock_after_failures = 0                # N > 0: N failures in a row lock the account until `pecd user enable`
+                                       # (off: a lock lets anyone who knows an address lock its owner out)
+
+[tls]
+# TLS 1.2 suites every listener offers (OpenSSL syntax; TLS 1.3 is AEAD anyway): AEAD only.
+# Old CBC-only clients: append ":ECDHE+AES".
+tls12_ciphers = "{TLS12_AEAD}"
 
 [relay]
 retry_base = 30.0                      # seconds before the first retry; doubles, with jitter
@@ -395,10 +484,27 @@ checkpoint_interval = 300.0            # ... or every T seconds, whichever comes
 [antivirus]
 # clamd = "unix:/run/clamav/clamd.ctl" # or "tcp:127.0.0.1:3310"; no virus scanning when unset
 
+[reception]
+# peers' signing certificates are checked against their CRL / OCSP responder when they name one
+revocation = "defer"                   # status unknown (sources down): 451, the peer retries ...
+revocation_grace = 14400.0             # ... this many seconds, then anomaly envelope ("anomaly": at once;
+                                       # "off": no revocation check, for closed test networks only)
+revocation_timeout = 10.0              # seconds per CRL or OCSP fetch
+revocation_retry = 60.0                # seconds before asking a failed source again
+max_crl_bytes = 20000000               # a bigger CRL is refused (the copy in force stays)
+
 [trust]
 digests = ["sha1", "sha224", "sha256", "sha384", "sha512"]   # accepted in peers' signatures and
                                        # their chains; SHA-1 (all real PEC providers) is marked weak
 
 [tsa]
 # url = "http://tsa.example/tsr"       # external RFC 3161 TSA; the built-in one when unset
+
+[index]
+# authority_cert = "keys/index-authority.pem"  # signed LDIF must verify under this certificate
+# url = "https://index.example/providers.ldif.p7m"  # signed LDIF; or "ldap://host:389" (then base applies)
+# base = "o=postacert"                 # LDAP search base for the provider entries
+# refresh_interval = 86400.0           # seconds between refreshes; the last good copy stays when one fails
+# retry_interval = 900.0               # seconds before retrying a failed refresh
+# max_size = 16777216                  # bytes: a bigger index file is refused
 '''

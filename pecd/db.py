@@ -1,4 +1,5 @@
-"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys.
+"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys,
+revocation material.
 
 Everything that must change together (a queue state, its outputs, their ledger rows) commits in
 one transaction. All writes go through one writer thread, which batches concurrent requests into
@@ -19,7 +20,7 @@ from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pecd import ledger
+from pecd import durable, ledger
 
 T = TypeVar("T")
 
@@ -106,7 +107,53 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
-        "0004_recipient_side",
+        "0004_index_copy",
+        # the index authority's directory (signed LDIF or LDAP read): one copy in force, replaced
+        # whole (pecd.index.store_copy); raw keeps the signed file as received
+        """
+        CREATE TABLE index_copy (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            source TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            raw BLOB NOT NULL,
+            sha256 TEXT NOT NULL,
+            signer TEXT NOT NULL,
+            signed_at TEXT,
+            fetched TEXT NOT NULL,
+            entries INTEGER NOT NULL
+        );
+        CREATE TABLE index_entries (
+            dn TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            mail_receipt TEXT NOT NULL,
+            domains TEXT NOT NULL,
+            cert_hashes TEXT NOT NULL,
+            certs TEXT NOT NULL,
+            ldif_url TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        "0005_revocation_cache",
+        # pecd.revocation_store: CRLs / OCSP responses in force, and since when a peer
+        # signer's revocation status has been unknown (the grace of [reception] revocation)
+        """
+        CREATE TABLE revocation_cache (
+            key TEXT PRIMARY KEY,
+            der BLOB NOT NULL,
+            this_update REAL NOT NULL,
+            next_update REAL NOT NULL,
+            fetched REAL NOT NULL
+        );
+        CREATE TABLE revocation_unknown (
+            fingerprint TEXT PRIMARY KEY,
+            since REAL NOT NULL
+        );
+        """,
+    ),
+    (
+        "0006_recipient_side",
         # pecd.reading: at the recipient's provider one row per certified delivery whose sender
         # asked for reading evidence; at the sender's, the read / not-read times in tracking;
         # the per-user default and the peers' card flag; the user's arrival-notice address,
@@ -172,7 +219,7 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 def open_database(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    durable.private_dir(path.parent)
     # password hashes and the ledger: owner only (SQLite gives -wal/-shm the file's own mode)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     conn = connect(path)

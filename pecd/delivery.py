@@ -75,7 +75,7 @@ class Maildir:
         box = self.path(address)
         name = f"{int(created)}.{key}.{self.hostname}"
         for sub in ("tmp", "new", "cur"):
-            (box / sub).mkdir(parents=True, exist_ok=True)
+            durable.private_dir(box / sub)
         final = box / "new" / name
         if self._exists(box, name):
             return final

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import unicodedata
 from email import policy
 from email.header import decode_header
 from email.message import Message
@@ -98,3 +99,51 @@ def canonical(address: str) -> str:
 def same_address(a: str, b: str) -> bool:
     """Local parts compare exactly, domains case-insensitively (RFC 5321 §2.4)."""
     return canonical(a) == canonical(b)
+
+
+# RFC 5322 §3.6.8: field-name = 1*ftext (printable US-ASCII but the colon), then the colon
+# itself; the obsolete form with white space before the colon ("From :") is not allowed here
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+
+
+def malformed_line(block: bytes) -> int | None:
+    """The number (from 1) of the first line of a header section that is neither a field
+    (``name:``) nor the folded continuation of one (it starts with SP or HT and is not blank),
+    or None when every line is one of those.
+
+    Parsers disagree about such lines: Python's ends the header section at the first, a
+    lenient one skips it and reads the fields after it (a second ``From :``, say). A message
+    whose header section has one means different things to different readers."""
+    lines = re.split(rb"\r?\n", block)
+    if lines and lines[-1] == b"":
+        lines.pop()  # the line end of the last field
+    for number, line in enumerate(lines, 1):
+        if line[:1] in (b" ", b"\t"):
+            if number == 1 or not line.strip(b" \t"):
+                return number  # folding with nothing to fold, or a blank-looking line
+        elif not _FIELD_START.match(line):
+            return number
+    return None
+
+
+# address-like text: something@something, without the delimiters of address syntax
+_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\]\"',;:\\@]+@[^\s<>()\[\]\"',;:\\@]+")
+
+
+def foreign_addresses(msg: Message, name: str, owner: str) -> list[str]:
+    """Addresses other than ``owner`` written anywhere in the ``name`` fields: display names,
+    comments, quoted strings, encoded words (decoded), compatibility forms such as a
+    full-width at sign (NFKC). A mail reader shows those to the recipient as the author."""
+    found: list[str] = []
+    for raw in msg.get_all(name, []):
+        value = str(raw)
+        try:
+            decoded = _decode_words(value)
+        except (ValueError, LookupError, UnicodeError):
+            decoded = value
+        for text in (value, decoded):
+            for token in _ADDRESS_LIKE.findall(unicodedata.normalize("NFKC", text)):
+                token = token.strip(".")
+                if not same_address(token, owner) and xml_safe(token) not in found:
+                    found.append(xml_safe(token))
+    return found

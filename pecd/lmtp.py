@@ -28,6 +28,7 @@ import smtplib
 import time
 from pathlib import Path
 
+from pecd import durable
 from pecd.delivery import MailboxError, MailboxUnavailable
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -113,7 +114,7 @@ class LmtpMailbox:
         return self.journal / str(day) / f"{int(created)}.{key}"
 
     def _mark(self, marker: Path) -> None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
+        durable.private_dir(marker.parent)
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.fsync(fd)

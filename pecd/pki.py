@@ -12,15 +12,17 @@ import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pecd import durable
 from pecd.clock import Clock, SystemClock
 
 KeyType = Literal["rsa", "ec"]
@@ -198,7 +200,7 @@ class CertAuthority:
             return cls(key=key, cert=cert, clock=clock or SystemClock())
         if key_path.exists() or cert_path.exists():
             raise PKIError(f"{dir}: only one of {CA_KEY_FILE} / {CA_CERT_FILE} exists")
-        dir.mkdir(parents=True, exist_ok=True)
+        durable.private_dir(dir)
         ca = cls.create(name, kind=kind, clock=clock)
         write_key(key_path, ca.key)
         write_cert(cert_path, ca.cert)
@@ -273,3 +275,117 @@ class CertAuthority:
             )
         )
         return self._sign(builder)
+
+
+# --------------------------------------------------------------------------- bring your own
+
+
+@dataclass(frozen=True)
+class OutsidePair:
+    """A signing key and certificate issued by an outside (accredited) CA, checked for use.
+
+    ``intermediates`` travel in every signature after the certificate (``signing.pem`` holds
+    them as one bundle); ``roots`` (self-signed certificates found in the chain file) are
+    added to this provider's own trust roots, so its own mail (same-domain mail goes through
+    the reception point too, RFC 6109 §3.4) verifies. ``warnings`` are shape problems that
+    RFC 6109 §5 asks about but that do not stop peers from verifying the signature.
+    """
+
+    key: PrivateKey
+    cert: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+    warnings: tuple[str, ...]
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _ext(cert: x509.Certificate, cls: type[x509.ExtensionType]) -> x509.Extension[Any] | None:
+    try:
+        return cert.extensions.get_extension_for_class(cls)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def check_outside_pair(key_path: Path, cert_path: Path, chain_path: Path | None,
+                       service_address: str, provider_name: str, now: datetime) -> OutsidePair:
+    """Load and judge an outside CA's signing pair; PKIError says why it cannot be used.
+
+    Refused (peers would reject every signature, or it is not the operator's certificate):
+    the key does not belong to the certificate; the certificate is not valid now; it is a CA
+    certificate; its KeyUsage forbids digitalSignature; its extended key usage excludes
+    e-mail protection; a chain file whose first certificate did not issue it, or holds a
+    non-CA certificate. Warned (RFC 6109 §5 shape; signatures still verify): the service
+    address missing from SAN rfc822Name, no KeyUsage or a non-critical one, the provider
+    name in neither CN nor O, no chain file.
+    """
+    key = load_key(key_path)
+    certs = load_certs(cert_path)
+    if not certs:
+        raise PKIError(f"{cert_path}: no certificate")
+    cert, extra = certs[0], certs[1:]
+    if cert.public_key() != key.public_key():
+        raise PKIError(f"{key_path} does not belong to the certificate in {cert_path}")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise PKIError(f"{cert_path}: not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d}"
+                       f" to {cert.not_valid_after_utc:%Y-%m-%d})")
+    bc = _ext(cert, x509.BasicConstraints)
+    if bc is not None and bc.value.ca:
+        raise PKIError(f"{cert_path}: a CA certificate, not a signing certificate")
+    warnings: list[str] = []
+    ku = _ext(cert, x509.KeyUsage)
+    if ku is None:
+        warnings.append("no KeyUsage extension (RFC 6109 §5 asks for digitalSignature, critical)")
+    else:
+        if not ku.value.digital_signature:
+            raise PKIError(f"{cert_path}: KeyUsage does not allow digitalSignature")
+        if not ku.critical:
+            warnings.append("KeyUsage is not marked critical (RFC 6109 §5)")
+    eku = _ext(cert, x509.ExtendedKeyUsage)
+    if eku is not None and not {ExtendedKeyUsageOID.EMAIL_PROTECTION,
+                                ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(eku.value):
+        raise PKIError(f"{cert_path}: extended key usage excludes e-mail protection")
+    san = _ext(cert, x509.SubjectAlternativeName)
+    emails = [e.lower() for e in san.value.get_values_for_type(x509.RFC822Name)] if san else []
+    if service_address.lower() not in emails:
+        warnings.append(f"the service address {service_address} is not in the certificate's"
+                        f" SAN rfc822Name ({', '.join(emails) or 'none'}); RFC 6109 §5 asks for it")
+    names = [str(a.value) for a in cert.subject
+             if a.oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME)]
+    if provider_name not in names:
+        warnings.append(f"the provider name {provider_name!r} is in neither CN nor O "
+                        f"({', '.join(names) or 'none'})")
+    chain = [*extra, *(load_certs(chain_path) if chain_path is not None else [])]
+    intermediates = tuple(c for c in chain if not _self_signed(c) and c != cert)
+    roots = tuple(c for c in chain if _self_signed(c))
+    for c in intermediates:
+        c_bc = _ext(c, x509.BasicConstraints)
+        if c_bc is None or not c_bc.value.ca:
+            raise PKIError(f"chain: {c.subject.rfc4514_string()} is not a CA certificate")
+    if chain:
+        first = intermediates[0] if intermediates else roots[0]
+        try:
+            cert.verify_directly_issued_by(first)
+        except (ValueError, TypeError, InvalidSignature):
+            raise PKIError(f"chain: the certificate was not issued by "
+                           f"{first.subject.rfc4514_string()}, the chain's first") from None
+    else:
+        warnings.append("no --chain: peers need the issuing CA's certificates to verify")
+    if not roots:
+        warnings.append("no root certificate given: add the CA's root to [files] ca_certs, or this"
+                        " provider's own mail (same-domain mail too) will not verify here")
+    return OutsidePair(key, cert, intermediates, roots, tuple(warnings))
+
+
+def install_outside_pair(pair: OutsidePair, key_path: Path, cert_path: Path) -> None:
+    """The key (0600) and the certificate with its intermediates as one PEM bundle."""
+    write_key(key_path, pair.key)
+    write_certs(cert_path, [pair.cert, *pair.intermediates])

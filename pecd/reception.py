@@ -5,7 +5,8 @@ transaction) and handed to the delivery point; a valid receipt goes to its addre
 the tracking of our own transactions; anything else reaches the recipient only inside an anomaly
 envelope, never as certified mail.
 
-Trusts: the provider index and the configured CA certificates, nothing in the message itself.
+Trusts: the provider index and the configured CA certificates, nothing in the message itself;
+the signer's CRL / OCSP status only as far as its issuer signed it (:mod:`pecd.revocation`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 
 from pecd import envelope, pec, readings, receipts, virus
+from pecd import revocation as revocation_mod
 from pecd.clock import Clock
 from pecd.cms import SignatureInfo, SignatureInvalid, verify_detached
 from pecd.config import Config
@@ -104,7 +106,8 @@ class ReceptionPoint:
     def __init__(self, config: Config, issuer: Issuer, router: Router, index: ProviderIndex,
                  trust_roots: Sequence[x509.Certificate], clock: Clock,
                  read: Callable[[Item], bytes], cpu: Executor,
-                 scanner: virus.Scanner | None = None) -> None:
+                 scanner: virus.Scanner | None = None,
+                 revocation: revocation_mod.Checker | None = None) -> None:
         self.config = config
         self.issuer = issuer
         self.router = router
@@ -115,6 +118,7 @@ class ReceptionPoint:
         self.cpu = cpu
         self.scanner = scanner
         self.quarantine = virus.Quarantine.for_config(config)
+        self.revocation = revocation
 
     async def handle(self, item: Item) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -126,9 +130,20 @@ class ReceptionPoint:
                     found = await self.scanner.scan(data)
                 except virus.ScanError as exc:
                     return virus.unavailable(item, exc)
-        return await loop.run_in_executor(self.cpu, self._handle, item, found)
+        decision = await self._revocation(item)
+        return await loop.run_in_executor(self.cpu, self._handle, item, found, decision)
 
-    def _handle(self, item: Item, found: str | None = None) -> Outcome:
+    async def _revocation(self, item: Item) -> revocation_mod.Decision | None:
+        """The signer's revocation status at the arrival time, with ``[reception] revocation``
+        applied (material fetched here, on the event loop's terms, not in ``_handle``)."""
+        if self.revocation is None:
+            return None
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self.cpu, self.read, item)
+        return await self.revocation.check(data, datetime.fromtimestamp(item.created, UTC))
+
+    def _handle(self, item: Item, found: str | None = None,
+                decision: revocation_mod.Decision | None = None) -> Outcome:
         data = self.read(item)
         try:
             verified = verify(data, item.mail_from, self.index, self.trust_roots,
@@ -136,6 +151,9 @@ class ReceptionPoint:
                               policy=self.config.trust.policy)
         except NotCertified as exc:
             return self._anomaly(item, data, str(exc), exc.kind)
+        held = self._revocation_outcome(item, data, decision)
+        if held is not None:
+            return held
         if verified.parsed.category == "envelope":
             if found is not None:
                 return self._infected(item, data, verified, found)
@@ -143,6 +161,25 @@ class ReceptionPoint:
         if verified.parsed.certdata and verified.parsed.certdata.type == "rilevazione-virus":
             return self._virus_notice(item, verified)
         return self._receipt(item, verified)
+
+    def _revocation_outcome(self, item: Item, data: bytes,
+                            decision: revocation_mod.Decision | None) -> Outcome | None:
+        """A verified message whose signer was revoked at the arrival time, or whose status
+        stayed unknown past the grace, becomes an anomaly envelope; one still in its grace
+        (the cache expired after the SMTP pre-check said it was known) waits in the queue."""
+        if decision is None or decision.status.state in ("good", "unchecked"):
+            return None
+        status = decision.status
+        if decision.action == "defer":
+            retry = max(self.config.reception.revocation_retry, 5.0)
+            events = [] if item.attempts else [LedgerEvent(
+                event="revocation-deferred", sender=item.mail_from, recipients=item.rcpts,
+                detail={"reason": status.reason[:2000], "queue_id": item.id})]
+            return Outcome(state="deferred", delay=retry, error=status.reason[:500], events=events)
+        if status.state == "unknown":
+            return self._anomaly(item, data, f"{status.reason} (unknown for"
+                                             f" {decision.unknown_for:.0f} s)", "revocation-unknown")
+        return self._anomaly(item, data, status.reason, status.kind)
 
     def _anomaly(self, item: Item, data: bytes, reason: str, kind: str = "malformed") -> Outcome:
         at = self.clock.now()

@@ -60,7 +60,12 @@ class Router:
                 key = ""
             else:
                 provider = self.index.for_address(rcpt)
-                key = f"pec:{provider.fingerprint}" if provider else EXTERNAL
+                if provider is None:
+                    key = EXTERNAL
+                elif provider.host:
+                    key = f"pec:{provider.fingerprint}"
+                else:  # an index-copy entry: one hop per domain (see RelayStage.hop)
+                    key = f"pec:{provider.fingerprint}:{rcpt.rpartition('@')[2].lower()}"
             groups.setdefault(key, []).append(rcpt)
         return [
             Route(local_kind if key == "" else "relay", tuple(group), key)
@@ -297,7 +302,9 @@ class RelayStage:
             provider = self.index.for_address(item.rcpts[0])
             if provider is None:
                 raise PermanentFailure(f"no provider in the index for {item.rcpts[0]}")
-            return Hop(provider.host, provider.port, tls=True)
+            # an entry of the authority's index names no host: the recipient's domain, SMTP port
+            host = provider.host or item.rcpts[0].rpartition("@")[2].lower()
+            return Hop(host, provider.port, tls=True)
         if self.config.relay.smarthost:
             return Hop(self.config.relay.smarthost, self.config.relay.smarthost_port, tls=False)
         raise PermanentFailure("no smarthost configured for non-PEC recipients")

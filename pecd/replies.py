@@ -30,13 +30,22 @@ AUTH_THROTTLED = "454 4.7.0 Too many failed authentication attempts, try again l
 BAD_SENDER_SYNTAX = "553 5.1.7 Bad sender address syntax"
 BAD_RCPT_SYNTAX = "553 5.1.3 Bad recipient address syntax"
 BARE_LINE_ENDING = "554 5.6.11 Bare CR or LF in message: lines must end in CRLF (RFC 5321 2.3.8)"
+NUL_IN_MESSAGE = "554 5.6.0 NUL character in message: not allowed in Internet mail (RFC 5322 2.3)"
+CONTROL_IN_HEADERS = ("554 5.6.0 Control character in header section: not allowed"
+                      " (RFC 5322 2.2)")
+MALFORMED_HEADER = ("554 5.6.0 Malformed header section: every line must be a header field"
+                    " or its continuation (RFC 5322 2.2)")
 TOO_MANY_HEADERS = "554 5.6.0 Too many header fields (limit {})"
 HEADERS_TOO_BIG = "554 5.6.0 Header section too large (limit {} bytes)"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_COMMANDS = "421 4.7.0 Too many commands in this session, closing"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+TLS_FAILED = "454 4.7.0 TLS handshake failed"
+TOO_MANY_TLS_FAILURES = "421 4.7.0 Too many failed TLS handshakes from your address, try again later"
 UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
+REVOCATION_UNKNOWN = ("451 4.7.5 Revocation status of the signing certificate unknown"
+                      " (CRL/OCSP unreachable), try again later")
 
 
 class Refusal(Exception):
@@ -85,8 +94,27 @@ class BareLineEnding(Refusal):
     reply = BARE_LINE_ENDING
 
 
+class ForbiddenBytes(Refusal):
+    """A byte no message may hold (NUL), or no new message's header section (other controls)."""
+
+    reply = NUL_IN_MESSAGE
+
+
+class MalformedHeader(Refusal):
+    """A header line that is no field: parsers would disagree on the fields (and the author)."""
+
+    reply = MALFORMED_HEADER
+
+
 class TooManyHeaders(Refusal):
     reply = TOO_MANY_HEADERS
+
+
+class RevocationUnknown(Refusal):
+    """[reception] revocation = "defer": the peer retries until the status is known or the
+    grace is over (then the reception point makes an anomaly envelope)."""
+
+    reply = REVOCATION_UNKNOWN
 
 
 def reply_for(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import ledger, pki, printjob, users, virus
+from pecd import ledger, pki, printjob, revocation, users, virus
 from pecd.clock import Clock, SystemClock
 from pecd.cms import Signer
 from pecd.config import Config
@@ -30,6 +30,7 @@ from pecd.db import Database
 from pecd.delivery import DeliveryPoint, Mailbox, Maildir
 from pecd.fallback import FallbackStage
 from pecd.index import ProviderIndex
+from pecd.index_sync import IndexRefresher
 from pecd.ledger import LedgerEvent
 from pecd.lmtp import LmtpMailbox
 from pecd.pec import Issuer
@@ -48,9 +49,8 @@ log = logging.getLogger("pecd")
 Handler = Callable[[Item], Awaitable[Outcome]]
 
 
-def _index_version(conn: sqlite3.Connection) -> tuple[int, str]:
-    row = conn.execute("SELECT count(*), coalesce(max(imported), '') FROM providers").fetchone()
-    return int(row[0]), str(row[1])
+def _index_version(conn: sqlite3.Connection) -> tuple[int, str, str]:
+    return index_mod.version(conn)
 
 
 def _rows_since_checkpoint(conn: sqlite3.Connection) -> int:
@@ -176,8 +176,10 @@ def make_mailbox(config: Config) -> Mailbox:
 
 
 def make_issuer(config: Config, clock: Clock, timestamper: Timestamper) -> Issuer:
-    signer = Signer(pki.load_key(config.paths.signing_key), pki.load_cert(config.paths.signing_cert),
-                    clock, timestamper=timestamper)
+    # signing.pem: the certificate, then any intermediates (an outside CA's), sent with each signature
+    cert, *chain = pki.load_certs(config.paths.signing_cert)
+    signer = Signer(pki.load_key(config.paths.signing_key), cert, clock, chain=chain,
+                    timestamper=timestamper)
     return Issuer(config.name, config.domain, config.service_address, signer)
 
 
@@ -202,9 +204,18 @@ class Service:
         self.scanner = virus.scanner_for(config)  # None: [antivirus] unset, scanning off
         self.access = AccessPoint(config, self.issuer, self.router, self.clock, read, self.cpu,
                                   self.scanner, db=self.db)
+        self.revocation_sources = revocation.Sources(config.reception, self.clock, self.db, self.cpu)
+        self.revocation_sources.load()  # the copies in force survive a restart
+        self.revocation: revocation.Checker | None = revocation.Checker(
+            config.reception, self.revocation_sources, self.index, self.trust_roots, self.clock,
+            self.cpu, config.trust.policy)
+        if config.reception.revocation == "off":
+            log.warning("[reception] revocation = \"off\": peers' certificates are not checked"
+                        " for revocation")
+            self.revocation = None
         self.reception = ReceptionPoint(config, self.issuer, self.router, self.index,
                                         self.trust_roots, self.clock, read, self.cpu,
-                                        self.scanner)
+                                        self.scanner, self.revocation)
         self.timeouts = TimeoutWorker(config, self.issuer, self.queue, self.clock, self.cpu)
         self.delivery = DeliveryPoint(config, self.issuer, self.router, self.db,
                                       make_mailbox(config), self.clock,
@@ -213,6 +224,7 @@ class Service:
                                      self.cpu)
         self.fallback = FallbackStage(config, read, self.cpu, printer=printjob.write_job)
         self.relay = RelayStage(config, self.index, self.connections, self.queue.open, self.clock)
+        self.index_refresher = IndexRefresher(config, self.db, self.clock, self.index)
         n = config.workers
         self.runners = {
             "submission": Runner(self.queue, "submission", self.access.handle, n),
@@ -242,6 +254,8 @@ class Service:
                 runner.start()
             self._tasks = [asyncio.create_task(self._housekeeping()),
                            asyncio.create_task(self.timeouts.run())]
+            if self.config.index.url:
+                self._tasks.append(asyncio.create_task(self.index_refresher.run()))
             if self.config.consultation.enabled and self.config.delivery.method == "maildir":
                 self._tasks.append(asyncio.create_task(self.reading.run()))
         if listeners:
@@ -250,7 +264,8 @@ class Service:
     async def _listen(self) -> None:
         cfg, tls = self.config, server_tls(self.config)
         sub = SubmissionHandler(cfg, self.queue, self.authenticator.login, self.clock)
-        inbound = InboundHandler(cfg, self.queue, self.index)
+        inbound = InboundHandler(cfg, self.queue, self.index, self.revocation, self.clock)
+        inbound.tls_failures = sub.tls_failures  # one count per address across the listeners
         self._handlers = [sub, inbound]
         specs = [
             ("submission", sub, cfg.listen.submission_port, False, True),

@@ -17,12 +17,14 @@ import asyncio
 import functools
 import io
 import logging
+import re
 import ssl
+from asyncio import sslproto
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from pecd import headers, replies
 from pecd.clock import Clock, SystemClock
@@ -31,7 +33,8 @@ from pecd.index import ProviderIndex
 from pecd.ledger import LedgerEvent
 from pecd.queue import NewItem, Queue
 from pecd.replies import Refusal
-from pecd.throttle import AuthThrottle, ConnectionLimiter
+from pecd.revocation import Checker
+from pecd.throttle import AuthThrottle, ConnectionLimiter, SlidingWindow
 from pecd.users import Login
 
 log = logging.getLogger("pecd.smtp")
@@ -67,17 +70,36 @@ def address_acceptable(address: str) -> bool:
     return 0 < len(address) <= 320 and address.isprintable()
 
 
-def content_refusal(data: bytes, limits: Limits) -> Refusal | None:
+# C0 controls and DEL other than HT, CR, LF: RFC 5322 keeps them only as obsolete syntax that
+# a sender "MUST NOT generate" (obs-NO-WS-CTL), and no header value pecd copies needs them
+_HEADER_CONTROLS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def content_refusal(data: bytes, limits: Limits, *, strict_headers: bool = False
+                    ) -> Refusal | None:
     """Why the bytes of a DATA transaction are refused before anything reads them, or None.
 
     A bare CR or LF is refused outright (SMTP smuggling: a next hop that ends DATA on
-    ``<LF>.<LF>`` or ``<CR>.<CR>`` would see a second message where pecd saw one), and so are
-    header sections over the configured size or field count.
+    ``<LF>.<LF>`` or ``<CR>.<CR>`` would see a second message where pecd saw one), and so is a
+    NUL anywhere (RFC 5321 §4.5.2 / RFC 5322 §2.3 and RFC 6152 forbid it in any message: a
+    next hop written in C may end a line, or the data, at ``<CRLF><NUL>.<CRLF>``), and so are
+    header sections over the configured size or field count. ``strict_headers`` (the
+    submission listeners: clients write new mail) also refuses the other control characters
+    in the header section.
     """
     crlf = data.count(CRLF)
     if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
         return replies.BareLineEnding("bare CR or LF")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return replies.ForbiddenBytes(f"NUL byte at offset {nul}", replies.NUL_IN_MESSAGE)
     block = headers.header_block(data)
+    if strict_headers:
+        control = _HEADER_CONTROLS.search(block)
+        if control is not None:
+            return replies.ForbiddenBytes(
+                f"control byte 0x{control[0][0]:02x} in the header section at offset"
+                f" {control.start()}", replies.CONTROL_IN_HEADERS)
     if len(block) > limits.max_header_bytes:
         return replies.TooManyHeaders(f"header section of {len(block)} bytes",
                                       replies.HEADERS_TOO_BIG.format(limits.max_header_bytes))
@@ -156,9 +178,12 @@ class PecdSMTP(SMTP):
       or LF (SMTP smuggling) or too many header fields, before any handler sees it.
     """
 
-    def __init__(self, handler: _Base, *, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, handler: _Base, *, limits: Limits, implicit_tls: ssl.SSLContext | None = None,
+                 handshake_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.limits = limits
+        self._implicit_tls = implicit_tls
+        self._handshake_timeout = handshake_timeout
         self._counted_address: str | None = None
         self._over_connection_limit = False
         self._commands = 0
@@ -174,6 +199,9 @@ class PecdSMTP(SMTP):
         return transport is not None and transport.get_extra_info("ssl_object") is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._implicit_tls is not None and self._original_transport is None:
+            self._start_implicit_tls(transport)  # back here with the TLS transport once done
+            return
         first = self.transport is None  # STARTTLS calls this again with the TLS transport
         if first and transport.get_extra_info("ssl_object") is not None:
             self._auth_require_tls = False  # implicit TLS: encrypted before the greeting
@@ -191,6 +219,31 @@ class PecdSMTP(SMTP):
             else:
                 self._over_connection_limit = True
 
+    def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
+        """The implicit-TLS port's handshake, done here as aiosmtpd does STARTTLS rather than by
+        the event loop's server: the loop drops a failed handshake without a word, so a scan
+        would leave no trace and no count. Here each failure is one INFO line and counts
+        against the client address; an address over its count is closed before any TLS."""
+        address = peer_address(transport.get_extra_info("peername"))
+        handler = self.event_handler
+        if not handler.tls_failures_allow(address):
+            transport.close()  # nothing can be said in clear on a TLS port
+            return
+        assert self._implicit_tls is not None
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, self._implicit_tls, waiter, server_side=True,
+            ssl_handshake_timeout=self._handshake_timeout)  # type: ignore[arg-type]  # float ok
+        self._original_transport = transport
+        transport.set_protocol(self._tls_protocol)
+        self._tls_protocol.connection_made(transport)
+
+        def done(w: asyncio.Future[None]) -> None:
+            if not w.cancelled() and w.exception() is not None:
+                handler.tls_failed(address, w.exception())
+
+        waiter.add_done_callback(done)
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted_address is not None:
             self.event_handler.connections.release(self._counted_address)
@@ -206,6 +259,10 @@ class PecdSMTP(SMTP):
             log.warning("%s: connection refused, over the per-address limit",
                         peer_address(self.session.peer))
             self._close_with(replies.TOO_MANY_CONNECTIONS)
+            return
+        assert self.session is not None
+        if not self.event_handler.tls_failures_allow(peer_address(self.session.peer)):
+            self._close_with(replies.TOO_MANY_TLS_FAILURES)
             return
         await super()._handle_client()
 
@@ -262,6 +319,28 @@ class PecdSMTP(SMTP):
                 self._close_with(replies.SHUTTING_DOWN)
 
         return counted
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS; a failed handshake (scanners make thousands) is one INFO line
+        naming the peer and the TLS reason, counted per client address, not an incident with
+        a traceback. aiosmtpd then closes the connection (see ``handle_exception``)."""
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as exc:
+            assert self.session is not None
+            self.event_handler.tls_failed(peer_address(self.session.peer), exc.__cause__)
+            raise
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's path parser, minus its crashes: the stdlib header parser it borrows raises
+        IndexError (and possibly others) on input such as ``<``, which would reach the incident
+        path (451 and a traceback) instead of a syntax error. Any such failure reads as an
+        empty path, which aiosmtpd answers with ``501 Syntax``."""
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError, TypeError, AttributeError):
+            return "", ""
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -323,7 +402,8 @@ class PecdSMTP(SMTP):
             return replies.BAD_SENDER_SYNTAX if command == "MAIL" else replies.BAD_RCPT_SYNTAX
         if command == "DATA":
             assert self.envelope is not None and self.session is not None
-            refusal = content_refusal(self.envelope.original_content or b"", self.limits)
+            refusal = content_refusal(self.envelope.original_content or b"", self.limits,
+                                      strict_headers=self.event_handler.strict_headers)
             if refusal is not None:
                 return await self.event_handler.refused(self.session, self.envelope, refusal)
         return await super()._call_handler_hook(command, *args)
@@ -391,18 +471,32 @@ class PecdSMTP(SMTP):
 
 
 def server_tls(config: Config) -> ssl.SSLContext:
+    """The one TLS context of every listener: TLS 1.2 or newer, and with TLS 1.2 only the
+    suites ``[tls] tls12_ciphers`` names (AEAD by default; TLS 1.3's are AEAD anyway)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(config.tls.tls12_ciphers)  # checked when the configuration was loaded
     ctx.load_cert_chain(str(config.paths.tls_cert), str(config.paths.tls_key))
     return ctx
 
 
+def tls_failures_window(config: Config) -> SlidingWindow:
+    """Failed TLS handshakes per client address, within ``[limits] auth_window``."""
+    return SlidingWindow(config.limits.tls_failures_per_address, config.limits.auth_window,
+                         100_000)
+
+
 class _Base:
-    def __init__(self, config: Config, queue: Queue) -> None:
+    strict_headers = False  # see content_refusal
+
+    def __init__(self, config: Config, queue: Queue, clock: Clock | None = None) -> None:
         self.config = config
         self.queue = queue
+        self.clock = clock or SystemClock()
         # shared by every listener this handler serves (submission + smtps share one)
         self.connections = ConnectionLimiter(config.limits.max_connections_per_address)
+        # the service hands every handler the same one: a scanner's count spans all listeners
+        self.tls_failures = tls_failures_window(config)
         self.sessions: set[PecdSMTP] = set()
         self.closing = False
 
@@ -425,7 +519,24 @@ class _Base:
                 session.abort()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def tls_failed(self, address: str, cause: BaseException | None) -> None:
+        """One line per failed handshake, and one more when the address is throttled."""
+        reason = getattr(cause, "reason", None) or type(cause).__name__
+        log.info("%s: TLS handshake failed (%s)", address, reason)
+        now = self.clock.now().timestamp()
+        self.tls_failures.hit(address, now)
+        if self.tls_failures.retry_after(address, now) > 0:
+            log.warning("%s: %d failed TLS handshakes within %d s, refusing its connections",
+                        address, self.tls_failures.count(address, now),
+                        round(self.tls_failures.window))
+
+    def tls_failures_allow(self, address: str) -> bool:
+        """Whether ``address`` may start a session (it has not failed too many handshakes)."""
+        return self.tls_failures.retry_after(address, self.clock.now().timestamp()) == 0
+
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # logged by smtp_STARTTLS; aiosmtpd closes
+            return replies.TLS_FAILED
         return replies.reply_for(error)
 
     async def _refuse(self, refusal: Refusal, event: LedgerEvent) -> str:
@@ -446,31 +557,43 @@ class _Base:
 class SubmissionHandler(_Base):
     """Access point listener: authenticated users submit here."""
 
+    strict_headers = True
+
     def __init__(self, config: Config, queue: Queue, check_password: PasswordCheck,
                  clock: Clock | None = None) -> None:
-        super().__init__(config, queue)
+        super().__init__(config, queue, clock)
         self.check_password = check_password
         limits = config.limits
-        self.throttle = AuthThrottle(clock or SystemClock(),
-                                     per_account=limits.auth_failures_per_account,
+        self.throttle = AuthThrottle(self.clock,
+                                     per_source=limits.auth_failures_per_source,
                                      per_address=limits.auth_failures_per_address,
-                                     window=limits.auth_window)
+                                     per_account=limits.auth_failures_per_account,
+                                     window=limits.auth_window,
+                                     slow_interval=limits.auth_slow_interval,
+                                     slow_max_wait=limits.auth_slow_max_wait)
 
     async def authenticate(self, user: str, password: str, peer: object) -> bool:
         """True for a good login; False for a bad one; :class:`~pecd.replies.AuthThrottled`
-        when the account or the address failed too often lately (no password is checked)."""
+        when this address failed too often lately, for this account or for any (no password
+        is checked). An account that failed too often from everywhere is slowed, not refused:
+        the attempt waits its turn (see :class:`~pecd.throttle.AuthThrottle`)."""
         address = peer_address(peer)
         account = user.strip().lower()
         verdict = self.throttle.check(account, address)
+        if verdict.first:  # one ledger row per episode, not one per attempt
+            what = address if verdict.scope == "address" else account[:320]
+            event = "auth-throttled" if not verdict.allowed else "auth-slowed"
+            log.warning("AUTH %s for %s %s (peer %s)", event.removeprefix("auth-"),
+                        verdict.scope, what, address)
+            await self.queue.record([LedgerEvent(
+                event=event, sender=user[:320],
+                detail={"peer": address, "scope": verdict.scope,
+                        "retry_after": round(verdict.retry_after),
+                        "delay": round(verdict.delay, 1)})])
         if not verdict.allowed:
-            if verdict.first:  # one ledger row per episode, not one per refused attempt
-                log.warning("AUTH throttled for %s %s", verdict.scope,
-                            address if verdict.scope == "address" else account[:320])
-                await self.queue.record([LedgerEvent(
-                    event="auth-throttled", sender=user[:320],
-                    detail={"peer": address, "scope": verdict.scope,
-                            "retry_after": round(verdict.retry_after)})])
             raise replies.AuthThrottled(f"{verdict.scope} throttled")
+        if verdict.delay > 0:  # a slowed account: this attempt's turn comes later
+            await asyncio.sleep(verdict.delay)
         login = await self.check_password(user, password)
         if login.ok:
             self.throttle.success(account, address)
@@ -509,6 +632,11 @@ class SubmissionHandler(_Base):
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
         user = str(session.auth_data)
+        line = headers.malformed_line(headers.header_block(data))
+        if line is not None:  # readers would disagree about which fields the message has
+            return await self._refuse(replies.MalformedHeader(), LedgerEvent(
+                event="submission-refused", sender=user,
+                detail={"reason": "header line is not a field", "line": line}))
         msg = headers.parse(data)
         for name in ("From", "Sender"):
             for addr in headers.addresses(msg, name):
@@ -516,6 +644,12 @@ class SubmissionHandler(_Base):
                     return await self._refuse(replies.FromNotOwned(), LedgerEvent(
                         event="submission-refused", sender=user,
                         detail={"reason": f"{name} header not owned", "header": addr[:320]}))
+            # the address is the user's, but a display name or comment may show another one
+            for addr in headers.foreign_addresses(msg, name, user)[:1]:
+                return await self._refuse(replies.FromNotOwned(), LedgerEvent(
+                    event="submission-refused", sender=user,
+                    detail={"reason": f"{name} header names another address",
+                            "header": addr[:320]}))
         ids = await self.queue.enqueue(
             [NewItem("submission", str(envelope.mail_from), tuple(envelope.rcpt_tos), data=data)],
             [LedgerEvent(event="submitted", ref_msgid=headers.message_id(msg), sender=user,
@@ -536,9 +670,12 @@ class InboundHandler(_Base):
     envelopes, and anything else for such a recipient ends as a ledger row.
     """
 
-    def __init__(self, config: Config, queue: Queue, index: ProviderIndex | None = None) -> None:
+    def __init__(self, config: Config, queue: Queue, index: ProviderIndex | None = None,
+                 revocation: Checker | None = None, clock: Clock | None = None) -> None:
         super().__init__(config, queue)
         self.index = index
+        self.revocation = revocation
+        self.clock = clock or SystemClock()
 
     def _from_pec_peer(self, session: Session, envelope: Envelope) -> bool:
         sender = str(envelope.mail_from or "")
@@ -558,8 +695,32 @@ class InboundHandler(_Base):
         envelope.rcpt_tos.append(address)
         return replies.OK_RCPT
 
+    async def revocation_refusal(self, session: Session, envelope: Envelope,
+                                 data: bytes) -> str | None:
+        """``[reception] revocation = "defer"``: the reply that defers a message whose signer's
+        revocation status is unknown (CRL and OCSP unreachable, grace not over), or None.
+
+        Decided before ``250``, from the signer certificate in the message and the revocation
+        cache (a fetch when nothing is in force, bounded by ``revocation_timeout``); parsing
+        and judging run in a worker thread. Whether the signature holds, and whether the
+        certificate is revoked, the reception point judges after ``250``."""
+        if self.revocation is None:
+            return None
+        decision = await self.revocation.check(data, self.clock.now(), full=False)
+        if decision is None or decision.action != "defer":
+            return None
+        refusal = replies.RevocationUnknown(decision.status.reason)
+        return await self._refuse(refusal, LedgerEvent(
+            event="revocation-deferred", sender=str(envelope.mail_from or "")[:320],
+            recipients=tuple(r[:320] for r in envelope.rcpt_tos),
+            detail={"reason": decision.status.reason[:2000], "peer": peer_address(session.peer),
+                    "unknown_for": round(decision.unknown_for)}))
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
+        deferred = await self.revocation_refusal(session, envelope, data)
+        if deferred is not None:
+            return deferred
         msg = headers.parse(data)
         ids = await self.queue.enqueue(
             [NewItem("inbound", str(envelope.mail_from or ""), tuple(envelope.rcpt_tos),
@@ -577,6 +738,8 @@ class InboundHandler(_Base):
 async def listen(handler: _Base, host: str, port: int, config: Config,
                  tls: ssl.SSLContext, *, implicit_tls: bool, auth: bool) -> asyncio.Server:
     loop = asyncio.get_running_loop()
+    # a client that never finishes the implicit-TLS handshake is dropped like an idle one
+    handshake = min(60.0, config.limits.session_timeout) if implicit_tls else None
 
     def factory() -> SMTP:
         return PecdSMTP(
@@ -586,6 +749,8 @@ async def listen(handler: _Base, host: str, port: int, config: Config,
             ident="pecd",
             data_size_limit=config.limits.max_message_size,
             tls_context=None if implicit_tls else tls,
+            implicit_tls=tls if implicit_tls else None,
+            handshake_timeout=handshake,
             auth_require_tls=True,  # PecdSMTP knows an implicit-TLS socket is encrypted
             auth_required=auth,
             auth_exclude_mechanism=[] if auth else ["LOGIN", "PLAIN"],
@@ -593,7 +758,4 @@ async def listen(handler: _Base, host: str, port: int, config: Config,
             loop=loop,
         )
 
-    # a client that never finishes the implicit-TLS handshake is dropped like an idle one
-    handshake = min(60.0, config.limits.session_timeout) if implicit_tls else None
-    return await loop.create_server(factory, host, port, ssl=tls if implicit_tls else None,
-                                    ssl_handshake_timeout=handshake)
+    return await loop.create_server(factory, host, port)  # implicit TLS: PecdSMTP does it

@@ -22,8 +22,8 @@ class Spool:
         self.root = root
         self.tmp = root / "tmp"
         self.q = root / "q"
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.q.mkdir(parents=True, exist_ok=True)
+        durable.private_dir(self.tmp)
+        durable.private_dir(self.q)
 
     def path(self, name: str) -> Path:
         return self.q / name

@@ -102,7 +102,7 @@ class AccessPoint:
                            provider=self.issuer.name)
         try:
             checks.formal_checks(headers.parse(data), item.mail_from, item.rcpts, len(data),
-                                 self.limits)
+                                 self.limits, headers.header_block(data))
         except FormalCheckFailed as exc:
             notice_id, notice = receipts.non_acceptance(tx, self.issuer, at, str(exc))
             return Outcome(

@@ -15,19 +15,23 @@ from typing import Literal
 
 from pecd.clock import Clock
 
-Scope = Literal["account", "address"]
+Scope = Literal["source", "address", "account"]
 
 
 @dataclass(frozen=True)
 class Verdict:
     """Whether an AUTH attempt may go ahead. When not, ``scope`` says which limit tripped,
     ``retry_after`` how many seconds until it lets go, and ``first`` whether this is the first
-    refusal since it tripped (so the caller writes one ledger row per episode, not per attempt)."""
+    refusal since it tripped (so the caller writes one ledger row per episode, not per attempt).
+
+    An attempt on a slowed account (``scope == "account"``) is allowed but must wait ``delay``
+    seconds before its password is checked; ``first`` then marks the episode's first one."""
 
     allowed: bool
     scope: Scope | None = None
     retry_after: float = 0.0
     first: bool = False
+    delay: float = 0.0
 
 
 ALLOWED = Verdict(True)
@@ -87,49 +91,104 @@ class SlidingWindow:
 
 
 class AuthThrottle:
-    """Failed logins per account and per client address in a sliding window.
+    """Failed logins in a sliding window of ``window`` seconds, kept so that guessing stays slow
+    and a guesser cannot lock the owner out.
 
-    An account that failed ``per_account`` times, or an address that failed ``per_address`` times
-    (over any accounts), within ``window`` seconds is refused without a password check until the
-    window lets go. A success clears the account's count, never the address's: one valid login
-    must not buy an address a fresh set of guesses at other accounts.
+    - per (account, client address), ``per_source`` failures: that pair is refused (``454``)
+      until the window lets go; the owner, from any other address, is not;
+    - per client address over all accounts, ``per_address`` failures: the address is refused
+      (one address guessing at many accounts);
+    - per account over all addresses, ``per_account`` failures: the account is *slowed*, never
+      refused outright: its password checks are spaced ``slow_interval`` seconds apart, however
+      many addresses ask, so a botnet gets ``window / slow_interval`` guesses per window. An
+      attempt that would wait more than ``slow_max_wait`` gets ``454`` for now (the queue of
+      waiting attempts is bounded). A client address this account logged in from before
+      (remembered for ``known_for`` seconds) is not slowed: the owner's usual address gets in
+      at once even while strangers hammer the account.
+
+    A success clears the pair's count, never the address's nor the account's: one valid login
+    must not buy fresh guesses.
     """
 
-    def __init__(self, clock: Clock, *, per_account: int, per_address: int, window: float,
-                 max_keys: int = 100_000) -> None:
+    def __init__(self, clock: Clock, *, per_source: int, per_address: int, per_account: int,
+                 window: float, slow_interval: float = 10.0, slow_max_wait: float = 60.0,
+                 known_for: float = 30 * 86400.0, max_keys: int = 100_000) -> None:
+        if slow_interval <= 0 or slow_max_wait < 0:
+            raise ValueError("slow_interval must be > 0 and slow_max_wait >= 0")
         self.clock = clock
-        self.accounts = SlidingWindow(per_account, window, max_keys)
+        self.sources = SlidingWindow(per_source, window, max_keys)
         self.addresses = SlidingWindow(per_address, window, max_keys)
-        self._reported: set[tuple[Scope, str]] = set()
+        self.accounts = SlidingWindow(per_account, window, max_keys)
+        self.slow_interval = slow_interval
+        self.slow_max_wait = slow_max_wait
+        self.known_for = known_for
+        self.max_keys = max_keys
+        self._next_check: OrderedDict[str, float] = OrderedDict()  # slowed account -> next slot
+        self._known: OrderedDict[str, float] = OrderedDict()  # pair -> last good login
+        self._reported: set[tuple[str, str]] = set()  # (scope or "queue-full", key)
 
     def _now(self) -> float:
         return self.clock.now().timestamp()
 
+    @staticmethod
+    def _pair(account: str, address: str) -> str:
+        return f"{address} {account}"  # an address holds no space; the account may
+
+    def _first(self, scope: str, key: str) -> bool:
+        marker = (scope, key)
+        if marker in self._reported:
+            return False
+        if len(self._reported) >= 3 * self.max_keys:
+            self._reported.clear()
+        self._reported.add(marker)
+        return True
+
+    def known(self, account: str, address: str) -> bool:
+        """Whether ``account`` logged in from ``address`` within ``known_for`` seconds."""
+        at = self._known.get(self._pair(account, address))
+        return at is not None and at > self._now() - self.known_for
+
     def check(self, account: str, address: str) -> Verdict:
         now = self._now()
+        pair = self._pair(account, address)
         limits: tuple[tuple[Scope, SlidingWindow, str], ...] = (
-            ("address", self.addresses, address), ("account", self.accounts, account))
+            ("address", self.addresses, address), ("source", self.sources, pair))
         for scope, window, key in limits:
             wait = window.retry_after(key, now)
-            marker = (scope, key)
             if wait > 0:
-                first = marker not in self._reported
-                if first:
-                    if len(self._reported) >= 2 * window.max_keys:
-                        self._reported.clear()
-                    self._reported.add(marker)
-                return Verdict(False, scope, wait, first)
-            self._reported.discard(marker)
-        return ALLOWED
+                return Verdict(False, scope, wait, self._first(scope, key))
+            self._reported.discard((scope, key))
+        if self.accounts.retry_after(account, now) == 0:  # not slowed (any more)
+            self._reported.discard(("account", account))
+            self._reported.discard(("queue-full", account))
+            return ALLOWED
+        if self.known(account, address):  # slowed, but not for the owner's usual address
+            return ALLOWED
+        slot = max(now, self._next_check.get(account, now))
+        delay = slot - now
+        if delay > self.slow_max_wait:
+            return Verdict(False, "account", delay, self._first("queue-full", account))
+        self._reported.discard(("queue-full", account))
+        self._next_check[account] = slot + self.slow_interval
+        self._next_check.move_to_end(account)
+        while len(self._next_check) > self.max_keys:
+            self._next_check.popitem(last=False)
+        return Verdict(True, "account", 0.0, self._first("account", account), delay)
 
     def failure(self, account: str, address: str) -> None:
         now = self._now()
-        self.accounts.hit(account, now)
+        self.sources.hit(self._pair(account, address), now)
         self.addresses.hit(address, now)
+        self.accounts.hit(account, now)
 
     def success(self, account: str, address: str) -> None:
-        self.accounts.clear(account)
-        self._reported.discard(("account", account))
+        pair = self._pair(account, address)
+        self.sources.clear(pair)
+        self._reported.discard(("source", pair))
+        self._known[pair] = self._now()
+        self._known.move_to_end(pair)
+        while len(self._known) > self.max_keys:
+            self._known.popitem(last=False)
 
 
 class ConnectionLimiter:

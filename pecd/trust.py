@@ -136,6 +136,10 @@ def _validate(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
         crls=crls,
         ocsps=ocsps,
         revocation_mode=mode,
+        # a CRL or OCSP answer issued after ``at`` still tells what held at ``at`` (the date of
+        # revocation is compared with ``at``); without this, mail judged at its arrival is
+        # "unknown" as soon as the cache was refreshed after it arrived (pecd.revocation)
+        retroactive_revinfo=revocation is not None,
         algorithm_usage_policy=_algorithm_policy(policy.digests),
     )
     validator = CertificateValidator(_asn1(leaf), [_asn1(c) for c in intermediates], context)

@@ -4,10 +4,13 @@ Passwords are stored as argon2id hashes (the hash string carries its parameters)
 password costs ~0.1 s of CPU on purpose, so callers on the event loop run :func:`check` in a
 thread. An unknown user costs the same as a wrong password, so timing does not reveal accounts.
 
-Consecutive failed logins are counted in ``users.failures``; at the configured threshold the
-account is locked: it answers every password, the right one too, like a wrong one (so guessing
-on cannot tell when it hit), until the operator runs ``pecd user enable`` or ``pecd user passwd``,
-which reset the count. :class:`Authenticator` does all of this off the event loop.
+When the operator chose a durable lock (``lock_after_failures`` > 0; off by default, because
+anyone who knows an address could then lock its owner out), consecutive failed logins are
+counted in ``users.failures``; at the threshold the account is locked: it answers every
+password, the right one too, like a wrong one (so guessing on cannot tell when it hit), until
+the operator runs ``pecd user enable`` or ``pecd user passwd``, which reset the count. Without
+it, guessing is kept slow by :mod:`pecd.throttle` alone. :class:`Authenticator` does all of
+this off the event loop.
 """
 
 from __future__ import annotations
@@ -175,15 +178,18 @@ class Authenticator:
     database's writer thread, the event loop never blocked."""
 
     def __init__(self, db: Database, cpu: Executor, lock_after: int) -> None:
-        if lock_after < 1:
-            raise ValueError("lock_after must be >= 1")
+        """``lock_after``: consecutive failures that lock the account; 0: never lock."""
+        if lock_after < 0:
+            raise ValueError("lock_after must be >= 0")
         self.db = db
         self.cpu = cpu
         self.lock_after = lock_after
 
     async def login(self, user: str, password: str) -> Login:
         stored, failures = await self.db.transact(lambda conn: credentials(conn, user))
-        was_locked = stored is not None and failures >= self.lock_after
+        # with no durable lock, a count left from when there was one locks nothing
+        was_locked = (bool(self.lock_after) and stored is not None
+                      and failures >= self.lock_after)
         loop = asyncio.get_running_loop()
         # a locked account costs the same dummy hash as an unknown one, and never says yes
         ok = await loop.run_in_executor(self.cpu, check, None if was_locked else stored, password)
@@ -191,6 +197,8 @@ class Authenticator:
             if failures:
                 await self.db.transact(lambda conn: record_success(conn, user))
             return Login(True)
+        if not self.lock_after:
+            return Login(False)
         # counted for unknown names too (a no-op UPDATE), so both cost the same transaction
         count = await self.db.transact(lambda conn: record_failure(conn, user))
         if stored is None:

@@ -220,6 +220,6 @@ class Quarantine:
         final = self.path(key)
         if final.exists():
             return final
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        durable.private_dir(self.root)
         durable.publish(self.root / f".{key}.tmp", data, final)
         return final

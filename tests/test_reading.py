@@ -5,8 +5,8 @@ accepts. The 7-day deadline runs on a ManualClock; restarts and races never evid
 
 Dovecot runs once per module. pecd and Dovecot must run as one system user (pecd's files are
 0600); these tests run as root and Dovecot refuses uid 0, so before each IMAP session the test
-hands bob's Maildir to ``nobody``, the uid this Dovecot stores mail as (the watcher, as root,
-still sees every rename).
+hands bob's Maildir to ``nobody``, the uid this Dovecot stores mail as, and lets it traverse
+pecd's owner-only data directory (the watcher, as root, still sees every rename).
 """
 
 from __future__ import annotations
@@ -74,10 +74,16 @@ class Dovecot:
         tmp.rename(self.users)
 
     def hand_over(self, maildir: Path) -> None:
+        """As root: the Maildir to Dovecot's uid, and its owner-only parent directories
+        (pecd's data directory) traversable, as they are for one shared system user."""
         if os.geteuid() != 0:
             return
         for path in [maildir, *maildir.rglob("*")]:
             os.chown(path, self.uid, self.gid)
+        for parent in maildir.parents:
+            if parent == Path("/") or parent.name.startswith("pecd-reading-"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o111)
 
     def imap(self, user: str) -> imaplib.IMAP4:
         conn = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=30)
