@@ -121,6 +121,10 @@ class ReadingWorker:
         assert self._inotify is not None
         found: list[tuple[str, str]] = []
         for ev in self._inotify.read(timeout=0):
+            if ev.mask & inotify_simple.flags.Q_OVERFLOW:  # events were lost: list again
+                log.warning("inotify queue overflowed; listing the watched mailboxes again")
+                self._last_rowid = 0
+                continue
             box = self._by_wd.get(ev.wd)
             if box is None:
                 continue
@@ -292,7 +296,13 @@ class ReadingWorker:
         now = self.clock.now().timestamp()
         rows = await self.queue.db.transact(lambda conn: readings.due_not_read(conn, now))
         done = 0
+        loop = asyncio.get_running_loop()
         for row in rows:
+            # a read whose event was missed is a read, not a failure: look once before saying no
+            if row.file in await loop.run_in_executor(self.cpu, _seen_in, row.mailbox):
+                if await self._read(row.file):
+                    done += 1
+                continue
             if await self._commit(row, "ContentHandoverFailure"):
                 done += 1
         return done
