@@ -21,7 +21,7 @@ import click
 
 from pecd import config as config_mod
 from pecd import db as db_mod
-from pecd import durable, index_ldif, index_sync, ledger, pki, users
+from pecd import durable, index_ldif, index_sync, ledger, pki, readings, users
 from pecd import index as index_mod
 from pecd import queue as queue_mod
 from pecd import trust as trust_mod
@@ -163,6 +163,7 @@ def own_card(cfg: Config) -> index_mod.Provider:
         name=cfg.name, domains=cfg.domains, host=cfg.listen.host, port=cfg.listen.inbound_port,
         service_address=cfg.service_address,
         cert_pem=index_mod.cert_pem(pki.load_cert(cfg.paths.signing_cert)),
+        read_evidence=cfg.consultation.enabled,
     )
 
 
@@ -226,6 +227,64 @@ def user_enable(ctx: Context, address: str) -> None:
     """Re-enable (and unlock) an account."""
     ctx.transact(users.set_disabled, address, False)
     click.echo(f"enabled {address}")
+
+
+@user.command("set")
+@click.argument("address")
+@click.option("--read-evidence/--no-read-evidence", "read_evidence", default=None,
+              help="Ask for reading evidence (presa visione) on this user's messages unless a "
+                   "message says otherwise (X-Presa-Visione); unset: [consultation] default.")
+@click.option("--notify", metavar="ADDR2",
+              help="An ordinary address told of each certified message delivered here (no "
+                   "content); --notify '' stops the notices.")
+@click.option("--quota", metavar="SIZE",
+              help="Mailbox quota (e.g. 500MB, 2GB); --quota '' returns to [delivery] quota.")
+@click.option("--postal-address", "postal", metavar="TEXT",
+              help="The postal address the print fallback puts on its cover page (use \\n "
+                   "between lines); --postal-address '' removes it.")
+@pass_ctx
+def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str | None,
+             quota: str | None, postal: str | None) -> None:
+    """Change an account's settings."""
+    if read_evidence is None and notify is None and quota is None and postal is None:
+        raise click.UsageError("nothing to set (see --help)")
+    size: int | None = None
+    if quota:
+        try:
+            size = config_mod.parse_size(quota, "--quota")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--quota") from None
+    if notify:
+        users.normalise(notify)  # a UserError says what is wrong with it
+
+    def apply(conn: sqlite3.Connection) -> bool:
+        found = True
+        if read_evidence is not None:
+            found = readings.set_user_default(conn, address, read_evidence)
+        if notify is not None:
+            found = readings.set_notify(conn, address, notify or None) and found
+        if quota is not None:
+            found = readings.set_quota(conn, address, size) and found
+        if postal is not None:
+            text = postal.replace("\\n", "\n").strip() or None
+            found = readings.set_postal_address(conn, address, text) and found
+        return found
+
+    try:
+        found = ctx.transact(apply)
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not found:
+        raise click.ClickException(f"no such user: {address}")
+    if read_evidence is not None:
+        click.echo(f"{address}: read evidence {'on' if read_evidence else 'off'}")
+    if notify is not None:
+        click.echo(f"{address}: arrival notices {'to ' + notify if notify else 'off'}")
+    if postal is not None:
+        click.echo(f"{address}: postal address {'set' if postal.strip() else 'removed'}")
+    if quota is not None:
+        click.echo(f"{address}: quota {size if size is not None else 'provider default'}"
+                   + (" bytes" if size is not None else ""))
 
 
 @user.command("list")
@@ -508,12 +567,40 @@ def status(ctx: Context, message_id: str | None) -> None:
             return
         bare = message_id.strip().strip("<>")
         rows = ledger.events_for(conn, bare) or ledger.events_for(conn, f"<{bare}>")
+        pec_id = next((str(r["msgid"]) for r in rows if r.get("msgid")), bare)
+        sent = readings.tracked(conn, pec_id)
+        held = readings.for_message(conn, pec_id)
     finally:
         conn.close()
     if not rows:
         raise click.ClickException(f"no ledger events for {message_id}")
     for row in rows:
         click.echo(json.dumps(row, sort_keys=True, default=str))
+    for t in sent:  # we are the sender's provider: what came back
+        click.echo(f"recipient {t['recipient']}: " + "; ".join(
+            f"{label} {_when(t[col])}" for label, col in (
+                ("accepted", "accepted"), ("taken in charge", "taken"),
+                ("delivered", "delivered"), ("read", "read"), ("not read", "not_read"))
+            if t[col] is not None) + (f"; outcome {t['outcome']}" if t["outcome"] else ""))
+    for r in held:  # we are the recipient's provider: what we evidenced
+        state = (f"read {_when(r.read)} ({r.read_via})" if r.read is not None else
+                 f"not read by {_when(r.deadline)}" if r.not_read is not None else
+                 f"not read yet (deadline {_when(r.deadline)})")
+        extra = f"; not-read evidence {_when(r.not_read)}" if (
+            r.not_read is not None and r.read is not None) else ""
+        click.echo(f"reading {r.recipient}: delivered {_when(r.delivered)}; {state}{extra}")
+    for row in rows:  # the fallback channels run for an unread message
+        if row.get("event") in ("fallback", "fallback-failed"):
+            detail = row.get("detail")
+            channel = detail.get("channel") if isinstance(detail, dict) else None
+            outcome = "run" if row["event"] == "fallback" else "failed"
+            recipients = row.get("recipients")
+            who = ",".join(map(str, recipients)) if isinstance(recipients, list | tuple) else ""
+            click.echo(f"fallback {who}: {channel} {outcome} {row.get('at', '')}")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 # --- queue ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ TSA, loopback ports.
 
 from __future__ import annotations
 
+import re
 import ssl
 import tomllib
 from dataclasses import dataclass, field
@@ -169,6 +170,90 @@ class Delivery:
     method: Literal["maildir", "lmtp"] = "maildir"
     lmtp_host: str = "127.0.0.1"
     lmtp_port: int = 24
+    quota: int | None = None  # bytes per Maildir (pecd.delivery); None: no quota
+
+
+@dataclass(frozen=True)
+class Consultation:
+    """Reading evidence (presa visione, see pecd.reading): ``enabled`` says this provider issues
+    it (and its card declares so); ``default`` whether a sender who says nothing asks for it;
+    ``deadline`` (seconds) after which an unread message gets the not-read evidence."""
+
+    enabled: bool = False
+    deadline: float = 7 * 86400.0
+    default: bool = False
+
+
+def parse_duration(value: object, where: str) -> float:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+        if match is None:
+            raise ConfigError(f"{where}: not a duration (use s, m, h or d): {value!r}")
+        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[
+            match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{where}: must be positive")
+    return seconds
+
+
+def parse_size(value: object, where: str) -> int:
+    """``"1GB"``, ``"500MB"``, ``"64KB"`` (powers of 1024; ``K``/``M``/``G`` alone too) or bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: not a size: {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
+        if match is None:
+            raise ConfigError(f"{where}: not a size (e.g. 500MB, 1GB): {value!r}")
+        size = int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+    if size <= 0:
+        raise ConfigError(f"{where}: must be positive")
+    return size
+
+
+def _fallback(values: dict[str, Any], base: Path) -> Fallback:
+    values = dict(values)
+    for key in ("webhook_secret_file", "print_dir"):
+        if values.get(key):
+            values[key] = (base / str(values[key])).resolve()
+    url = values.get("webhook")
+    if url and not str(url).startswith(("http://", "https://")):
+        raise ConfigError("[fallback] webhook must be an http or https URL")
+    if url and not values.get("webhook_secret_file"):
+        raise ConfigError("[fallback] webhook needs webhook_secret_file (the HMAC key)")
+    return _build(Fallback, values, "fallback")  # type: ignore[no-any-return]
+
+
+def _consultation(values: dict[str, Any]) -> Consultation:
+    values = dict(values)
+    if "deadline" in values:
+        values["deadline"] = parse_duration(values["deadline"], "[consultation] deadline")
+    for key in ("enabled", "default"):
+        if key in values and not isinstance(values[key], bool):
+            raise ConfigError(f"[consultation] {key} must be true or false")
+    return _build(Consultation, values, "consultation")  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What runs when a message is not read by its deadline (pecd.fallback); all optional."""
+
+    webhook: str | None = None  # http(s) URL: POST of a JSON event, HMAC-SHA256 signed
+    webhook_secret_file: Path | None = None
+    command: str | None = None  # run by /bin/sh with the JSON event on stdin
+    print_dir: Path | None = None  # outbox for print-and-post PDFs
+    timeout: float = 30.0  # seconds per webhook call or command
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(name for name, on in (("webhook", self.webhook), ("command", self.command),
+                                           ("print", self.print_dir)) if on)
 
 
 @dataclass(frozen=True)
@@ -232,6 +317,8 @@ class Config:
     reception: Reception = field(default_factory=Reception)
     index: IndexSource = field(default_factory=IndexSource)
     trust: Trust = field(default_factory=Trust)
+    consultation: Consultation = field(default_factory=Consultation)
+    fallback: Fallback = field(default_factory=Fallback)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -298,6 +385,8 @@ def load(path: Path) -> Config:
     )
     tsa = _section(raw, "tsa")
     delivery = _section(raw, "delivery")
+    if "quota" in delivery:
+        delivery = {**delivery, "quota": parse_size(delivery["quota"], "[delivery] quota")}
     reception: Reception = _build(Reception, _section(raw, "reception"), "reception")
     if reception.revocation not in ("defer", "anomaly", "off"):
         raise ConfigError(f"[reception] revocation must be \"defer\", \"anomaly\" or \"off\","
@@ -327,6 +416,8 @@ def load(path: Path) -> Config:
         reception=reception,
         index=index_source,
         trust=_trust(_section(raw, "trust")),
+        consultation=_consultation(_section(raw, "consultation")),
+        fallback=_fallback(_section(raw, "fallback"), base),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
@@ -406,8 +497,15 @@ give_up_after = 86400.0                # 24 h: the transaction ends negative
 
 [delivery]
 method = "maildir"                     # or "lmtp" (e.g. to Dovecot)
+# quota = "1GB"                        # per Maildir (users: pecd user set ADDR --quota SIZE)
 # lmtp_host = "127.0.0.1"
 # lmtp_port = 24
+
+# reading evidence, beyond RFC 6109 (docs/reading.md)
+[consultation]
+enabled = false                        # issue presa visione / mancata presa visione (the card says so)
+deadline = "7d"                        # not opened by then: proof of not reading (s, m, h, d)
+default = false                        # whether a sender who says nothing asks for it
 
 [ledger]
 checkpoint_rows = 1000                 # timestamp the hash-chain head every N rows ...

@@ -24,6 +24,10 @@ MessageType = Literal[
     "errore-consegna",
     "preavviso-errore-consegna",
     "rilevazione-virus",
+    # pecd's reading evidence (pecd.reading), beyond RFC 6109: only between providers whose
+    # cards declare it
+    "presa-visione",
+    "mancata-presa-visione",
 ]
 ErrorKind = Literal["nessuno", "no-dest", "no-dominio", "virus", "altro"]
 RecipientKind = Literal["certificato", "esterno"]

@@ -174,6 +174,43 @@ MIGRATIONS: list[tuple[str, str]] = [
         DELETE FROM seen WHERE instr(message_id, ' ') > 0 AND instr(message_id, ',') > 0
         """,
     ),
+    (
+        "0007_recipient_side",
+        # pecd.reading: at the recipient's provider one row per certified delivery whose sender
+        # asked for reading evidence; at the sender's, the read / not-read times in tracking;
+        # the per-user default and the peers' card flag; the user's arrival-notice address,
+        # quota and last quota warning (see pecd.readings)
+        """
+        CREATE TABLE reading (
+            pec_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            subject TEXT,
+            ref_msgid TEXT,
+            mailbox TEXT NOT NULL,
+            file TEXT NOT NULL,
+            delivered REAL NOT NULL,
+            deadline REAL NOT NULL,
+            read REAL,
+            read_via TEXT,
+            read_receipt TEXT,
+            not_read REAL,
+            not_read_receipt TEXT,
+            problem TEXT,
+            PRIMARY KEY (pec_id, recipient)
+        );
+        CREATE UNIQUE INDEX reading_file ON reading(file);
+        CREATE INDEX reading_due ON reading(deadline) WHERE read IS NULL AND not_read IS NULL;
+        ALTER TABLE tracking ADD COLUMN read REAL;
+        ALTER TABLE tracking ADD COLUMN not_read REAL;
+        ALTER TABLE users ADD COLUMN read_evidence INTEGER;
+        ALTER TABLE users ADD COLUMN notify TEXT;
+        ALTER TABLE users ADD COLUMN postal_address TEXT;
+        ALTER TABLE users ADD COLUMN quota INTEGER;
+        ALTER TABLE users ADD COLUMN quota_warned INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE providers ADD COLUMN read_evidence INTEGER NOT NULL DEFAULT 0
+        """,
+    ),
 ]
 
 

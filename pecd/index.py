@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from pecd import readings
+
 
 class IndexError_(Exception):
     """A card or an index copy that cannot be imported."""
@@ -54,6 +56,7 @@ class Provider:
     unit: str = ""
     ldif_url: str = ""
     dn: str = ""  # set: from the index copy
+    read_evidence: bool = False  # issues and accepts reading evidence (pecd.reading)
 
     @property
     def from_index_copy(self) -> bool:
@@ -88,6 +91,7 @@ class Provider:
             "pecd-provider-card": 1, "name": self.name, "domains": list(self.domains),
             "host": self.host, "port": self.port, "service_address": self.service_address,
             "certificate": self.cert_pem,
+            **({"read_evidence": True} if self.read_evidence else {}),
         }, indent=2) + "\n"
 
 
@@ -111,6 +115,7 @@ def parse_card(text: str) -> Provider:
             port=int(raw["port"]),
             service_address=str(raw["service_address"]),
             cert_pem=str(raw["certificate"]),
+            read_evidence=raw.get("read_evidence", False) is True,
         )
         provider.certificate  # noqa: B018 - parse now so a bad card fails at import
     except (ValueError, KeyError, TypeError) as exc:
@@ -132,6 +137,8 @@ def store(conn: sqlite3.Connection, provider: Provider) -> None:
     )
     conn.executemany("INSERT INTO provider_domains (domain, fingerprint) VALUES (?, ?)",
                      [(d, fp) for d in provider.domains])
+    if provider.read_evidence:
+        readings.set_provider_flag(conn, fp, True)
 
 
 def remove(conn: sqlite3.Connection, fp: str) -> int:
@@ -148,9 +155,11 @@ def load_cards(conn: sqlite3.Connection) -> list[Provider]:
     domains: dict[str, list[str]] = {}
     for d, fp in conn.execute("SELECT domain, fingerprint FROM provider_domains ORDER BY domain"):
         domains.setdefault(fp, []).append(d)
+    flags = readings.provider_flags(conn)
     return [
         Provider(name=r["name"], domains=tuple(domains.get(r["fingerprint"], ())), host=r["host"],
-                 port=r["port"], service_address=r["service_address"], cert_pem=r["cert_pem"])
+                 port=r["port"], service_address=r["service_address"], cert_pem=r["cert_pem"],
+                 read_evidence=flags.get(r["fingerprint"], False))
         for r in conn.execute("SELECT * FROM providers ORDER BY name, imported")
     ]
 

@@ -45,6 +45,7 @@ class Transaction:
     accepted_at: datetime
     receipt_kind: ReceiptKind = "completa"
     issuer_name: str = ""
+    read_evidence: bool = False  # the sender asked for reading evidence (pecd.reading)
 
     def certdata(self, type_: daticert.MessageType, issuer: str, at: datetime,
                  **extra: object) -> CertData:

@@ -34,8 +34,8 @@ from pecd.ledger import LedgerEvent
 from pecd.spool import Spool
 
 T = TypeVar("T")
-Kind = Literal["submission", "inbound", "deliver", "relay"]
-KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay")
+Kind = Literal["submission", "inbound", "deliver", "relay", "fallback"]
+KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay", "fallback")
 # A message up to this size lives in its queue row, not in a spool file: the row's commit is
 # then its only fsync (a spool file costs two more, a create, a rename and an unlink), which is
 # most of what a small message costs at each stage. Bigger ones stay in the spool, streamed.

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from pecd import daticert, envelope, headers, pec, receipts, virus
+from pecd import daticert, envelope, headers, pec, readings, receipts, virus
 from pecd import revocation as revocation_mod
 from pecd.clock import Clock
 from pecd.cms import SignatureInfo, SignatureInvalid, verify_detached
@@ -92,7 +92,7 @@ def verify(data: bytes, mail_from: str, index: ProviderIndex,
     vouched: tuple[str, ...] = ()
     if cd is not None and parsed.category == "envelope":
         vouched = (cd.sender,)
-    elif cd is not None and cd.type == "avvenuta-consegna" and cd.delivered_to:
+    elif cd is not None and cd.type in _PER_RECIPIENT and cd.delivered_to:
         vouched = (cd.delivered_to,)
     elif cd is not None and cd.type == "presa-in-carico":
         vouched = cd.taken_in_charge
@@ -324,6 +324,8 @@ class ReceptionPoint:
             effects.append(_track("taken", cd.identifier, cd.taken_in_charge, now))
         elif cd.type == "errore-consegna" and cd.delivered_to:
             effects.append(_track("closed", cd.identifier, (cd.delivered_to,), now, "errore"))
+        elif cd.type in _READING and cd.delivered_to:  # reading evidence (pecd.reading)
+            effects.append(_reading(cd.type, cd.identifier, cd.delivered_to, now))
         outcome = Outcome(
             outputs=[NewItem("deliver", item.mail_from, addressed, same_as=item,
                              meta={"mode": "plain", "msgid": message_id})],
@@ -458,3 +460,14 @@ def recipient_key(identifier: str, rcpt: str) -> str:
     retry after a lost reply repeats its keys, a later attempt for recipients refused the first
     time has new ones, and a replay regrouping the recipients finds each of its keys taken."""
     return f"{identifier} {headers.canonical(rcpt).lower()}"
+
+
+_READING = ("presa-visione", "mancata-presa-visione")
+# receipts about one recipient: only that recipient's provider may sign them
+_PER_RECIPIENT = ("avvenuta-consegna", *_READING)
+
+
+def _reading(tipo: str, pec_id: str, recipient: str,
+             at: float) -> Callable[[sqlite3.Connection], None]:
+    event: readings.Event = "read" if tipo == "presa-visione" else "not_read"
+    return lambda conn: readings.track(conn, pec_id, recipient, event, at)

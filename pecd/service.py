@@ -22,18 +22,20 @@ from dataclasses import dataclass
 
 from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import ledger, pki, revocation, users, virus
+from pecd import ledger, pki, printjob, revocation, users, virus
 from pecd.clock import Clock, SystemClock
 from pecd.cms import Signer
 from pecd.config import Config
 from pecd.db import Database
 from pecd.delivery import DeliveryPoint, Mailbox, Maildir
+from pecd.fallback import FallbackStage
 from pecd.index import ProviderIndex
 from pecd.index_sync import IndexRefresher
 from pecd.ledger import LedgerEvent
 from pecd.lmtp import LmtpMailbox
 from pecd.pec import Issuer
 from pecd.queue import Item, Kind, Outcome, Queue, Recovery
+from pecd.reading import ReadingWorker
 from pecd.reception import ReceptionPoint
 from pecd.relay import Connections, RelayStage, Router
 from pecd.smtp import InboundHandler, SubmissionHandler, listen, server_tls
@@ -201,7 +203,7 @@ class Service:
         read = self.queue.read
         self.scanner = virus.scanner_for(config)  # None: [antivirus] unset, scanning off
         self.access = AccessPoint(config, self.issuer, self.router, self.clock, read, self.cpu,
-                                  self.scanner)
+                                  self.scanner, db=self.db)
         self.revocation_sources = revocation.Sources(config.reception, self.clock, self.db, self.cpu)
         self.revocation_sources.load()  # the copies in force survive a restart
         self.revocation: revocation.Checker | None = revocation.Checker(
@@ -218,6 +220,9 @@ class Service:
         self.delivery = DeliveryPoint(config, self.issuer, self.router, self.db,
                                       make_mailbox(config), self.clock,
                                       read, self.cpu)
+        self.reading = ReadingWorker(config, self.issuer, self.queue, self.router, self.clock,
+                                     self.cpu)
+        self.fallback = FallbackStage(config, read, self.cpu, printer=printjob.write_job)
         self.relay = RelayStage(config, self.index, self.connections, self.queue.open, self.clock)
         self.index_refresher = IndexRefresher(config, self.db, self.clock, self.index)
         n = config.workers
@@ -226,6 +231,7 @@ class Service:
             "inbound": Runner(self.queue, "inbound", self.reception.handle, n),
             "deliver": Runner(self.queue, "deliver", self.delivery.handle, n),
             "relay": Runner(self.queue, "relay", self.relay.handle, n * 4),
+            "fallback": Runner(self.queue, "fallback", self.fallback.handle, n),
         }
         self.ports = Ports()
         self.recovery: Recovery | None = None
@@ -250,6 +256,8 @@ class Service:
                            asyncio.create_task(self.timeouts.run())]
             if self.config.index.url:
                 self._tasks.append(asyncio.create_task(self.index_refresher.run()))
+            if self.config.consultation.enabled and self.config.delivery.method == "maildir":
+                self._tasks.append(asyncio.create_task(self.reading.run()))
         if listeners:
             await self._listen()
 
@@ -320,8 +328,9 @@ class Service:
             await server.wait_closed()
         for handler in self._handlers:
             await handler.close_sessions(timeout)
+        # one grace period for all, not one each
         await asyncio.gather(*(r.drain(timeout) for r in self.runners.values()),
-                             self.timeouts.drain(timeout))  # one grace period for all, not one each
+                             self.timeouts.drain(timeout), self.reading.drain(timeout))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

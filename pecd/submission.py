@@ -9,16 +9,18 @@ queue for durability. Everything else about the message is checked here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
 from datetime import datetime
 
-from pecd import checks, compose, daticert, envelope, headers, receipts, virus
+from pecd import checks, compose, consultation, daticert, envelope, headers, readings, receipts, users, virus
 from pecd.checks import FormalCheckFailed
 from pecd.clock import Clock
 from pecd.config import Config
+from pecd.db import Database
 from pecd.ledger import LedgerEvent
 from pecd.pec import Issuer, ReceiptKind, Transaction
 from pecd.queue import Item, NewItem, Outcome
@@ -30,9 +32,11 @@ RECEIPT_KINDS: dict[str, ReceiptKind] = {
 
 
 def transaction_for(data: bytes, mail_from: str, rcpts: tuple[str, ...], router: Router,
-                    issuer: Issuer, at: datetime) -> Transaction:
-    """The certification facts of a submission; the PEC id is new, the rest comes from it."""
+                    issuer: Issuer, at: datetime, reading_default: bool = False) -> Transaction:
+    """The certification facts of a submission; the PEC id is new, the rest comes from it.
+    Reading evidence: the message's ``X-Presa-Visione`` header, else ``reading_default``."""
     msg = headers.parse(data)
+    asked = consultation.requested(msg.get(consultation.REQUEST_HEADER))
     kind = RECEIPT_KINDS.get(str(msg.get("X-TipoRicevuta", "")).strip().lower(), "completa")
     reply_to = (headers.addresses(msg, "Reply-To") or [mail_from])[0]
     return Transaction(
@@ -48,14 +52,16 @@ def transaction_for(data: bytes, mail_from: str, rcpts: tuple[str, ...], router:
         accepted_at=at,
         receipt_kind=kind,
         issuer_name=issuer.name,
+        read_evidence=reading_default if asked is None else asked,
     )
 
 
 class AccessPoint:
     def __init__(self, config: Config, issuer: Issuer, router: Router, clock: Clock,
                  read: Callable[[Item], bytes], cpu: Executor,
-                 scanner: virus.Scanner | None = None) -> None:
+                 scanner: virus.Scanner | None = None, db: Database | None = None) -> None:
         self.config = config
+        self.db = db  # for the sender's reading-evidence default (pecd.readings)
         self.issuer = issuer
         self.router = router
         self.clock = clock
@@ -75,12 +81,22 @@ class AccessPoint:
                 return virus.unavailable(item, exc)
             if found is not None:
                 return await loop.run_in_executor(self.cpu, self._infected, item, data, found)
-        return await loop.run_in_executor(self.cpu, self._handle, item)
+        return await loop.run_in_executor(self.cpu, self._handle, item,
+                                          await self.reading_default(item.mail_from))
 
-    def _handle(self, item: Item) -> Outcome:
+    async def reading_default(self, sender: str) -> bool:
+        """The user's ``--read-evidence`` choice, else ``[consultation] default``."""
+        own = None
+        if self.db is not None:
+            with contextlib.suppress(users.UserError):
+                own = await self.db.transact(lambda conn: readings.user_default(conn, sender))
+        return self.config.consultation.default if own is None else own
+
+    def _handle(self, item: Item, reading_default: bool = False) -> Outcome:
         data = self.read(item)
         at = self.clock.now()
-        tx = transaction_for(data, item.mail_from, item.rcpts, self.router, self.issuer, at)
+        tx = transaction_for(data, item.mail_from, item.rcpts, self.router, self.issuer, at,
+                             reading_default)
         base = LedgerEvent(event="accepted", msgid=tx.identifier, ref_msgid=tx.ref_msgid,
                            sender=tx.sender, recipients=item.rcpts, subject=tx.subject,
                            provider=self.issuer.name)
