@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
+from pecd import apistore, ledger, pki, users
 from pecd import config as config_mod
 from pecd import db as db_mod
 from pecd import index as index_mod
-from pecd import ledger, pki, users
 from pecd import queue as queue_mod
 from pecd import trust as trust_mod
 from pecd.cms import SignatureInvalid
@@ -91,10 +91,12 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
 @click.option("--submission-port", default=10587, show_default=True, type=int)
 @click.option("--smtps-port", default=10465, show_default=True, type=int)
 @click.option("--inbound-port", default=10025, show_default=True, type=int)
+@click.option("--http-port", default=10080, show_default=True, type=int,
+              help="HTTP API port (plain HTTP: only on a loopback --host).")
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
 def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
          host: str, submission_port: int, smtps_port: int, inbound_port: int,
-         key_type: str) -> None:
+         http_port: int, key_type: str) -> None:
     """Create a provider: config, keys and certificates from a dev CA, database."""
     domain = domain.lower()
     name = name or f"PEC {domain}"
@@ -120,7 +122,8 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     shutil.copyfile(ca_dir / "ca.pem", keys / "ca.pem")
     listen = Listen(host, submission_port, smtps_port, inbound_port)
     conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
-                                           listen=listen, ca_certs="keys/ca.pem"))
+                                           listen=listen, ca_certs="keys/ca.pem",
+                                           http_port=http_port))
     cfg = config_mod.load(conf_path)
     conn = db_mod.open_database(cfg.paths.database)
     with conn:
@@ -205,6 +208,43 @@ def user_list(ctx: Context) -> None:
     """List accounts."""
     for address, disabled in ctx.transact(users.listing):
         click.echo(f"{address}{'  (disabled)' if disabled else ''}")
+
+
+# --- API tokens -------------------------------------------------------------------------------
+
+@main.group()
+def token() -> None:
+    """HTTP API tokens: each acts for one mailbox; shown once, stored hashed."""
+
+
+@token.command("create")
+@click.argument("address")
+@click.option("--name", default="", help="A label to tell tokens apart (e.g. the calling system).")
+@pass_ctx
+def token_create(ctx: Context, address: str, name: str) -> None:
+    """Make a token for a mailbox; prints it alone on the last line (it is not shown again)."""
+    token_id, secret = ctx.transact(apistore.create_token, address, name, datetime.now(UTC))
+    click.echo(f"token {token_id} for {users.normalise(address)}; store it now, it is not shown again:")
+    click.echo(secret)
+
+
+@token.command("list")
+@click.argument("address", required=False)
+@pass_ctx
+def token_list(ctx: Context, address: str | None) -> None:
+    """List tokens (id, mailbox, name, created, revoked), never their secrets."""
+    for t in ctx.transact(apistore.list_tokens, address):
+        state = f"revoked {t.revoked}" if t.revoked else "active"
+        click.echo(f"{t.id}  {t.mailbox}  {t.name or '-'}  {t.created}  {state}")
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@pass_ctx
+def token_revoke(ctx: Context, token_id: str) -> None:
+    """Revoke a token by its id (as `token list` shows); it stops working at once."""
+    mailbox = ctx.transact(apistore.revoke_token, token_id, datetime.now(UTC))
+    click.echo(f"revoked {token_id} ({mailbox})")
 
 
 # --- provider index ---------------------------------------------------------------------------

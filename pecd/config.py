@@ -28,6 +28,24 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class Http:
+    """The HTTP API listener (``[http]``); none when the section names no port. Plain HTTP only on
+    loopback: anywhere else it needs ``tls_cert`` and ``tls_key`` (tokens and passwords travel in
+    it). ``answer_wait``: how long ``POST /api/v1/messages`` waits for the access point's verdict
+    before it answers ``202`` with the queue id only."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    answer_wait: float = 30.0
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
 class Limits:
     """What one client may ask of the SMTP listeners (see SECURITY.md)."""
 
@@ -142,6 +160,7 @@ class Config:
     ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     antivirus: Antivirus = field(default_factory=Antivirus)
     trust: Trust = field(default_factory=Trust)
+    http: Http = field(default_factory=Http)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -173,6 +192,23 @@ def _trust(values: dict[str, Any]) -> Trust:
             raise ConfigError("[trust] digests must be a list of names")
         values = {**values, "digests": tuple(str(d) for d in values["digests"])}
     return _build(Trust, values, "trust")  # type: ignore[no-any-return]
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _http(values: dict[str, Any], base: Path) -> Http:
+    values = dict(values)
+    for key in ("tls_cert", "tls_key"):
+        if values.get(key):
+            values[key] = (base / str(values[key])).resolve()
+    http: Http = _build(Http, values, "http")
+    if (http.tls_cert is None) != (http.tls_key is None):
+        raise ConfigError("[http] needs both tls_cert and tls_key, or neither")
+    if http.port is not None and not http.tls and not (
+            http.host in _LOOPBACK or http.host.startswith("127.")):
+        raise ConfigError("[http] listens beyond loopback without TLS: set tls_cert and tls_key")
+    return http
 
 
 def load(path: Path) -> Config:
@@ -207,6 +243,7 @@ def load(path: Path) -> Config:
         ca_certs=resolve("ca_certs", "keys/ca.pem"),
     )
     tsa = _section(raw, "tsa")
+    http = _http(_section(raw, "http"), base)
     delivery = _section(raw, "delivery")
     return Config(
         name=name,
@@ -222,6 +259,7 @@ def load(path: Path) -> Config:
         ledger=_build(LedgerPolicy, _section(raw, "ledger"), "ledger"),
         antivirus=_build(Antivirus, _section(raw, "antivirus"), "antivirus"),
         trust=_trust(_section(raw, "trust")),
+        http=http,
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
@@ -234,6 +272,7 @@ def render(
     data_dir: str,
     listen: Listen,
     ca_certs: str,
+    http_port: int = 10080,
 ) -> str:
     """The commented configuration ``pecd init`` writes."""
     return f'''# pecd provider configuration. Paths are relative to this file.
@@ -259,6 +298,13 @@ host = "{listen.host}"
 submission_port = {listen.submission_port}   # STARTTLS + AUTH for mail clients
 smtps_port = {listen.smtps_port}              # implicit TLS + AUTH for mail clients
 inbound_port = {listen.inbound_port}          # other providers (and the Internet) deliver here
+
+[http]
+host = "127.0.0.1"                     # HTTP API (send, track, verify), /metrics, /healthz, /readyz
+port = {http_port}                           # remove the port to run without the HTTP listener
+# tls_cert = "keys/tls.pem"            # TLS like the SMTP listeners; required beyond loopback
+# tls_key = "keys/tls.key"
+answer_wait = 30.0                     # seconds POST /api/v1/messages waits for the access point
 
 [limits]
 max_message_size = 30000000            # bytes, times the number of recipients (RFC 6109 legal limit: 30 MB)

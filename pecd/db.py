@@ -105,6 +105,35 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE queue ADD COLUMN body BLOB;
         """,
     ),
+    (
+        "0004_http_api",
+        # API tokens (only a SHA-256 of the secret is kept), one row per API submission (its
+        # Idempotency-Key and the answer given, so a retry gets the same one), and "my messages"
+        """
+        CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            secret_sha256 TEXT NOT NULL,
+            created TEXT NOT NULL,
+            revoked TEXT
+        );
+        CREATE INDEX api_tokens_mailbox ON api_tokens(mailbox);
+        CREATE TABLE api_submissions (
+            request_id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            idem_key TEXT,
+            request_sha256 TEXT NOT NULL,
+            queue_id INTEGER NOT NULL,
+            ledger_seq INTEGER NOT NULL,
+            created REAL NOT NULL,
+            status INTEGER,
+            response TEXT,
+            UNIQUE (mailbox, idem_key)
+        );
+        CREATE INDEX tracking_sender ON tracking(sender COLLATE NOCASE, accepted, pec_id);
+        """,
+    ),
 ]
 
 

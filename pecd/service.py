@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from pecd import db as db_mod
+from pecd import httpapi, ledger, pki, users, virus
 from pecd import index as index_mod
-from pecd import ledger, pki, users, virus
 from pecd.clock import Clock, SystemClock
 from pecd.cms import Signer
 from pecd.config import Config
@@ -133,6 +135,7 @@ class Ports:
     submission: int = 0
     smtps: int = 0
     inbound: int = 0
+    http: int = 0  # 0: no [http] port configured
 
 
 def make_timestamper(config: Config, clock: Clock, db: Database | None = None) -> Timestamper:
@@ -221,6 +224,8 @@ class Service:
         self._handlers: list[SubmissionHandler | InboundHandler] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._http: web.AppRunner | None = None
+        self._ready = False
 
     async def check_password(self, user: str, password: str) -> bool:
         """A login as the listeners do it (counts failures, honours the account lock)."""
@@ -238,6 +243,7 @@ class Service:
                            asyncio.create_task(self.timeouts.run())]
         if listeners:
             await self._listen()
+        self._ready = True
 
     async def _listen(self) -> None:
         cfg, tls = self.config, server_tls(self.config)
@@ -255,6 +261,10 @@ class Service:
             self._servers.append(server)
             setattr(self.ports, name, server.sockets[0].getsockname()[1])
             log.info("%s listening on %s:%s", name, cfg.listen.host, getattr(self.ports, name))
+        if cfg.http.port is not None:
+            api = httpapi.Api(cfg, self.db, self.queue, self.clock, self.cpu, sub.authenticate,
+                              sub.throttle, self.trust_roots, lambda: self._ready)
+            self._http, self.ports.http = await httpapi.start(api, cfg)
 
     async def _housekeeping(self) -> None:
         """Pick up operator changes to the index; checkpoint the ledger on schedule."""
@@ -299,6 +309,9 @@ class Service:
         if self._stopped:
             return
         self._stopped = True
+        self._ready = False
+        if self._http is not None:  # requests under way get their answers (bounded)
+            await self._http.cleanup()
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -351,8 +364,9 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("pecd serving %s (submission %s, smtps %s, inbound %s)", config.domain,
-             service.ports.submission, service.ports.smtps, service.ports.inbound)
+    log.info("pecd serving %s (submission %s, smtps %s, inbound %s, http %s)", config.domain,
+             service.ports.submission, service.ports.smtps, service.ports.inbound,
+             service.ports.http or "off")
     await stop.wait()
     log.info("stopping")
     await service.stop()

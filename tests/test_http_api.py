@@ -1,0 +1,274 @@
+"""The HTTP API on loopback with a real client: a message sent through it is certified and
+arrives at the second provider with its receipts; tracking, idempotency, token scope, verify,
+metrics and health."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sqlite3
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pecd import pec
+
+from .conftest import ProviderDir, wait_for
+from .http_support import api, message, token_for
+
+
+def _kind(msg: bytes) -> str:
+    parsed = pec.parse(msg)
+    assert parsed.certdata is not None
+    return parsed.certdata.type
+
+
+def test_json_message_through_the_api_arrives_with_its_receipts(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    token = token_for(a, "alice@a.test")
+    pdf = b"%PDF-1.4 contratto firmato\n"
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            status, body, hdrs = await client.call("POST", "/api/v1/messages", token=token,
+                                                   json_body=message(
+                cc=[], html="<p>Buongiorno <b>Bob</b></p>", receipt_type="breve",
+                attachments=[{"filename": "contratto.pdf", "content_type": "application/pdf",
+                              "content_base64": base64.b64encode(pdf).decode()}]))
+            assert status == 202, body
+            pec_id = body["id"]
+            assert pec_id.endswith("@a.test") and body["status"] == "accepted"
+            assert body["recipients"] == [{"address": "bob@b.test", "kind": "certificato"}]
+            assert hdrs["Location"] == f"/api/v1/messages/{pec_id}"
+
+            def done() -> bool:
+                return (len(a.messages("alice@a.test")) == 2
+                        and len(b.messages("bob@b.test")) == 1)
+
+            await wait_for(done)
+            envelope = pec.parse(b.messages("bob@b.test")[0])
+            assert envelope.certdata is not None and envelope.certdata.identifier == pec_id
+            assert envelope.headers["Subject"] == "POSTA CERTIFICATA: Contratto"
+            assert envelope.original is not None and pdf in base64.b64decode(
+                envelope.original.split(b"contratto.pdf")[-1].split(b"\r\n\r\n", 1)[1]
+                .split(b"\r\n--")[0])
+            kinds = sorted(_kind(m) for m in a.messages("alice@a.test"))
+            assert kinds == ["accettazione", "avvenuta-consegna"]
+
+            async def delivered() -> dict[str, object]:
+                for _ in range(500):
+                    status, track, _ = await client.call("GET", f"/api/v1/messages/{pec_id}",
+                                                         token=token)
+                    assert status == 200, track
+                    if track["recipients"][0]["delivered"]:
+                        return dict(track)
+                    await asyncio.sleep(0.02)
+                raise AssertionError("never delivered")
+
+            track = await delivered()
+            assert track["status"] == "accepted" and track["subject"] == "Contratto"
+            bob = track["recipients"][0]
+            assert bob["address"] == "bob@b.test" and bob["kind"] == "certificato"
+            names = [e["event"] for e in bob["events"]]
+            assert names[0] == "accepted" and "delivered" in names
+            assert all(e["at"] for e in bob["events"])
+            assert "receipt-received" in [e["event"] for e in track["events"]]
+
+    asyncio.run(scenario())
+
+
+RAW = (b"From: Alice <alice@a.test>\n"
+       b"To: bob@b.test\n"
+       b"Subject: Raw\n"
+       b"Message-ID: <raw-1@client.a.test>\n"
+       b"\n"
+       b"Corpo.\n")
+
+
+def test_raw_message_is_accepted_and_a_bcc_names_the_failed_check(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    token = token_for(a, "alice@a.test")
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            status, body, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                                data=RAW, content_type="message/rfc822")
+            assert status == 202, body
+            bcc = RAW.replace(b"To: bob@b.test\n", b"To: bob@b.test\nBcc: eve@b.test\n")
+            status, body, hdrs = await client.call("POST", "/api/v1/messages", token=token,
+                                                   data=bcc, content_type="message/rfc822")
+            assert status == 422, body
+            assert hdrs["Content-Type"].startswith("application/problem+json")
+            assert body["check"] == "formal-checks" and "Bcc" in body["detail"]
+            assert body["id"].endswith("@a.test")  # the non-accepted transaction's id
+            # same path as SMTP: the sender also gets the signed non-acceptance notice
+            await wait_for(lambda: "non-accettazione" in
+                           [_kind(m) for m in a.messages("alice@a.test")])
+
+    asyncio.run(scenario())
+
+
+def _count(provider: ProviderDir, sql: str) -> int:
+    conn = sqlite3.connect(provider.root / "data" / "pecd.sqlite")
+    try:
+        return int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_idempotency_key_retry_gets_the_first_answer_and_makes_no_second_message(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    token = token_for(a, "alice@a.test")
+    key = {"Idempotency-Key": "order-4711"}
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            answers = await asyncio.gather(*(
+                client.call("POST", "/api/v1/messages", token=token, json_body=message(),
+                            headers=key) for _ in range(3)))
+            assert {s for s, _, _ in answers} == {202}
+            assert len({b["id"] for _, b, _ in answers}) == 1
+            status, again, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                                 json_body=message(), headers=key)
+            assert status == 202 and again == answers[0][1]
+            status, body, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                                json_body=message(subject="Altro"), headers=key)
+            assert status == 422 and body["check"] == "idempotency-key"
+            await wait_for(lambda: len(b.messages("bob@b.test")) == 1)
+            await client.services[0].run_once()
+        assert len(b.messages("bob@b.test")) == 1
+        assert _count(a, "SELECT count(*) FROM ledger WHERE event='submitted'") == 1
+
+    asyncio.run(scenario())
+
+
+def test_token_acts_only_for_its_own_mailbox(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    a.add_user("carol@a.test", "carol-secret")
+    alice = token_for(a, "alice@a.test")
+    carol = token_for(a, "carol@a.test")
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            status, sent, _ = await client.call("POST", "/api/v1/messages", token=alice,
+                                                json_body=message())
+            assert status == 202
+            status, body, _ = await client.call("GET", f"/api/v1/messages/{sent['id']}",
+                                                token=carol)
+            assert status == 404, body
+            status, body, _ = await client.call("POST", "/api/v1/messages", token=carol,
+                                                json_body=message())
+            assert status == 403 and body["check"] == "from-not-owned"
+            status, listed, _ = await client.call("GET", "/api/v1/messages", token=carol)
+            assert status == 200 and listed["messages"] == []
+            status, listed, _ = await client.call("GET", "/api/v1/messages", token=alice)
+            assert [m["id"] for m in listed["messages"]] == [sent["id"]]
+            token_id = alice.split("_")[1]
+            a.cli("token", "revoke", token_id)
+            status, body, hdrs = await client.call("GET", "/api/v1/messages", token=alice)
+            assert status == 401 and "Bearer" in hdrs["WWW-Authenticate"]
+
+    asyncio.run(scenario())
+
+
+def test_basic_auth_with_the_mailbox_password(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            good = ("alice@a.test", "alice-secret")
+            status, body, _ = await client.call("POST", "/api/v1/messages", basic=good,
+                                                json_body=message())
+            assert status == 202, body
+            status, _, _ = await client.call("GET", "/api/v1/messages",
+                                             basic=("alice@a.test", "wrong"))
+            assert status == 401
+
+    asyncio.run(scenario())
+
+
+def test_messages_list_is_paginated(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    token = token_for(a, "alice@a.test")
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            ids = []
+            for i in range(5):
+                status, body, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                                    json_body=message(subject=f"n{i}"))
+                assert status == 202
+                ids.append(body["id"])
+            seen: list[str] = []
+            path: str | None = "/api/v1/messages?since=2000-01-01T00:00:00&limit=2"
+            while path:
+                status, page, _ = await client.call("GET", path, token=token)
+                assert status == 200 and len(page["messages"]) <= 2
+                seen += [m["id"] for m in page["messages"]]
+                path = page["next"]
+            assert seen == ids
+            status, page, _ = await client.call("GET", "/api/v1/messages?since=2999-01-01",
+                                                token=token)
+            assert status == 200 and page["messages"] == []
+            status, page, _ = await client.call("GET", "/api/v1/messages?since=yesterday",
+                                                token=token)
+            assert status == 400 and page["check"] == "query"
+
+    asyncio.run(scenario())
+
+
+def test_verify_judges_a_receipt_without_login(two_providers: tuple[ProviderDir, ProviderDir],
+                                               tmp_path: Path) -> None:
+    a, b = two_providers
+    token = token_for(a, "alice@a.test")
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            status, _, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                             json_body=message())
+            assert status == 202
+            await wait_for(lambda: len(a.messages("alice@a.test")) >= 1)
+            receipt = a.messages("alice@a.test")[0]
+            status, verdict, _ = await client.call("POST", "/api/v1/verify", data=receipt,
+                                                   content_type="message/rfc822")
+            assert status == 200 and verdict["valid"] is True and verdict["verdict"] == "valid"
+            assert verdict["pec"]["type"] == "accettazione"
+            altered = receipt.replace(b"alice@a.test", b"mallory@a.test")
+            status, verdict, _ = await client.call("POST", "/api/v1/verify", data=altered,
+                                                   content_type="message/rfc822")
+            assert status == 200 and verdict["valid"] is False
+            assert verdict["verdict"] in ("altered", "malformed")
+            status, verdict, _ = await client.call("POST", "/api/v1/verify", data=b"hello")
+            assert status == 200 and verdict["verdict"] == "malformed"
+
+    asyncio.run(scenario())
+
+
+def test_metrics_parse_and_count_messages_by_stage_and_queue_by_state(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    token = token_for(a, "alice@a.test")
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            status, _, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                             json_body=message())
+            assert status == 202
+            status, text, hdrs = await client.call("GET", "/metrics")
+            assert status == 200 and hdrs["Content-Type"].startswith("text/plain")
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in families.values() for s in f.samples}
+            accepted = samples[("pecd_messages_total", (("outcome", "accepted"), ("stage", "access")))]
+            assert accepted == 1
+            assert ("pecd_queue_items", (("kind", "relay"), ("state", "incoming"))) in samples
+            assert families["pecd_queue_items"].type == "gauge"
+            assert families["pecd_messages"].type == "counter"
+            for path in ("/healthz", "/readyz"):
+                status, body, _ = await client.call("GET", path)
+                assert status == 200, body
+
+    asyncio.run(scenario())
