@@ -292,7 +292,7 @@ class Api:
         data = await self._body(request, self.limits.max_message_size * 4 // 3 + (1 << 20))
         try:
             spec = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise Problem(400, "Malformed JSON", str(exc)[:200], "json") from None
         if isinstance(spec, list):
             return await self._bulk(mailbox, spec, key, request.remote or "")
