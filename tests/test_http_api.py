@@ -9,12 +9,15 @@ import base64
 import sqlite3
 from pathlib import Path
 
+import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pecd import pec
+from pecd import config, pec
 
-from .conftest import ProviderDir, wait_for
+from .conftest import ProviderDir, client_tls, pecd, running, wait_for
 from .http_support import api, message, token_for
+from .pechelpers import configure
 
 
 def _kind(msg: bytes) -> str:
@@ -272,3 +275,52 @@ def test_metrics_parse_and_count_messages_by_stage_and_queue_by_state(
                 assert status == 200, body
 
     asyncio.run(scenario())
+
+
+def test_token_cli_shows_the_token_once_and_stores_only_its_hash(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, _b = two_providers
+    out = a.cli("token", "create", "alice@a.test", "--name", "erp")
+    token = out.strip().splitlines()[-1]
+    assert token.startswith("pecd_") and " " not in token
+    token_id, secret = token.split("_")[1], token.split("_", 2)[2]
+    listed = a.cli("token", "list")
+    assert token_id in listed and "erp" in listed and "active" in listed
+    assert secret not in listed
+    assert _count(a, f"SELECT count(*) FROM api_tokens WHERE secret_sha256 LIKE '%{secret}%'") == 0
+    db = (a.root / "data" / "pecd.sqlite").read_bytes()
+    assert secret.encode() not in db
+    a.cli("token", "create", "nobody@a.test", ok=False)
+    a.cli("token", "revoke", "0000000000000000", ok=False)
+    a.cli("token", "revoke", token_id)
+    assert "revoked" in a.cli("token", "list", "alice@a.test")
+
+
+def test_http_over_tls_when_the_section_names_certificates(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, _b = two_providers
+    configure(a, "http", tls_cert="keys/tls.pem", tls_key="keys/tls.key")
+    token = token_for(a, "alice@a.test")
+
+    async def scenario() -> None:
+        async with running(a) as (svc,), aiohttp.ClientSession() as session:
+            url = f"https://localhost:{svc.ports.http}/api/v1/messages"
+            async with session.get(url, headers={"Authorization": f"Bearer {token}"},
+                                   ssl=client_tls(a.ca)) as resp:
+                assert resp.status == 200
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(url.replace("https:", "http:")) as resp:
+                    await resp.read()
+
+    asyncio.run(scenario())
+
+
+def test_http_config_refuses_plain_http_beyond_loopback(tmp_path: Path) -> None:
+    pecd("init", str(tmp_path / "p"), "--domain", "p.test", "--ca", str(tmp_path / "ca"),
+         "--http-port", "18080")
+    conf = tmp_path / "p" / "pecd.toml"
+    assert config.load(conf).http.port == 18080
+    assert config.load(conf).http.host == "127.0.0.1"
+    conf.write_text(conf.read_text().replace('[http]\nhost = "127.0.0.1"', '[http]\nhost = "0.0.0.0"'))
+    with pytest.raises(config.ConfigError, match="TLS"):
+        config.load(conf)
