@@ -216,3 +216,25 @@ def ledger_counts(conn: sqlite3.Connection, after_seq: int) -> tuple[dict[str, i
         counts[str(event)] = int(n)
         head = max(head, int(top))
     return counts, head
+
+
+MAX_LINKS = 200_000  # chain links put in one evidence archive (about 30 MB of JSON)
+
+
+def evidence_ledger(conn: sqlite3.Connection, last_seq: int, first_seq: int
+                    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The first checkpoint whose range reaches ``last_seq`` (None while none does), and the
+    chain links (seq, prev_hash, hash) from ``first_seq`` to that checkpoint's head: enough to
+    see the message's rows chain into a timestamped head without the content of other rows."""
+    cp = conn.execute("SELECT id, seq_from, seq_to, head_hash, at, token FROM ledger_checkpoint"
+                      " WHERE seq_to >= ? ORDER BY id LIMIT 1", (last_seq,)).fetchone()
+    if cp is None:
+        return None, []
+    checkpoint = {"id": int(cp[0]), "seq_from": int(cp[1]), "seq_to": int(cp[2]),
+                  "head_hash": str(cp[3]), "at": str(cp[4]), "token": bytes(cp[5])}
+    if int(cp[2]) - first_seq > MAX_LINKS:
+        return checkpoint, []
+    links = [{"seq": int(r[0]), "prev_hash": str(r[1]), "hash": str(r[2])} for r in conn.execute(
+        "SELECT seq, prev_hash, hash FROM ledger WHERE seq BETWEEN ? AND ? ORDER BY seq",
+        (first_seq, int(cp[2])))]
+    return checkpoint, links

@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import ssl
 import threading
@@ -38,13 +39,14 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pecd import apimessage, apistore, headers, replies, users
+from pecd import apimessage, apistore, evidence, headers, replies, users
 from pecd import db as db_mod
 from pecd import queue as queue_mod
 from pecd.apimessage import Invalid
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.db import Database
+from pecd.delivery import MailboxError, Maildir
 from pecd.ledger import LedgerEvent
 from pecd.queue import NewItem, Queue
 from pecd.throttle import AuthThrottle
@@ -179,6 +181,7 @@ class Api:
         app.router.add_post("/api/v1/messages", self.post_messages)
         app.router.add_get("/api/v1/messages", self.list_messages)
         app.router.add_get("/api/v1/messages/{id}", self.get_message)
+        app.router.add_get("/api/v1/messages/{id}/evidence", self.get_evidence)
         app.router.add_post("/api/v1/verify", self.verify)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
@@ -390,6 +393,54 @@ class Api:
                           "not-found")
         rows, tracked = found
         return _answer(200, _timeline(pec_id, rows, tracked))
+
+    async def get_evidence(self, request: web.Request) -> web.StreamResponse:
+        """The zip of :mod:`pecd.evidence`: receipts, ledger rows, checkpoint, report."""
+        mailbox = await self._login(request)
+        pec_id = request.match_info["id"]
+        found = await self._read(lambda c: apistore.message_events(c, pec_id, mailbox))
+        if found is None:
+            raise Problem(404, "Not found", "no message with that id was sent by this mailbox",
+                          "not-found")
+        rows: list[dict[str, Any]] = found[0]
+        seqs = [int(r["seq"]) for r in rows]
+        checkpoint, links = await self._read(
+            lambda c: apistore.evidence_ledger(c, max(seqs), min(seqs)))
+        wanted = list(dict.fromkeys(str(x).strip("<>") for r in rows for x in r["related"]))
+        loop = asyncio.get_running_loop()
+
+        def make() -> bytes:
+            receipts = self._receipts(mailbox, wanted)
+            return evidence.build(pec_id, rows, links, checkpoint, receipts, self.roots,
+                                  self.config.trust.policy,
+                                  self.config.paths.ca_certs.read_bytes())
+
+        data = await loop.run_in_executor(self.cpu, make)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", pec_id)[:100]
+        return web.Response(body=data, content_type="application/zip", headers={
+            "Content-Disposition": f'attachment; filename="pec-evidence-{name}.zip"'})
+
+    def _receipts(self, mailbox: str, wanted: list[str]) -> list[evidence.Receipt]:
+        """The sender's copies of the message's receipts, found in its Maildir by Message-ID
+        (blocking). With LMTP delivery the mail is elsewhere and none are found."""
+        if self.config.delivery.method != "maildir" or not wanted:
+            return []
+        try:
+            box = Maildir(self.config.paths.mail, self.config.hostname).path(mailbox)
+        except MailboxError:
+            return []
+        found: dict[str, evidence.Receipt] = {}
+        for sub in ("cur", "new"):
+            folder = box / sub
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                with path.open("rb") as f:
+                    head = f.read(256 * 1024)
+                msgid = headers.bare_id(headers.parse(head).get("Message-ID")) or ""
+                if msgid in wanted and msgid not in found:
+                    found[msgid] = evidence.Receipt(msgid, path.read_bytes())
+        return [found[m] for m in wanted if m in found]  # in ledger order
 
     async def list_messages(self, request: web.Request) -> web.StreamResponse:
         mailbox = await self._login(request)

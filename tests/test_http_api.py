@@ -6,16 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
 import sqlite3
+import zipfile
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pecd import config, pec
+from pecd import config, ledger, pec
 
-from .conftest import ProviderDir, client_tls, pecd, running, wait_for
+from .conftest import (
+    ProviderDir,
+    client_tls,
+    openssl,
+    openssl_verifies,
+    pecd,
+    running,
+    wait_for,
+)
 from .http_support import api, message, token_for
 from .pechelpers import configure
 
@@ -324,3 +335,53 @@ def test_http_config_refuses_plain_http_beyond_loopback(tmp_path: Path) -> None:
     conf.write_text(conf.read_text().replace('[http]\nhost = "127.0.0.1"', '[http]\nhost = "0.0.0.0"'))
     with pytest.raises(config.ConfigError, match="TLS"):
         config.load(conf)
+
+
+def test_evidence_archive_is_checkable_offline(two_providers: tuple[ProviderDir, ProviderDir],
+                                               tmp_path: Path) -> None:
+    a, b = two_providers
+    a.add_user("carol@a.test", "carol-secret")
+    token = token_for(a, "alice@a.test")
+    carol = token_for(a, "carol@a.test")
+    out = tmp_path / "evidence"
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            status, sent, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                                json_body=message())
+            assert status == 202
+            await wait_for(lambda: len(a.messages("alice@a.test")) == 2)
+            await wait_for(lambda: len(a.messages("posta-certificata@a.test")) == 1)
+            await wait_for(lambda: _count(a, "SELECT count(*) FROM ledger WHERE event="
+                                             "'receipt-received'") == 2)
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, client.services[0].checkpoint) is not None
+            path = f"/api/v1/messages/{sent['id']}/evidence"
+            status, _, _ = await client.call("GET", path, token=carol)
+            assert status == 404
+            async with client.session.get(client.base + path,
+                                          headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200 and resp.content_type == "application/zip"
+                assert "attachment" in resp.headers["Content-Disposition"]
+                data = await resp.read()
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            z.extractall(out)
+
+    asyncio.run(scenario())
+    receipts = sorted((out / "receipts").iterdir())
+    assert [p.name.split("-")[1] for p in receipts] == ["accettazione", "avvenuta"]
+    for eml in receipts:
+        assert openssl_verifies(eml, a.ca)
+        # exit 0 only when intact and trusted (pecd() fails the test on any other exit)
+        assert "signature: valid" in pecd("verify", "--ca", str(out / "provider-ca.pem"), str(eml))
+    report = (out / "REPORT.txt").read_text()
+    assert "recomputed from its content: OK" in report
+    assert "to checkpoint 1" in report and "): OK" in report
+    assert "checkpoint token: valid RFC 3161 timestamp" in report
+    evidence = json.loads((out / "ledger.json").read_text())
+    assert {r["event"] for r in evidence["rows"]} >= {"accepted", "receipt-received"}
+    for row in evidence["rows"]:  # anyone with SHA-256 and JSON can recheck a row
+        assert ledger.row_hash(row["prev_hash"], row) == row["hash"]
+    openssl("ts", "-verify", "-in", str(out / "checkpoint.tsr"), "-token_in", "-data",
+            str(out / "checkpoint-head.bin"), "-CAfile", str(out / "provider-ca.pem"),
+            "-untrusted", str(a.tsa_cert))
