@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pecd import apimessage, apistore, evidence, headers, replies, users
+from pecd import apimessage, apistore, evidence, headers, openapi, replies, users
 from pecd import db as db_mod
 from pecd import queue as queue_mod
 from pecd.apimessage import Invalid
@@ -183,6 +183,7 @@ class Api:
         app.router.add_get("/api/v1/messages/{id}", self.get_message)
         app.router.add_get("/api/v1/messages/{id}/evidence", self.get_evidence)
         app.router.add_post("/api/v1/verify", self.verify)
+        app.router.add_get("/api/v1/openapi.json", self.openapi)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -480,6 +481,9 @@ class Api:
         text = await loop.run_in_executor(self.cpu, generate_latest, self.registry)
         return web.Response(body=text, headers={
             "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return _answer(200, openapi.document(self.config))
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return _answer(200, {"status": "ok"})
