@@ -238,3 +238,128 @@ def evidence_ledger(conn: sqlite3.Connection, last_seq: int, first_seq: int
         "SELECT seq, prev_hash, hash FROM ledger WHERE seq BETWEEN ? AND ? ORDER BY seq",
         (first_seq, int(cp[2])))]
     return checkpoint, links
+
+
+# --- webhooks -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Webhook:
+    id: str
+    mailbox: str
+    url: str
+    created: str
+    removed: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    hook_id: str
+    url: str
+    secret: str
+    msgid: str
+    event: str
+    payload: str
+    attempts: int
+
+
+def add_webhook(conn: sqlite3.Connection, mailbox: str, url: str, at: datetime) -> tuple[str, str]:
+    """A subscription for a mailbox's message events: (id, signing secret, shown once). Only
+    events logged from now on are sent."""
+    address = users.normalise(mailbox)
+    if users.mailbox_state(conn, address) == "unknown":
+        raise TokenError(f"no such user: {address}")
+    if not (url.startswith("https://") or url.startswith("http://")) or any(
+            c.isspace() for c in url):
+        raise TokenError(f"not an http(s) URL: {url!r}")
+    hook_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    conn.execute("INSERT OR IGNORE INTO webhook_cursor (one, seq) VALUES"
+                 " (1, (SELECT coalesce(max(seq), 0) FROM ledger))")
+    conn.execute("INSERT INTO webhooks (id, mailbox, url, secret, created) VALUES (?, ?, ?, ?, ?)",
+                 (hook_id, address, url, secret, at.isoformat()))
+    ledger.append(conn, LedgerEvent(event="webhook-added", sender=address,
+                                    detail={"webhook_id": hook_id, "url": url}), at)
+    return hook_id, secret
+
+
+def list_webhooks(conn: sqlite3.Connection, mailbox: str | None = None) -> list[Webhook]:
+    rows = conn.execute("SELECT id, mailbox, url, created, removed FROM webhooks"
+                        " WHERE ?1 IS NULL OR mailbox = ?1 ORDER BY mailbox, created, id",
+                        (users.normalise(mailbox) if mailbox else None,)).fetchall()
+    return [Webhook(str(r[0]), str(r[1]), str(r[2]), str(r[3]), r[4]) for r in rows]
+
+
+def remove_webhook(conn: sqlite3.Connection, hook_id: str, at: datetime) -> str:
+    row = conn.execute("SELECT mailbox FROM webhooks WHERE id = ?", (hook_id,)).fetchone()
+    if row is None:
+        raise TokenError(f"no such webhook: {hook_id}")
+    conn.execute("UPDATE webhooks SET removed = ? WHERE id = ? AND removed IS NULL",
+                 (at.isoformat(), hook_id))
+    conn.execute("UPDATE webhook_outbox SET state = 'dropped' WHERE hook_id = ? AND state = 'pending'",
+                 (hook_id,))
+    ledger.append(conn, LedgerEvent(event="webhook-removed", sender=str(row[0]),
+                                    detail={"webhook_id": hook_id}), at)
+    return str(row[0])
+
+
+def fan_out(conn: sqlite3.Connection, now: float, batch: int = 500) -> int:
+    """Turn ledger rows past the cursor into outbox deliveries for the subscriptions of their
+    sender (rows about a message: with a msgid and a sender); the cursor moves in the same
+    transaction, so each row is turned exactly once. Returns how many rows were read."""
+    cur = conn.execute("SELECT seq FROM webhook_cursor WHERE one = 1").fetchone()
+    if cur is None:  # no subscription was ever made
+        return 0
+    rows = conn.execute(
+        "SELECT seq, at, event, msgid, ref_msgid, sender, recipients, subject, related, detail"
+        " FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?", (int(cur[0]), batch)).fetchall()
+    if not rows:
+        return 0
+    hooks: dict[str, list[str]] = {}
+    for hook_id, mailbox in conn.execute("SELECT id, mailbox FROM webhooks WHERE removed IS NULL"):
+        hooks.setdefault(str(mailbox).lower(), []).append(str(hook_id))
+    for r in rows:
+        if not r[3] or not r[5]:
+            continue
+        for hook_id in hooks.get(str(r[5]).lower(), []):
+            detail = json.loads(r[9])
+            payload = {"seq": r[0], "at": r[1], "event": r[2], "id": r[3], "ref_msgid": r[4],
+                       "sender": r[5], "recipients": json.loads(r[6]), "subject": r[7],
+                       "related": json.loads(r[8]), "type": detail.get("type"),
+                       "error": detail.get("error"), "reason": detail.get("reason")}
+            conn.execute("INSERT INTO webhook_outbox (hook_id, msgid, seq, event, payload, next_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?)",
+                         (hook_id, r[3], r[0], r[2], json.dumps(payload, sort_keys=True), now))
+    conn.execute("UPDATE webhook_cursor SET seq = ? WHERE one = 1", (int(rows[-1][0]),))
+    return len(rows)
+
+
+def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Delivery]:
+    """Per (subscription, message), only its oldest pending delivery, and only when due: a
+    message's events reach the receiver in ledger order, a failing one holding back the rest."""
+    rows = conn.execute(
+        "SELECT o.id, o.hook_id, w.url, w.secret, o.msgid, o.event, o.payload, o.attempts"
+        " FROM webhook_outbox o JOIN webhooks w ON w.id = o.hook_id"
+        " WHERE o.id IN (SELECT min(id) FROM webhook_outbox WHERE state = 'pending'"
+        "                GROUP BY hook_id, msgid)"
+        " AND o.next_at <= ? ORDER BY o.id LIMIT ?", (now, limit)).fetchall()
+    return [Delivery(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]),
+                     int(r[7])) for r in rows]
+
+
+def delivered(conn: sqlite3.Connection, delivery_id: int) -> None:
+    conn.execute("UPDATE webhook_outbox SET state = 'done', attempts = attempts + 1"
+                 " WHERE id = ?", (delivery_id,))
+
+
+def delivery_failed(conn: sqlite3.Connection, delivery: Delivery, error: str, next_at: float,
+                    give_up: bool, at: datetime) -> None:
+    """One more failed attempt; past the last one the delivery is marked failed, logged, and
+    the message's next event may go."""
+    conn.execute("UPDATE webhook_outbox SET attempts = attempts + 1, next_at = ?, last_error = ?,"
+                 " state = ? WHERE id = ?",
+                 (next_at, error[:500], "failed" if give_up else "pending", delivery.id))
+    if give_up:
+        ledger.append(conn, LedgerEvent(event="webhook-failed", msgid=delivery.msgid,
+                                        detail={"webhook_id": delivery.hook_id,
+                                                "delivery": delivery.id, "error": error[:500],
+                                                "attempts": delivery.attempts + 1}), at)

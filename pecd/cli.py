@@ -247,6 +247,42 @@ def token_revoke(ctx: Context, token_id: str) -> None:
     click.echo(f"revoked {token_id} ({mailbox})")
 
 
+@main.group()
+def webhook() -> None:
+    """Webhooks: each ledger event of a mailbox's messages POSTed, HMAC-signed, to a URL."""
+
+
+@webhook.command("add")
+@click.argument("address")
+@click.argument("url")
+@pass_ctx
+def webhook_add(ctx: Context, address: str, url: str) -> None:
+    """Subscribe URL to ADDRESS's message events; prints the signing secret alone on the last line."""
+    hook_id, secret = ctx.transact(apistore.add_webhook, address, url, datetime.now(UTC))
+    click.echo(f"webhook {hook_id} for {users.normalise(address)} -> {url}; signing secret"
+               " (not shown again):")
+    click.echo(secret)
+
+
+@webhook.command("list")
+@click.argument("address", required=False)
+@pass_ctx
+def webhook_list(ctx: Context, address: str | None) -> None:
+    """List webhooks (id, mailbox, URL, created, removed)."""
+    for w in ctx.transact(apistore.list_webhooks, address):
+        state = f"removed {w.removed}" if w.removed else "active"
+        click.echo(f"{w.id}  {w.mailbox}  {w.url}  {w.created}  {state}")
+
+
+@webhook.command("remove")
+@click.argument("hook_id")
+@pass_ctx
+def webhook_remove(ctx: Context, hook_id: str) -> None:
+    """Stop a webhook; its pending deliveries are dropped."""
+    mailbox = ctx.transact(apistore.remove_webhook, hook_id, datetime.now(UTC))
+    click.echo(f"removed {hook_id} ({mailbox})")
+
+
 # --- provider index ---------------------------------------------------------------------------
 
 @main.group("index")

@@ -39,6 +39,9 @@ class Http:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     answer_wait: float = 30.0
+    webhook_retry_base: float = 10.0  # seconds before a failed webhook delivery is retried; doubles
+    webhook_retry_max: float = 3600.0
+    webhook_max_attempts: int = 20  # then the delivery is marked failed (and a ledger row says so)
 
     @property
     def tls(self) -> bool:

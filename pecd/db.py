@@ -134,6 +134,39 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX tracking_sender ON tracking(sender COLLATE NOCASE, accepted, pec_id);
         """,
     ),
+    (
+        "0005_http_webhooks",
+        # per-mailbox webhook subscriptions (the secret signs, so it is kept), the ledger position
+        # already turned into deliveries, and the durable outbox of deliveries
+        """
+        CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created TEXT NOT NULL,
+            removed TEXT
+        );
+        CREATE INDEX webhooks_mailbox ON webhooks(mailbox);
+        CREATE TABLE webhook_cursor (
+            one INTEGER PRIMARY KEY CHECK (one = 1),
+            seq INTEGER NOT NULL
+        );
+        CREATE TABLE webhook_outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            hook_id TEXT NOT NULL,
+            msgid TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            last_error TEXT
+        );
+        CREATE INDEX webhook_outbox_due ON webhook_outbox(state, hook_id, msgid, id);
+        """,
+    ),
 ]
 
 

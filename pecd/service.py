@@ -42,6 +42,7 @@ from pecd.spool import Spool
 from pecd.submission import AccessPoint
 from pecd.timeouts import TimeoutWorker
 from pecd.tsa import FallbackTimestamper, FallbackUse, LocalTSA, RemoteTSA, Timestamper, key_matches
+from pecd.webhooks import WebhookWorker
 
 log = logging.getLogger("pecd")
 
@@ -218,6 +219,7 @@ class Service:
             "deliver": Runner(self.queue, "deliver", self.delivery.handle, n),
             "relay": Runner(self.queue, "relay", self.relay.handle, n * 4),
         }
+        self.webhooks = WebhookWorker(config, self.db, self.clock)
         self.ports = Ports()
         self.recovery: Recovery | None = None
         self._servers: list[asyncio.Server] = []
@@ -240,7 +242,8 @@ class Service:
             for runner in self.runners.values():
                 runner.start()
             self._tasks = [asyncio.create_task(self._housekeeping()),
-                           asyncio.create_task(self.timeouts.run())]
+                           asyncio.create_task(self.timeouts.run()),
+                           asyncio.create_task(self.webhooks.run())]
         if listeners:
             await self._listen()
         self._ready = True
@@ -320,6 +323,7 @@ class Service:
             await handler.close_sessions(timeout)
         await asyncio.gather(*(r.drain(timeout) for r in self.runners.values()),
                              self.timeouts.drain(timeout))  # one grace period for all, not one each
+        self.webhooks.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
