@@ -385,3 +385,28 @@ def test_evidence_archive_is_checkable_offline(two_providers: tuple[ProviderDir,
     openssl("ts", "-verify", "-in", str(out / "checkpoint.tsr"), "-token_in", "-data",
             str(out / "checkpoint-head.bin"), "-CAfile", str(out / "provider-ca.pem"),
             "-untrusted", str(a.tsa_cert))
+
+
+def test_bulk_list_each_message_answered_on_its_own(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers
+    token = token_for(a, "alice@a.test")
+    batch = [message(subject="uno"), message(subject="due\r\nBcc: eve@b.test"),
+             message(subject="tre", to=["bob@b.test"], cc=["bob2@b.test"])]
+    key = {"Idempotency-Key": "batch-1"}
+
+    async def scenario() -> None:
+        async with api(a, b) as client:
+            status, body, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                                json_body=batch, headers=key)
+            assert status == 200, body
+            results = body["results"]
+            assert [r["status"] for r in results] == [202, 400, 202]
+            assert results[1]["body"]["check"] == "header-injection"
+            assert results[0]["body"]["id"] != results[2]["body"]["id"]
+            status, again, _ = await client.call("POST", "/api/v1/messages", token=token,
+                                                 json_body=batch, headers=key)
+            assert status == 200 and again == body
+        assert _count(a, "SELECT count(*) FROM ledger WHERE event='accepted'") == 2
+
+    asyncio.run(scenario())
