@@ -363,3 +363,41 @@ def delivery_failed(conn: sqlite3.Connection, delivery: Delivery, error: str, ne
                                         detail={"webhook_id": delivery.hook_id,
                                                 "delivery": delivery.id, "error": error[:500],
                                                 "attempts": delivery.attempts + 1}), at)
+
+
+# --- pages --------------------------------------------------------------------------------------
+
+def set_operator(conn: sqlite3.Connection, address: str, at: datetime) -> None:
+    """Let a mailbox account open the operator page."""
+    address = users.normalise(address)
+    if users.mailbox_state(conn, address) == "unknown":
+        raise TokenError(f"no such user: {address}")
+    conn.execute("INSERT OR IGNORE INTO operators (address, created) VALUES (?, ?)",
+                 (address, at.isoformat()))
+
+
+def is_operator(conn: sqlite3.Connection, address: str) -> bool:
+    return conn.execute("SELECT 1 FROM operators WHERE address = ?",
+                        (users.normalise(address),)).fetchone() is not None
+
+
+REFUSALS = ("refused", "smtp-refused", "submission-refused", "anomaly", "auth-throttled",
+            "account-locked", "held", "corrupt", "webhook-failed")
+
+
+def operator_view(conn: sqlite3.Connection, recent: int = 20) -> dict[str, Any]:
+    """Queue by state, the latest refusals and incidents, ledger head, last checkpoint."""
+    from pecd import queue as queue_mod  # storage module of the queue
+
+    marks = ", ".join("?" * len(REFUSALS))
+    refusals = [{"seq": r[0], "at": r[1], "event": r[2], "sender": r[3],
+                 "reason": json.loads(r[4]).get("reason")}
+                for r in conn.execute(f"SELECT seq, at, event, sender, detail FROM ledger"
+                                      f" WHERE event IN ({marks}) ORDER BY seq DESC LIMIT ?",
+                                      (*REFUSALS, recent))]
+    head = conn.execute("SELECT seq, at, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+    cp = conn.execute("SELECT id, seq_to, at FROM ledger_checkpoint ORDER BY id DESC LIMIT 1"
+                      ).fetchone()
+    return {"queue": queue_mod.figures(conn), "refusals": refusals,
+            "head": None if head is None else {"seq": head[0], "at": head[1], "hash": head[2]},
+            "checkpoint": None if cp is None else {"id": cp[0], "seq_to": cp[1], "at": cp[2]}}

@@ -165,13 +165,16 @@ def _read_password(password_stdin: bool) -> str:
 @user.command("add")
 @click.argument("address")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--operator", is_flag=True, help="May also open the operator page of the HTTP listener.")
 @pass_ctx
-def user_add(ctx: Context, address: str, password_stdin: bool) -> None:
+def user_add(ctx: Context, address: str, password_stdin: bool, operator: bool) -> None:
     """Create a mailbox account."""
     if not ctx.config.is_local(address):
         raise click.ClickException(f"{address} is not in a domain of this provider")
     ctx.transact(users.add, address, _read_password(password_stdin))
-    click.echo(f"added {address}")
+    if operator:
+        ctx.transact(apistore.set_operator, address, datetime.now(UTC))
+    click.echo(f"added {address}{' (operator)' if operator else ''}")
 
 
 @user.command("passwd")

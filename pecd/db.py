@@ -167,6 +167,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX webhook_outbox_due ON webhook_outbox(state, hook_id, msgid, id);
         """,
     ),
+    (
+        "0006_http_operators",
+        # mailbox accounts that may open the operator page (`pecd user add --operator`)
+        """
+        CREATE TABLE operators (
+            address TEXT PRIMARY KEY,
+            created TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 

@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pecd import apimessage, apistore, evidence, headers, openapi, replies, users
+from pecd import apimessage, apistore, evidence, headers, openapi, pages, replies, users
 from pecd import db as db_mod
 from pecd import queue as queue_mod
 from pecd.apimessage import Invalid
@@ -187,6 +187,7 @@ class Api:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        pages.Pages(self).add_routes(app)
         return app
 
     # --- plumbing --------------------------------------------------------------------------------
@@ -204,6 +205,9 @@ class Api:
         except Invalid as exc:
             response = _answer(exc.status, _invalid(exc).body())
         except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413 ...
+            if exc.status < 400:  # a page's redirect
+                self.requests.labels(name, str(exc.status)).inc()
+                raise
             check = {413: "size", 404: "not-found", 405: "method"}.get(exc.status)
             response = _answer(exc.status, Problem(exc.status, exc.reason, check=check).body(),
                                {k: v for k, v in exc.headers.items() if k == "Allow"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,8 @@ class Api:
 @contextlib.asynccontextmanager
 async def api(*providers: ProviderDir) -> AsyncIterator[Api]:
     """The providers running; the client talks to the first one's HTTP listener."""
-    async with running(*providers) as services, aiohttp.ClientSession() as session:
+    async with running(*providers) as services, aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:  # cookies for 127.0.0.1
         port = services[0].ports.http
         assert port, "the provider has no [http] listener"
         yield Api(session, f"http://127.0.0.1:{port}", services)
@@ -64,3 +66,15 @@ def message(**extra: Any) -> dict[str, Any]:
                             "subject": "Contratto", "text": "Buongiorno Bob.\n"}
     base.update(extra)
     return base
+
+
+async def sign_in(client: Api, address: str, password: str) -> int:
+    """The sign-in form as a browser fills it: its CSRF field and cookie, then the POST."""
+    status, page, _ = await client.call("GET", "/login")
+    assert status == 200
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    async with client.session.post(client.base + "/login", data={
+            "csrf": csrf[1], "address": address, "password": password},
+            allow_redirects=False) as resp:
+        return resp.status
