@@ -47,7 +47,7 @@ from pecd.clock import Clock
 from pecd.config import Config
 from pecd.db import Database
 from pecd.delivery import MailboxError, Maildir
-from pecd.ledger import LedgerEvent
+from pecd.ledger import LedgerEvent, format_at
 from pecd.queue import NewItem, Queue
 from pecd.throttle import AuthThrottle
 
@@ -104,7 +104,8 @@ def _answer(status: int, body: Any, extra: dict[str, str] | None = None) -> web.
 
 
 def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat()
+    """A POSIX time written as the ledger writes times (UTC, microseconds, ``Z``)."""
+    return None if t is None else format_at(datetime.fromtimestamp(t, UTC))
 
 
 class Metrics(Collector):
