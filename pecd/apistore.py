@@ -207,7 +207,8 @@ def messages_of(conn: sqlite3.Connection, mailbox: str, since: float, after: tup
 
 
 def ledger_counts(conn: sqlite3.Connection, after_seq: int) -> tuple[dict[str, int], int]:
-    """Ledger rows per event past ``after_seq``, and the head seq they reach."""
+    """Ledger rows per event past ``after_seq``, and the head seq they reach. Anomalies are
+    also counted per verdict class, as ``anomaly:<verdict>``."""
     counts: dict[str, int] = {}
     head = after_seq
     for event, n, top in conn.execute(
@@ -215,6 +216,10 @@ def ledger_counts(conn: sqlite3.Connection, after_seq: int) -> tuple[dict[str, i
             (after_seq,)):
         counts[str(event)] = int(n)
         head = max(head, int(top))
+    for verdict, n in conn.execute(
+            "SELECT json_extract(detail, '$.verdict'), count(*) FROM ledger WHERE seq > ?"
+            " AND seq <= ? AND event = 'anomaly' GROUP BY 1", (after_seq, head)):
+        counts[f"anomaly:{verdict or 'none'}"] = int(n)
     return counts, head
 
 

@@ -26,6 +26,7 @@ import re
 import sqlite3
 import ssl
 import threading
+import time
 import uuid
 from base64 import b64decode, urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Awaitable, Callable, Iterator
@@ -35,7 +36,7 @@ from typing import Any
 
 from aiohttp import web
 from cryptography import x509
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -141,9 +142,22 @@ class Metrics(Collector):
             stages.add_metric([stage, outcome], n)
         yield stages
         ledger = CounterMetricFamily("pecd_ledger_events", "Ledger rows by event", labels=["event"])
+        anomalies = CounterMetricFamily("pecd_anomalies", "Messages received that did not "
+                                        "verify, by verdict class", labels=["verdict"])
         for event, n in sorted(events.items()):
-            ledger.add_metric([event], n)
+            if event.startswith("anomaly:"):
+                anomalies.add_metric([event.partition(":")[2]], n)
+            else:
+                ledger.add_metric([event], n)
         yield ledger
+        yield anomalies
+        yield CounterMetricFamily(
+            "pecd_revocation_errors", "Peer signatures whose revocation status could not be "
+            "learnt, or that were revoked", value=sum(
+                events.get(f"anomaly:{v}", 0) for v in ("revocation-unknown", "revoked")))
+        yield CounterMetricFamily("pecd_tsa_fallbacks", "Timestamps made by the built-in TSA "
+                                  "because the external one was unavailable",
+                                  value=events.get("tsa-fallback", 0))
         depth = GaugeMetricFamily("pecd_queue_items", "Queue items by kind and state",
                                   labels=["kind", "state"])
         for key, n in sorted(figures.items()):
@@ -174,6 +188,8 @@ class Api:
         self.registry.register(Metrics(config.paths.database))
         self.requests = Counter("pecd_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
+        self.latency = Histogram("pecd_http_request_duration_seconds", "HTTP answer time by route",
+                                 ["route"], registry=self.registry)
 
     def app(self) -> web.Application:
         # JSON carries attachments in base64 (4/3 of their size) plus some text
@@ -199,6 +215,7 @@ class Api:
                       ) -> web.StreamResponse:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
+        started = time.monotonic()
         try:
             response = await handler(request)
         except Problem as exc:
@@ -218,6 +235,7 @@ class Api:
             response = _answer(500, Problem(500, "Internal error",
                                             f"incident {incident}").body())
         self.requests.labels(name, str(response.status)).inc()
+        self.latency.labels(name).observe(time.monotonic() - started)
         return response
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:

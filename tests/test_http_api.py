@@ -28,7 +28,7 @@ from .conftest import (
     wait_for,
 )
 from .http_support import api, message, token_for
-from .pechelpers import configure
+from .pechelpers import configure, send_inbound
 
 
 def _kind(msg: bytes) -> str:
@@ -281,6 +281,12 @@ def test_metrics_parse_and_count_messages_by_stage_and_queue_by_state(
             assert ("pecd_queue_items", (("kind", "relay"), ("state", "incoming"))) in samples
             assert families["pecd_queue_items"].type == "gauge"
             assert families["pecd_messages"].type == "counter"
+            assert samples[("pecd_tsa_fallbacks_total", ())] == 0
+            assert samples[("pecd_revocation_errors_total", ())] == 0
+            assert families["pecd_http_request_duration_seconds"].type == "histogram"
+            sent = samples[("pecd_http_requests_total",
+                            (("route", "/api/v1/messages"), ("status", "202")))]
+            assert sent == 1
             for path in ("/healthz", "/readyz"):
                 status, body, _ = await client.call("GET", path)
                 assert status == 200, body
@@ -408,5 +414,28 @@ def test_bulk_list_each_message_answered_on_its_own(
                                                  json_body=batch, headers=key)
             assert status == 200 and again == body
         assert _count(a, "SELECT count(*) FROM ledger WHERE event='accepted'") == 2
+
+    asyncio.run(scenario())
+
+
+def test_metrics_count_anomalies_by_verdict(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    _a, b = two_providers
+    plain = b"From: someone@else.example\r\nTo: bob@b.test\r\nSubject: plain\r\n\r\nhi\r\n"
+
+    async def scenario() -> None:
+        async with api(b) as client:
+            loop = asyncio.get_running_loop()
+            code, _ = await loop.run_in_executor(None, send_inbound, b,
+                                                 client.services[0].ports.inbound,
+                                                 "someone@else.example", ["bob@b.test"], plain,
+                                                 False)
+            assert code == 250
+            await wait_for(lambda: len(b.messages("bob@b.test")) == 1)
+            status, text, _ = await client.call("GET", "/metrics")
+            assert status == 200
+            anomalies = {s.labels["verdict"]: s.value
+                         for f in text_string_to_metric_families(text) if f.name == "pecd_anomalies"
+                         for s in f.samples}
+            assert sum(anomalies.values()) == 1, anomalies
 
     asyncio.run(scenario())
