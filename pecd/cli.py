@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from pecd import apistore, ledger, pki, users
 from pecd import config as config_mod
 from pecd import db as db_mod
 from pecd import durable, index_ldif, index_sync, ledger, pki, readings, users
@@ -94,6 +95,8 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
 @click.option("--submission-port", default=10587, show_default=True, type=int)
 @click.option("--smtps-port", default=10465, show_default=True, type=int)
 @click.option("--inbound-port", default=10025, show_default=True, type=int)
+@click.option("--http-port", default=10080, show_default=True, type=int,
+              help="HTTP API port (plain HTTP: only on a loopback --host).")
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
 @click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Signing key issued by an outside CA (PEM; with --cert).")
@@ -103,7 +106,7 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
               default=None, help="The CA's intermediates (and root) for --cert (PEM bundle).")
 def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
          host: str, submission_port: int, smtps_port: int, inbound_port: int,
-         key_type: str, key_file: Path | None, cert_file: Path | None,
+         http_port: int, key_type: str, key_file: Path | None, cert_file: Path | None,
          chain_file: Path | None) -> None:
     """Create a provider: config, keys and certificates from a dev CA, database.
 
@@ -149,7 +152,8 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
         pki.write_certs(keys / "ca.pem", [*pki.load_certs(keys / "ca.pem"), *outside.roots])
     listen = Listen(host, submission_port, smtps_port, inbound_port)
     conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
-                                           listen=listen, ca_certs="keys/ca.pem"))
+                                           listen=listen, ca_certs="keys/ca.pem",
+                                           http_port=http_port))
     cfg = config_mod.load(conf_path)
     conn = db_mod.open_database(cfg.paths.database)
     with conn:
@@ -192,13 +196,16 @@ def _read_password(password_stdin: bool) -> str:
 @user.command("add")
 @click.argument("address")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--operator", is_flag=True, help="May also open the operator page of the HTTP listener.")
 @pass_ctx
-def user_add(ctx: Context, address: str, password_stdin: bool) -> None:
+def user_add(ctx: Context, address: str, password_stdin: bool, operator: bool) -> None:
     """Create a mailbox account."""
     if not ctx.config.is_local(address):
         raise click.ClickException(f"{address} is not in a domain of this provider")
     ctx.transact(users.add, address, _read_password(password_stdin))
-    click.echo(f"added {address}")
+    if operator:
+        ctx.transact(apistore.set_operator, address, datetime.now(UTC))
+    click.echo(f"added {address}{' (operator)' if operator else ''}")
 
 
 @user.command("passwd")
@@ -293,6 +300,79 @@ def user_list(ctx: Context) -> None:
     """List accounts."""
     for address, disabled in ctx.transact(users.listing):
         click.echo(f"{address}{'  (disabled)' if disabled else ''}")
+
+
+# --- API tokens -------------------------------------------------------------------------------
+
+@main.group()
+def token() -> None:
+    """HTTP API tokens: each acts for one mailbox; shown once, stored hashed."""
+
+
+@token.command("create")
+@click.argument("address")
+@click.option("--name", default="", help="A label to tell tokens apart (e.g. the calling system).")
+@pass_ctx
+def token_create(ctx: Context, address: str, name: str) -> None:
+    """Make a token for a mailbox; prints it alone on the last line (it is not shown again)."""
+    token_id, secret = ctx.transact(apistore.create_token, address, name, datetime.now(UTC))
+    click.echo(f"token {token_id} for {users.normalise(address)}; store it now, it is not shown again:")
+    click.echo(secret)
+
+
+@token.command("list")
+@click.argument("address", required=False)
+@pass_ctx
+def token_list(ctx: Context, address: str | None) -> None:
+    """List tokens (id, mailbox, name, created, revoked), never their secrets."""
+    for t in ctx.transact(apistore.list_tokens, address):
+        state = f"revoked {t.revoked}" if t.revoked else "active"
+        click.echo(f"{t.id}  {t.mailbox}  {t.name or '-'}  {t.created}  {state}")
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@pass_ctx
+def token_revoke(ctx: Context, token_id: str) -> None:
+    """Revoke a token by its id (as `token list` shows); it stops working at once."""
+    mailbox = ctx.transact(apistore.revoke_token, token_id, datetime.now(UTC))
+    click.echo(f"revoked {token_id} ({mailbox})")
+
+
+@main.group()
+def webhook() -> None:
+    """Webhooks: each ledger event of a mailbox's messages POSTed, HMAC-signed, to a URL."""
+
+
+@webhook.command("add")
+@click.argument("address")
+@click.argument("url")
+@pass_ctx
+def webhook_add(ctx: Context, address: str, url: str) -> None:
+    """Subscribe URL to ADDRESS's message events; prints the signing secret alone on the last line."""
+    hook_id, secret = ctx.transact(apistore.add_webhook, address, url, datetime.now(UTC))
+    click.echo(f"webhook {hook_id} for {users.normalise(address)} -> {url}; signing secret"
+               " (not shown again):")
+    click.echo(secret)
+
+
+@webhook.command("list")
+@click.argument("address", required=False)
+@pass_ctx
+def webhook_list(ctx: Context, address: str | None) -> None:
+    """List webhooks (id, mailbox, URL, created, removed)."""
+    for w in ctx.transact(apistore.list_webhooks, address):
+        state = f"removed {w.removed}" if w.removed else "active"
+        click.echo(f"{w.id}  {w.mailbox}  {w.url}  {w.created}  {state}")
+
+
+@webhook.command("remove")
+@click.argument("hook_id")
+@pass_ctx
+def webhook_remove(ctx: Context, hook_id: str) -> None:
+    """Stop a webhook; its pending deliveries are dropped."""
+    mailbox = ctx.transact(apistore.remove_webhook, hook_id, datetime.now(UTC))
+    click.echo(f"removed {hook_id} ({mailbox})")
 
 
 # --- provider index ---------------------------------------------------------------------------

@@ -30,6 +30,27 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class Http:
+    """The HTTP API listener (``[http]``); none when the section names no port. Plain HTTP only on
+    loopback: anywhere else it needs ``tls_cert`` and ``tls_key`` (tokens and passwords travel in
+    it). ``answer_wait``: how long ``POST /api/v1/messages`` waits for the access point's verdict
+    before it answers ``202`` with the queue id only."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    answer_wait: float = 30.0
+    webhook_retry_base: float = 10.0  # seconds before a failed webhook delivery is retried; doubles
+    webhook_retry_max: float = 3600.0
+    webhook_max_attempts: int = 20  # then the delivery is marked failed (and a ledger row says so)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
 class Limits:
     """What one client may ask of the SMTP listeners (see SECURITY.md)."""
 
@@ -319,6 +340,7 @@ class Config:
     trust: Trust = field(default_factory=Trust)
     consultation: Consultation = field(default_factory=Consultation)
     fallback: Fallback = field(default_factory=Fallback)
+    http: Http = field(default_factory=Http)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -350,6 +372,23 @@ def _trust(values: dict[str, Any]) -> Trust:
             raise ConfigError("[trust] digests must be a list of names")
         values = {**values, "digests": tuple(str(d) for d in values["digests"])}
     return _build(Trust, values, "trust")  # type: ignore[no-any-return]
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _http(values: dict[str, Any], base: Path) -> Http:
+    values = dict(values)
+    for key in ("tls_cert", "tls_key"):
+        if values.get(key):
+            values[key] = (base / str(values[key])).resolve()
+    http: Http = _build(Http, values, "http")
+    if (http.tls_cert is None) != (http.tls_key is None):
+        raise ConfigError("[http] needs both tls_cert and tls_key, or neither")
+    if http.port is not None and not http.tls and not (
+            http.host in _LOOPBACK or http.host.startswith("127.")):
+        raise ConfigError("[http] listens beyond loopback without TLS: set tls_cert and tls_key")
+    return http
 
 
 def load(path: Path) -> Config:
@@ -384,6 +423,7 @@ def load(path: Path) -> Config:
         ca_certs=resolve("ca_certs", "keys/ca.pem"),
     )
     tsa = _section(raw, "tsa")
+    http = _http(_section(raw, "http"), base)
     delivery = _section(raw, "delivery")
     if "quota" in delivery:
         delivery = {**delivery, "quota": parse_size(delivery["quota"], "[delivery] quota")}
@@ -418,6 +458,7 @@ def load(path: Path) -> Config:
         trust=_trust(_section(raw, "trust")),
         consultation=_consultation(_section(raw, "consultation")),
         fallback=_fallback(_section(raw, "fallback"), base),
+        http=http,
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
@@ -430,6 +471,7 @@ def render(
     data_dir: str,
     listen: Listen,
     ca_certs: str,
+    http_port: int = 10080,
 ) -> str:
     """The commented configuration ``pecd init`` writes."""
     return f'''# pecd provider configuration. Paths are relative to this file.
@@ -455,6 +497,13 @@ host = "{listen.host}"
 submission_port = {listen.submission_port}   # STARTTLS + AUTH for mail clients
 smtps_port = {listen.smtps_port}              # implicit TLS + AUTH for mail clients
 inbound_port = {listen.inbound_port}          # other providers (and the Internet) deliver here
+
+[http]
+host = "127.0.0.1"                     # HTTP API (send, track, verify), /metrics, /healthz, /readyz
+port = {http_port}                           # remove the port to run without the HTTP listener
+# tls_cert = "keys/tls.pem"            # TLS like the SMTP listeners; required beyond loopback
+# tls_key = "keys/tls.key"
+answer_wait = 30.0                     # seconds POST /api/v1/messages waits for the access point
 
 [limits]
 max_message_size = 30000000            # bytes, times the number of recipients (RFC 6109 legal limit: 30 MB)

@@ -211,6 +211,78 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE providers ADD COLUMN read_evidence INTEGER NOT NULL DEFAULT 0
         """,
     ),
+    (
+        "0008_http_api",
+        # API tokens (only a SHA-256 of the secret is kept), one row per API submission (its
+        # Idempotency-Key and the answer given, so a retry gets the same one), and "my messages"
+        """
+        CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            secret_sha256 TEXT NOT NULL,
+            created TEXT NOT NULL,
+            revoked TEXT
+        );
+        CREATE INDEX api_tokens_mailbox ON api_tokens(mailbox);
+        CREATE TABLE api_submissions (
+            request_id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            idem_key TEXT,
+            request_sha256 TEXT NOT NULL,
+            queue_id INTEGER NOT NULL,
+            ledger_seq INTEGER NOT NULL,
+            created REAL NOT NULL,
+            status INTEGER,
+            response TEXT,
+            UNIQUE (mailbox, idem_key)
+        );
+        CREATE INDEX tracking_sender ON tracking(sender COLLATE NOCASE, accepted, pec_id);
+        """,
+    ),
+    (
+        "0009_http_webhooks",
+        # per-mailbox webhook subscriptions (the secret signs, so it is kept), the ledger position
+        # already turned into deliveries, and the durable outbox of deliveries
+        """
+        CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created TEXT NOT NULL,
+            removed TEXT
+        );
+        CREATE INDEX webhooks_mailbox ON webhooks(mailbox);
+        CREATE TABLE webhook_cursor (
+            one INTEGER PRIMARY KEY CHECK (one = 1),
+            seq INTEGER NOT NULL
+        );
+        CREATE TABLE webhook_outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            hook_id TEXT NOT NULL,
+            msgid TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            last_error TEXT
+        );
+        CREATE INDEX webhook_outbox_due ON webhook_outbox(state, hook_id, msgid, id);
+        """,
+    ),
+    (
+        "0010_http_operators",
+        # mailbox accounts that may open the operator page (`pecd user add --operator`)
+        """
+        CREATE TABLE operators (
+            address TEXT PRIMARY KEY,
+            created TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 

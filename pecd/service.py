@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from pecd import db as db_mod
+from pecd import httpapi, ledger, pki, printjob, revocation, users, virus
 from pecd import index as index_mod
-from pecd import ledger, pki, printjob, revocation, users, virus
 from pecd.clock import Clock, SystemClock
 from pecd.cms import Signer
 from pecd.config import Config
@@ -43,6 +45,7 @@ from pecd.spool import Spool
 from pecd.submission import AccessPoint
 from pecd.timeouts import TimeoutWorker
 from pecd.tsa import FallbackTimestamper, FallbackUse, LocalTSA, RemoteTSA, Timestamper, key_matches
+from pecd.webhooks import WebhookWorker
 
 log = logging.getLogger("pecd")
 
@@ -135,6 +138,7 @@ class Ports:
     submission: int = 0
     smtps: int = 0
     inbound: int = 0
+    http: int = 0  # 0: no [http] port configured
 
 
 def make_timestamper(config: Config, clock: Clock, db: Database | None = None) -> Timestamper:
@@ -233,12 +237,15 @@ class Service:
             "relay": Runner(self.queue, "relay", self.relay.handle, n * 4),
             "fallback": Runner(self.queue, "fallback", self.fallback.handle, n),
         }
+        self.webhooks = WebhookWorker(config, self.db, self.clock)
         self.ports = Ports()
         self.recovery: Recovery | None = None
         self._servers: list[asyncio.Server] = []
         self._handlers: list[SubmissionHandler | InboundHandler] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._http: web.AppRunner | None = None
+        self._ready = False
 
     async def check_password(self, user: str, password: str) -> bool:
         """A login as the listeners do it (counts failures, honours the account lock)."""
@@ -253,13 +260,15 @@ class Service:
             for runner in self.runners.values():
                 runner.start()
             self._tasks = [asyncio.create_task(self._housekeeping()),
-                           asyncio.create_task(self.timeouts.run())]
+                           asyncio.create_task(self.timeouts.run()),
+                           asyncio.create_task(self.webhooks.run())]
             if self.config.index.url:
                 self._tasks.append(asyncio.create_task(self.index_refresher.run()))
             if self.config.consultation.enabled and self.config.delivery.method == "maildir":
                 self._tasks.append(asyncio.create_task(self.reading.run()))
         if listeners:
             await self._listen()
+        self._ready = True
 
     async def _listen(self) -> None:
         cfg, tls = self.config, server_tls(self.config)
@@ -278,6 +287,10 @@ class Service:
             self._servers.append(server)
             setattr(self.ports, name, server.sockets[0].getsockname()[1])
             log.info("%s listening on %s:%s", name, cfg.listen.host, getattr(self.ports, name))
+        if cfg.http.port is not None:
+            api = httpapi.Api(cfg, self.db, self.queue, self.clock, self.cpu, sub.authenticate,
+                              sub.throttle, self.trust_roots, lambda: self._ready)
+            self._http, self.ports.http = await httpapi.start(api, cfg)
 
     async def _housekeeping(self) -> None:
         """Pick up operator changes to the index; checkpoint the ledger on schedule."""
@@ -322,6 +335,9 @@ class Service:
         if self._stopped:
             return
         self._stopped = True
+        self._ready = False
+        if self._http is not None:  # requests under way get their answers (bounded)
+            await self._http.cleanup()
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -331,6 +347,7 @@ class Service:
         # one grace period for all, not one each
         await asyncio.gather(*(r.drain(timeout) for r in self.runners.values()),
                              self.timeouts.drain(timeout), self.reading.drain(timeout))
+        self.webhooks.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -375,8 +392,9 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("pecd serving %s (submission %s, smtps %s, inbound %s)", config.domain,
-             service.ports.submission, service.ports.smtps, service.ports.inbound)
+    log.info("pecd serving %s (submission %s, smtps %s, inbound %s, http %s)", config.domain,
+             service.ports.submission, service.ports.smtps, service.ports.inbound,
+             service.ports.http or "off")
     await stop.wait()
     log.info("stopping")
     await service.stop()

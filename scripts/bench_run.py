@@ -585,7 +585,7 @@ class Bench:
         for p in (self.a, self.b):
             pecd_cli("init", str(p.root), "--domain", p.domain, "--ca", str(ca_dir),
                      "--submission-port", str(p.submission), "--smtps-port", str(free_port()),
-                     "--inbound-port", str(p.inbound))
+                     "--inbound-port", str(p.inbound), "--http-port", str(free_port()))
         for p, q in ((self.a, self.b), (self.b, self.a)):
             card = self.tmp / f"{p.name}.card"
             card.write_text(pecd_cli("-c", str(p.conf), "index", "export"))

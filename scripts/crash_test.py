@@ -92,7 +92,7 @@ def make_providers(work: Path, clients: int) -> tuple[Path, Path]:
         root = work / domain
         run("init", str(root), "--domain", domain, "--ca", str(work / "ca"),
             "--submission-port", str(free_port()), "--smtps-port", str(free_port()),
-            "--inbound-port", str(free_port()))
+            "--inbound-port", str(free_port()), "--http-port", str(free_port()))
         conf = root / "pecd.toml"
         text = conf.read_text()
         text = re.sub(r"retry_base = [0-9.]+", "retry_base = 0.2", text)

@@ -114,7 +114,8 @@ def make_provider(base: Path, domain: str, ca_dir: Path, **kwargs: str) -> Provi
     root = base / domain
     pecd("init", str(root), "--domain", domain, "--name", f"Provider {domain}", "--ca",
          str(ca_dir), "--submission-port", str(free_port()), "--smtps-port", str(free_port()),
-         "--inbound-port", str(free_port()), *[x for k, v in kwargs.items() for x in (k, v)])
+         "--inbound-port", str(free_port()), "--http-port", str(free_port()),
+         *[x for k, v in kwargs.items() for x in (k, v)])
     return ProviderDir(root, domain)
 
 

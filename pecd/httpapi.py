@@ -1,0 +1,611 @@
+"""The HTTP edge: send, track and verify certified mail, and the operator's ``/metrics``,
+``/healthz`` and ``/readyz``, on aiohttp's web server inside the ``pecd serve`` process.
+
+Like the SMTP listeners it writes nothing itself: a message goes through
+:meth:`~pecd.queue.Queue.enqueue` exactly as the submission listener's DATA does (a ``submission``
+queue item and its ``submitted`` ledger row), the access point judges it as it judges any other,
+and the answer waits for that judgement: ``202`` with the PEC identifier once the acceptance is
+committed, or ``422`` naming the failed check (the sender also gets the non-acceptance notice, as
+by SMTP). Requests that cannot become a message (bad JSON, wrong type, header injection, a path as
+an attachment name) get a ``4xx`` problem+json and touch nothing.
+
+Trusts: a token (``Authorization: Bearer``) or the mailbox password (HTTP Basic), checked with
+the same throttle as SMTP AUTH; a caller acts only for its own mailbox. ``/api/v1/verify``,
+``/metrics`` and the health endpoints need no login. SQLite, hashing and signature checks run in
+the writer thread or the executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import ssl
+import threading
+import time
+import uuid
+from base64 import b64decode, urlsafe_b64decode, urlsafe_b64encode
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pecd import apimessage, apistore, evidence, headers, openapi, pages, replies, users
+from pecd import db as db_mod
+from pecd import queue as queue_mod
+from pecd.apimessage import Invalid
+from pecd.clock import Clock
+from pecd.config import Config
+from pecd.db import Database
+from pecd.delivery import MailboxError, Maildir
+from pecd.ledger import LedgerEvent, format_at
+from pecd.queue import NewItem, Queue
+from pecd.throttle import AuthThrottle
+
+log = logging.getLogger("pecd.http")
+
+Authenticate = Callable[[str, str, object], Awaitable[bool]]
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+MAX_BULK = 500
+MAX_PAGE = 500
+
+# ledger event -> (stage, outcome) for pecd_messages_total
+STAGES: dict[str, tuple[str, str]] = {
+    "submitted": ("access", "submitted"), "accepted": ("access", "accepted"),
+    "refused": ("access", "refused"), "submission-refused": ("access", "refused-at-edge"),
+    "smtp-refused": ("edge", "refused"), "relayed": ("relay", "relayed"),
+    "relay-failed": ("relay", "failed"), "received": ("reception", "received"),
+    "taken-in-charge": ("reception", "taken-in-charge"), "anomaly": ("reception", "anomaly"),
+    "receipt-received": ("reception", "receipt"), "duplicate": ("reception", "duplicate"),
+    "virus-detected": ("reception", "virus"), "delivered": ("delivery", "delivered"),
+    "non-delivery": ("delivery", "non-delivery"), "stored": ("delivery", "stored"),
+    "undeliverable": ("delivery", "undeliverable"), "timeout": ("timeouts", "timeout"),
+    "timeout-warning": ("timeouts", "warning"), "deferred": ("queue", "deferred"),
+    "held": ("queue", "held"), "corrupt": ("queue", "corrupt"),
+}
+
+
+class Problem(Exception):
+    """An RFC 9457 problem answer; ``check`` names what failed, for programs."""
+
+    def __init__(self, status: int, title: str, detail: str = "", check: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.check = check
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": f"urn:pecd:problem:{self.check or self.status}",
+                               "title": self.title, "status": self.status}
+        if self.detail:
+            out["detail"] = self.detail
+        if self.check:
+            out["check"] = self.check
+        return out
+
+
+def _answer(status: int, body: Any, extra: dict[str, str] | None = None) -> web.Response:
+    ctype = PROBLEM if status >= 400 and isinstance(body, dict) and "title" in body else JSON
+    return web.Response(status=status, text=json.dumps(body, sort_keys=True), content_type=ctype,
+                        headers=extra)
+
+
+def _iso(t: float | None) -> str | None:
+    """A POSIX time written as the ledger writes times (UTC, microseconds, ``Z``)."""
+    return None if t is None else format_at(datetime.fromtimestamp(t, UTC))
+
+
+class Metrics(Collector):
+    """Prometheus figures read from the database at scrape time (own connection, in a thread):
+    messages by stage and outcome from the ledger, counted incrementally past the last row seen,
+    and queue depth by kind and state."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._seen = 0
+        self._events: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            conn = db_mod.connect(self.path)
+            try:
+                counts, head = apistore.ledger_counts(conn, self._seen)
+                figures = queue_mod.figures(conn)
+            finally:
+                conn.close()
+            self._seen = head
+            for event, n in counts.items():
+                self._events[event] = self._events.get(event, 0) + n
+            events = dict(self._events)
+        stages = CounterMetricFamily("pecd_messages", "Messages by pipeline stage and outcome "
+                                     "(ledger rows)", labels=["stage", "outcome"])
+        by_stage: dict[tuple[str, str], int] = {}
+        for event, n in events.items():
+            if event in STAGES:
+                by_stage[STAGES[event]] = by_stage.get(STAGES[event], 0) + n
+        for (stage, outcome), n in sorted(by_stage.items()):
+            stages.add_metric([stage, outcome], n)
+        yield stages
+        ledger = CounterMetricFamily("pecd_ledger_events", "Ledger rows by event", labels=["event"])
+        anomalies = CounterMetricFamily("pecd_anomalies", "Messages received that did not "
+                                        "verify, by verdict class", labels=["verdict"])
+        for event, n in sorted(events.items()):
+            if event.startswith("anomaly:"):
+                anomalies.add_metric([event.partition(":")[2]], n)
+            else:
+                ledger.add_metric([event], n)
+        yield ledger
+        yield anomalies
+        yield CounterMetricFamily(
+            "pecd_revocation_errors", "Peer signatures whose revocation status could not be "
+            "learnt, or that were revoked", value=sum(
+                events.get(f"anomaly:{v}", 0) for v in ("revocation-unknown", "revoked")))
+        yield CounterMetricFamily("pecd_tsa_fallbacks", "Timestamps made by the built-in TSA "
+                                  "because the external one was unavailable",
+                                  value=events.get("tsa-fallback", 0))
+        depth = GaugeMetricFamily("pecd_queue_items", "Queue items by kind and state",
+                                  labels=["kind", "state"])
+        for key, n in sorted(figures.items()):
+            kind, state = key.split("/")
+            depth.add_metric([kind, state], n)
+        yield depth
+        yield GaugeMetricFamily("pecd_ledger_head_seq", "Sequence number of the ledger head",
+                                value=head)
+
+
+class Api:
+    """The routes and what they share; :func:`start` puts them on a listener."""
+
+    def __init__(self, config: Config, db: Database, queue: Queue, clock: Clock, cpu: Executor,
+                 authenticate: Authenticate, throttle: AuthThrottle,
+                 roots: list[x509.Certificate], ready: Callable[[], bool]) -> None:
+        self.config = config
+        self.db = db
+        self.queue = queue
+        self.clock = clock
+        self.cpu = cpu
+        self.authenticate = authenticate
+        self.throttle = throttle
+        self.roots = roots
+        self.ready = ready
+        self.limits = config.limits
+        self.registry = CollectorRegistry()
+        self.registry.register(Metrics(config.paths.database))
+        self.requests = Counter("pecd_http_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("pecd_http_request_duration_seconds", "HTTP answer time by route",
+                                 ["route"], registry=self.registry)
+
+    def app(self) -> web.Application:
+        # JSON carries attachments in base64 (4/3 of their size) plus some text
+        app = web.Application(client_max_size=self.limits.max_message_size * 4 // 3 + (1 << 20),
+                              middlewares=[self._errors])
+        app.router.add_post("/api/v1/messages", self.post_messages)
+        app.router.add_get("/api/v1/messages", self.list_messages)
+        app.router.add_get("/api/v1/messages/{id}", self.get_message)
+        app.router.add_get("/api/v1/messages/{id}/evidence", self.get_evidence)
+        app.router.add_post("/api/v1/verify", self.verify)
+        app.router.add_get("/api/v1/openapi.json", self.openapi)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        pages.Pages(self).add_routes(app)
+        return app
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        started = time.monotonic()
+        try:
+            response = await handler(request)
+        except Problem as exc:
+            response = _answer(exc.status, exc.body(), exc.headers)
+        except Invalid as exc:
+            response = _answer(exc.status, _invalid(exc).body())
+        except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413 ...
+            if exc.status < 400:  # a page's redirect
+                self.requests.labels(name, str(exc.status)).inc()
+                raise
+            check = {413: "size", 404: "not-found", 405: "method"}.get(exc.status)
+            response = _answer(exc.status, Problem(exc.status, exc.reason, check=check).body(),
+                               {k: v for k, v in exc.headers.items() if k == "Allow"})
+        except Exception as exc:
+            incident = uuid.uuid4().hex[:12]
+            log.error("incident %s: %s %s failed", incident, request.method, name, exc_info=exc)
+            response = _answer(500, Problem(500, "Internal error",
+                                            f"incident {incident}").body())
+        self.requests.labels(name, str(response.status)).inc()
+        self.latency.labels(name).observe(time.monotonic() - started)
+        return response
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await self.db.transact(fn, durable=False)
+
+    async def _body(self, request: web.Request, limit: int) -> bytes:
+        if request.content_length is not None and request.content_length > limit:
+            raise Problem(413, "Payload too large", f"the limit is {limit} bytes", "size")
+        data = await request.read()
+        if len(data) > limit:
+            raise Problem(413, "Payload too large", f"the limit is {limit} bytes", "size")
+        return data
+
+    async def _login(self, request: web.Request) -> str:
+        """The mailbox the request acts for, from a token or the mailbox password."""
+        auth = request.headers.get("Authorization", "")
+        scheme, _, credentials = auth.partition(" ")
+        peer = request.remote or ""
+        challenge = {"WWW-Authenticate": 'Bearer realm="pecd", Basic realm="pecd", charset="UTF-8"'}
+        unauthorized = Problem(401, "Unauthorized", "a valid token or mailbox login is needed",
+                               "auth", challenge)
+        if scheme.lower() == "bearer":
+            return await self._token_login(credentials.strip(), peer, unauthorized)
+        if scheme.lower() == "basic":
+            try:
+                user, sep, password = b64decode(credentials.strip(), validate=True).decode().partition(":")
+            except (binascii.Error, ValueError):
+                raise unauthorized from None
+            if not sep or not user:
+                raise unauthorized
+            try:
+                ok = await self.authenticate(user, password, (peer, 0))
+            except replies.AuthThrottled:
+                raise Problem(429, "Too many failed logins", "try again later", "auth-throttled") from None
+            if not ok:
+                raise unauthorized
+            return users.normalise(user)
+        raise unauthorized
+
+    async def _token_login(self, token: str, peer: str, unauthorized: Problem) -> str:
+        match = apistore.TOKEN_RE.fullmatch(token)
+        token_id = match[1] if match else ""
+        owner = await self._read(lambda c: apistore.token_mailbox(c, token_id)) if match else None
+        account = (owner or f"token:{token_id}").lower()
+        verdict = self.throttle.check(account, peer)
+        if not verdict.allowed:
+            if verdict.first:
+                await self.queue.record([LedgerEvent(event="auth-throttled", sender=account[:320],
+                                                     detail={"peer": peer, "via": "http",
+                                                             "scope": verdict.scope})])
+            raise Problem(429, "Too many failed logins", "try again later", "auth-throttled",
+                          {"Retry-After": str(max(1, round(verdict.retry_after)))})
+        mailbox = await self._read(lambda c: apistore.check_token(c, token))
+        if mailbox is None:
+            self.throttle.failure(account, peer)
+            await self.queue.record([LedgerEvent(event="auth-failed", sender=account[:320],
+                                                 detail={"peer": peer, "via": "http",
+                                                         "token_id": token_id})])
+            raise unauthorized
+        self.throttle.success(account, peer)
+        return str(mailbox)
+
+    # --- send ------------------------------------------------------------------------------------
+
+    async def post_messages(self, request: web.Request) -> web.StreamResponse:
+        mailbox = await self._login(request)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+            raise Problem(400, "Bad Idempotency-Key", "1 to 255 printable characters",
+                          "idempotency-key")
+        ctype = request.content_type
+        if ctype == "message/rfc822":
+            data = await self._body(request, self.limits.max_message_size)
+            built = apimessage.raw(data, mailbox, self.limits)
+            status, body = await self._submit(mailbox, built, key, _fingerprint(ctype, data),
+                                              request.remote or "")
+            return self._sent(status, body)
+        if ctype != JSON:
+            raise Problem(415, "Unsupported media type",
+                          "send application/json or message/rfc822", "content-type")
+        data = await self._body(request, self.limits.max_message_size * 4 // 3 + (1 << 20))
+        try:
+            spec = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise Problem(400, "Malformed JSON", str(exc)[:200], "json") from None
+        if isinstance(spec, list):
+            return await self._bulk(mailbox, spec, key, request.remote or "")
+        built = self._build(spec, mailbox)
+        status, body = await self._submit(mailbox, built, key, _fingerprint(ctype, data),
+                                          request.remote or "")
+        return self._sent(status, body)
+
+    def _build(self, spec: object, mailbox: str) -> apimessage.Built:
+        return apimessage.build(spec, mailbox, self.config.domain, self.clock.now(), self.limits)
+
+    def _sent(self, status: int, body: dict[str, Any]) -> web.Response:
+        extra = {"Location": f"/api/v1/messages/{body['id']}"} if status == 202 and body.get("id") else None
+        return _answer(status, body, extra)
+
+    async def _bulk(self, mailbox: str, specs: list[Any], key: str | None,
+                    peer: str) -> web.StreamResponse:
+        """Each message of the list answered on its own, in order; one refused does not stop
+        the others. Item i's Idempotency-Key is the request's followed by ``#i``."""
+        if not specs or len(specs) > MAX_BULK:
+            raise Problem(400, "Bad bulk request", f"1 to {MAX_BULK} messages", "bulk")
+
+        async def one(i: int, spec: object) -> dict[str, Any]:
+            try:
+                built = self._build(spec, mailbox)
+            except Invalid as exc:
+                return {"status": exc.status, "body": _invalid(exc).body()}
+            fp = _fingerprint(JSON, json.dumps(spec, sort_keys=True).encode())
+            status, body = await self._submit(mailbox, built, None if key is None else f"{key}#{i}",
+                                              fp, peer)
+            return {"status": status, "body": body}
+
+        results = await asyncio.gather(*(one(i, s) for i, s in enumerate(specs)))
+        return _answer(200, {"results": list(results)})
+
+    async def _submit(self, mailbox: str, built: apimessage.Built, key: str | None,
+                      fingerprint: str, peer: str) -> tuple[int, dict[str, Any]]:
+        """Enqueue as the submission listener does, once per Idempotency-Key, then wait for the
+        access point's verdict."""
+        if key is not None:
+            prior = await self._read(lambda c: apistore.submission_by_key(c, mailbox, key))
+            if prior is not None:
+                return await self._outcome(prior, fingerprint)
+        msg = headers.parse(built.data)
+        request_id = uuid.uuid4().hex
+        now = self.clock.now().timestamp()
+        try:
+            await self.queue.enqueue(
+                [NewItem("submission", mailbox, built.rcpts, data=built.data)],
+                [LedgerEvent(event="submitted", ref_msgid=headers.message_id(msg), sender=mailbox,
+                             recipients=built.rcpts, subject=headers.text(msg, "Subject"),
+                             detail={"size": len(built.data), "peer": peer, "via": "http"})],
+                effects=[lambda c: apistore.record_submission(c, request_id, mailbox, key,
+                                                              fingerprint, now)])
+        except sqlite3.IntegrityError:
+            if key is None:
+                raise
+            # the same key raced us and won: its message is the only one
+            prior = await self._read(lambda c: apistore.submission_by_key(c, mailbox, key))
+            assert prior is not None
+            return await self._outcome(prior, fingerprint)
+        sub = await self._read(lambda c: apistore.submission(c, request_id))
+        return await self._outcome(sub, fingerprint)
+
+    async def _outcome(self, sub: apistore.Submission, fingerprint: str) -> tuple[int, dict[str, Any]]:
+        if sub.request_sha256 != fingerprint:
+            problem = Problem(422, "Idempotency-Key reused",
+                              "this key was used for a different request", "idempotency-key")
+            return problem.status, problem.body()
+        if sub.response is not None and sub.status is not None:
+            return sub.status, sub.response
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.http.answer_wait
+        pause = 0.01
+        while True:
+            row = await self._read(lambda c: apistore.access_outcome(c, sub.queue_id, sub.ledger_seq))
+            if row is not None:
+                break
+            if loop.time() >= deadline:  # durable, not judged yet: the same key asks again
+                return 202, {"id": None, "status": "queued", "queue_id": sub.queue_id}
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        status, body = _verdict_answer(row, sub.queue_id)
+        await self.db.transact(lambda c: apistore.store_answer(c, sub.request_id, status, body))
+        return status, body
+
+    # --- track -----------------------------------------------------------------------------------
+
+    async def get_message(self, request: web.Request) -> web.StreamResponse:
+        mailbox = await self._login(request)
+        pec_id = request.match_info["id"]
+        found = await self._read(lambda c: apistore.message_events(c, pec_id, mailbox))
+        if found is None:
+            raise Problem(404, "Not found", "no message with that id was sent by this mailbox",
+                          "not-found")
+        rows, tracked = found
+        return _answer(200, _timeline(pec_id, rows, tracked))
+
+    async def get_evidence(self, request: web.Request) -> web.StreamResponse:
+        """The zip of :mod:`pecd.evidence`: receipts, ledger rows, checkpoint, report."""
+        mailbox = await self._login(request)
+        pec_id = request.match_info["id"]
+        found = await self._read(lambda c: apistore.message_events(c, pec_id, mailbox))
+        if found is None:
+            raise Problem(404, "Not found", "no message with that id was sent by this mailbox",
+                          "not-found")
+        rows: list[dict[str, Any]] = found[0]
+        seqs = [int(r["seq"]) for r in rows]
+        checkpoint, links = await self._read(
+            lambda c: apistore.evidence_ledger(c, max(seqs), min(seqs)))
+        wanted = list(dict.fromkeys(str(x).strip("<>") for r in rows for x in r["related"]))
+        loop = asyncio.get_running_loop()
+
+        def make() -> bytes:
+            receipts = self._receipts(mailbox, wanted)
+            return evidence.build(pec_id, rows, links, checkpoint, receipts, self.roots,
+                                  self.config.trust.policy,
+                                  self.config.paths.ca_certs.read_bytes())
+
+        data = await loop.run_in_executor(self.cpu, make)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", pec_id)[:100]
+        return web.Response(body=data, content_type="application/zip", headers={
+            "Content-Disposition": f'attachment; filename="pec-evidence-{name}.zip"'})
+
+    def _receipts(self, mailbox: str, wanted: list[str]) -> list[evidence.Receipt]:
+        """The sender's copies of the message's receipts, found in its Maildir by Message-ID
+        (blocking). With LMTP delivery the mail is elsewhere and none are found."""
+        if self.config.delivery.method != "maildir" or not wanted:
+            return []
+        try:
+            box = Maildir(self.config.paths.mail, self.config.hostname).path(mailbox)
+        except MailboxError:
+            return []
+        found: dict[str, evidence.Receipt] = {}
+        for sub in ("cur", "new"):
+            folder = box / sub
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                with path.open("rb") as f:
+                    head = f.read(256 * 1024)
+                msgid = headers.bare_id(headers.parse(head).get("Message-ID")) or ""
+                if msgid in wanted and msgid not in found:
+                    found[msgid] = evidence.Receipt(msgid, path.read_bytes())
+        return [found[m] for m in wanted if m in found]  # in ledger order
+
+    async def list_messages(self, request: web.Request) -> web.StreamResponse:
+        mailbox = await self._login(request)
+        query = request.query
+        try:
+            since = _parse_time(query.get("since"))
+            limit = int(query.get("limit", "50"))
+            after = _cursor_in(query["after"]) if "after" in query else None
+        except ValueError as exc:
+            raise Problem(400, "Bad query", str(exc)[:200], "query") from None
+        if not 1 <= limit <= MAX_PAGE:
+            raise Problem(400, "Bad query", f"limit must be 1 to {MAX_PAGE}", "query")
+        rows = await self._read(lambda c: apistore.messages_of(c, mailbox, since, after, limit))
+        items = [{**r, "accepted": _iso(r["accepted"])} for r in rows]
+        body: dict[str, Any] = {"messages": items, "next": None}
+        if len(rows) == limit:
+            last = rows[-1]
+            cursor = _cursor_out(last["accepted"], last["id"])
+            body["next"] = str(request.rel_url.update_query({"after": cursor}))
+        return _answer(200, body)
+
+    # --- verify, operations ----------------------------------------------------------------------
+
+    async def verify(self, request: web.Request) -> web.StreamResponse:
+        from pecd.judge import judge
+
+        data = await self._body(request, self.limits.max_message_size)
+        if not data:
+            raise Problem(400, "Empty body", "send the message's bytes", "empty")
+        loop = asyncio.get_running_loop()
+        verdict = await loop.run_in_executor(
+            self.cpu, lambda: judge(data, self.roots, policy=self.config.trust.policy))
+        return _answer(200, verdict.as_json())
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        text = await loop.run_in_executor(self.cpu, generate_latest, self.registry)
+        return web.Response(body=text, headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return _answer(200, openapi.document(self.config))
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return _answer(200, {"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        if not self.ready():
+            raise Problem(503, "Not ready", "starting or stopping", "not-ready")
+        try:
+            await asyncio.wait_for(self._read(lambda c: c.execute("SELECT 1").fetchone()), 5.0)
+        except (TimeoutError, sqlite3.Error) as exc:
+            raise Problem(503, "Not ready", f"database: {type(exc).__name__}", "database") from None
+        return _answer(200, {"status": "ready"})
+
+
+def _invalid(exc: Invalid) -> Problem:
+    return Problem(exc.status, "Request refused", exc.detail, exc.check)
+
+
+def _fingerprint(ctype: str, data: bytes) -> str:
+    return hashlib.sha256(ctype.encode() + b"\0" + data).hexdigest()
+
+
+def _verdict_answer(row: dict[str, Any], queue_id: int) -> tuple[int, dict[str, Any]]:
+    detail = row["detail"]
+    if row["event"] == "accepted":
+        kinds = detail.get("recipient_kinds", {})
+        return 202, {"id": row["msgid"], "status": "accepted", "accepted_at": row["at"],
+                     "queue_id": queue_id, "receipt_type": detail.get("receipt_kind"),
+                     "acceptance_receipt": (row["related"] or [None])[0],
+                     "recipients": [{"address": a, "kind": k} for a, k in kinds.items()]}
+    problem = Problem(422, "Not accepted", str(detail.get("reason", "")),
+                      "virus" if detail.get("error") == "virus" else "formal-checks")
+    return 422, {**problem.body(), "id": row["msgid"], "queue_id": queue_id,
+                 "non_acceptance_notice": (row["related"] or [None])[0]}
+
+
+def _timeline(pec_id: str, rows: list[dict[str, Any]], tracked: list[Any]) -> dict[str, Any]:
+    """Every ledger row of the message, and per recipient its own rows and receipt times."""
+    events = [{"seq": r["seq"], "at": r["at"], "event": r["event"], "recipients": r["recipients"],
+               "related": r["related"], "type": r["detail"].get("type"),
+               "error": r["detail"].get("error")} for r in rows]
+    first = next(r for r in rows if r["msgid"] == pec_id and r["event"] in ("accepted", "refused"))
+    recipients = []
+    for t in tracked:
+        address = str(t[0])
+        own = [{"event": e["event"], "at": e["at"]} for e in events
+               if address.lower() in (x.lower() for x in e["recipients"])]
+        milestones = [("taken-in-charge", t[3]), ("delivered", t[4]), ("timeout-warning", t[5]),
+                      (f"closed:{t[7]}" if t[7] else "closed", t[6])]
+        own += [{"event": name, "at": _iso(at), "source": "receipt"}
+                for name, at in milestones if at is not None]
+        recipients.append({"address": address, "kind": t[1], "accepted": _iso(t[2]),
+                           "taken_in_charge": _iso(t[3]), "delivered": _iso(t[4]),
+                           "warned": _iso(t[5]), "closed": _iso(t[6]), "outcome": t[7],
+                           "events": sorted(own, key=lambda e: str(e["at"]))})
+    return {"id": pec_id, "status": first["event"], "sender": first["sender"],
+            "subject": first["subject"], "ref_msgid": first["ref_msgid"], "at": first["at"],
+            "recipients": recipients, "events": events}
+
+
+def _parse_time(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    when = datetime.fromisoformat(value)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _cursor_out(accepted: float, pec_id: str) -> str:
+    return urlsafe_b64encode(json.dumps([accepted, pec_id]).encode()).decode()
+
+
+def _cursor_in(value: str) -> tuple[float, str]:
+    try:
+        accepted, pec_id = json.loads(urlsafe_b64decode(value.encode()))
+        return float(accepted), str(pec_id)
+    except (binascii.Error, TypeError, ValueError, UnicodeDecodeError):
+        raise ValueError("after is not a cursor this API gave") from None
+
+
+def server_tls(config: Config) -> ssl.SSLContext | None:
+    http = config.http
+    if http.tls_cert is None or http.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(http.tls_cert), str(http.tls_key))
+    return ctx
+
+
+async def start(api: Api, config: Config) -> tuple[web.AppRunner, int]:
+    """The listener on ``[http]`` host and port; returns the runner (to clean up) and the port."""
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=10.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http.host, config.http.port, ssl_context=server_tls(config))
+    await site.start()
+    port = int(runner.addresses[0][1])
+    log.info("http listening on %s:%s%s", config.http.host, port,
+             " (TLS)" if config.http.tls else "")
+    return runner, port
