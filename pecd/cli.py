@@ -19,10 +19,9 @@ from typing import Any
 
 import click
 
-from pecd import apistore, ledger, pki, users
+from pecd import apistore, durable, index_ldif, index_sync, ledger, pki, readings, users
 from pecd import config as config_mod
 from pecd import db as db_mod
-from pecd import durable, index_ldif, index_sync, ledger, pki, readings, users
 from pecd import index as index_mod
 from pecd import queue as queue_mod
 from pecd import trust as trust_mod
