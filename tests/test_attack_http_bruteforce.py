@@ -41,7 +41,9 @@ def test_attack_http_bruteforce_token_guessing_throttled(
 def test_attack_http_bruteforce_password_shares_the_smtp_throttle(
         two_providers: tuple[ProviderDir, ProviderDir]) -> None:
     a, _b = two_providers
-    configure(a, "limits", auth_failures_per_account=3)
+    # guesses are counted per (account, client address): three from this address refuse it
+    # there, over HTTP and over SMTP alike (the account as a whole is only slowed)
+    configure(a, "limits", auth_failures_per_source=3)
 
     def smtp_login(port: int) -> int:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
