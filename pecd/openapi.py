@@ -188,13 +188,18 @@ def document(config: Config) -> dict[str, Any]:
             "/api/v1/mailbox": {
                 "get": {
                     "summary": "The certified messages delivered to this mailbox, oldest first",
+                    "operationId": "listMailbox",
                     "security": auth,
                     "parameters": [
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                         {"name": "after", "in": "query", "schema": {"type": "string"}}],
-                    "responses": {"200": _json({"$ref": "#/components/schemas/Mailbox"},
-                                               "A page"),
+                    "responses": {"200": {**_json({"$ref": "#/components/schemas/Mailbox"},
+                                                  "A page"),
+                                          "links": {"download": {
+                                              "operationId": "downloadMessage",
+                                              "parameters": {
+                                                  "id": "$response.body#/messages/0/id"}}}},
                                   **_problems(400, 401, 429)}},
             },
             "/api/v1/mailbox/{id}": {
@@ -202,6 +207,7 @@ def document(config: Config) -> dict[str, Any]:
                     "summary": "Download a certified message delivered to this mailbox (the "
                                "transport envelope); the first download is a read and, when "
                                "the sender asked, sends the proof of reading",
+                    "operationId": "downloadMessage",
                     "security": auth,
                     "parameters": [{"name": "id", "in": "path", "required": True,
                                     "schema": {"type": "string"}}],

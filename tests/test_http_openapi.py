@@ -11,7 +11,7 @@ from pathlib import Path
 
 from openapi_spec_validator import validate
 
-from .conftest import ProviderDir
+from .conftest import ProviderDir, submit, wait_for
 from .http_support import api, token_for
 
 
@@ -39,6 +39,15 @@ def test_schemathesis_fuzzing_the_live_api_finds_no_server_error(
 
     async def scenario() -> tuple[int, str]:
         async with api(a, b) as client:
+            # a certified message in alice's mailbox, so the download has something to serve
+            loop = asyncio.get_running_loop()
+            code, reply = await loop.run_in_executor(None, lambda: submit(
+                b, "bob@b.test", "bob-secret", "bob@b.test", ["alice@a.test"],
+                b"From: bob@b.test\r\nTo: alice@a.test\r\nSubject: Per il fuzzer\r\n"
+                b"Message-ID: <fuzz-1@client.b.test>\r\n\r\nCiao.\r\n",
+                client.services[1].ports.submission))
+            assert code == 250, reply
+            await wait_for(lambda: len(a.messages("alice@a.test")) == 1)
             proc = await asyncio.create_subprocess_exec(
                 str(st), "run", f"{client.base}/api/v1/openapi.json",
                 "--checks", "not_a_server_error,status_code_conformance,"
