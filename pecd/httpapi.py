@@ -9,6 +9,11 @@ committed, or ``422`` naming the failed check (the sender also gets the non-acce
 by SMTP). Requests that cannot become a message (bad JSON, wrong type, header injection, a path as
 an attachment name) get a ``4xx`` problem+json and touch nothing.
 
+The recipient's side (``/api/v1/mailbox``) lists the certified messages the delivery point
+recorded for the caller's mailbox and serves the envelope from the Maildir file that row names;
+the first download is a read, handed to the reading point (:mod:`pecd.reading`), which evidences
+it as it evidences an IMAP read.
+
 Trusts: a token (``Authorization: Bearer``) or the mailbox password (HTTP Basic), checked with
 the same throttle as SMTP AUTH; a caller acts only for its own mailbox. ``/api/v1/verify``,
 ``/metrics`` and the health endpoints need no login. SQLite, hashing and signature checks run in
@@ -652,17 +657,18 @@ def _stored_bytes(mailbox: str, file: str) -> bytes | None:
     untouched, ``cur/`` without flags, or ``cur/<name>:2,<flags>`` (blocking). ``file`` comes
     from the database, never from a request."""
     box = Path(mailbox)
-    candidates = [box / "new" / file, box / "cur" / file]
-    with contextlib.suppress(OSError), os.scandir(box / "cur") as entries:
-        candidates += [box / "cur" / e.name for e in entries
-                       if e.name.startswith(file + ":2,")]
-    for path in candidates:
-        try:  # a plain file only: a link left in the Maildir is not followed
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:  # renamed by the reader meanwhile (or a link): the next shape
-            continue
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+    for _attempt in range(2):  # a reader's rename between our listing and our open: look again
+        candidates = [box / "new" / file, box / "cur" / file]
+        with contextlib.suppress(OSError), os.scandir(box / "cur") as entries:
+            candidates += [box / "cur" / e.name for e in entries
+                           if e.name.startswith(file + ":2,")]
+        for path in candidates:
+            try:  # a plain file only: a link left in the Maildir is not followed
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:  # renamed meanwhile (or a link): the next shape
+                continue
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
     return None
 
 
