@@ -248,12 +248,23 @@ def user_enable(ctx: Context, address: str) -> None:
 @click.option("--postal-address", "postal", metavar="TEXT",
               help="The postal address the print fallback puts on its cover page (use \\n "
                    "between lines); --postal-address '' removes it.")
+@click.option("--read-deadline", "read_deadline", metavar="PERIOD",
+              help="How long this user has to open a certified message before the sender gets "
+                   "the proof of not reading (s, m, h or d: 3d, 36h); --read-deadline default "
+                   "returns to [consultation] deadline. Applies to messages delivered from now.")
 @pass_ctx
 def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str | None,
-             quota: str | None, postal: str | None) -> None:
+             quota: str | None, postal: str | None, read_deadline: str | None) -> None:
     """Change an account's settings."""
-    if read_evidence is None and notify is None and quota is None and postal is None:
+    if (read_evidence is None and notify is None and quota is None and postal is None
+            and read_deadline is None):
         raise click.UsageError("nothing to set (see --help)")
+    period: float | None = None
+    if read_deadline is not None and read_deadline.strip().lower() != "default":
+        try:
+            period = config_mod.parse_duration(read_deadline, "--read-deadline")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--read-deadline") from None
     size: int | None = None
     if quota:
         try:
@@ -274,6 +285,8 @@ def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str
         if postal is not None:
             text = postal.replace("\\n", "\n").strip() or None
             found = readings.set_postal_address(conn, address, text) and found
+        if read_deadline is not None:
+            found = readings.set_read_deadline(conn, address, period) and found
         return found
 
     try:
@@ -291,6 +304,9 @@ def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str
     if quota is not None:
         click.echo(f"{address}: quota {size if size is not None else 'provider default'}"
                    + (" bytes" if size is not None else ""))
+    if read_deadline is not None:
+        click.echo(f"{address}: read deadline "
+                   + (f"{period:g} seconds" if period is not None else "provider default"))
 
 
 @user.command("list")

@@ -283,6 +283,32 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0011_read_deadline_per_user",
+        # the recipient's own not-read period in seconds (`pecd user set --read-deadline`);
+        # NULL: [consultation] deadline, the provider's
+        """
+        ALTER TABLE users ADD COLUMN read_deadline REAL
+        """,
+    ),
+    (
+        "0012_http_mailbox",
+        # the recipient's side of the HTTP API: one row per certified message stored in a
+        # local Maildir (its file named, so a download never takes a path from the request)
+        """
+        CREATE TABLE inbox (
+            pec_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            subject TEXT,
+            delivered REAL NOT NULL,
+            mailbox TEXT NOT NULL,
+            file TEXT NOT NULL,
+            PRIMARY KEY (pec_id, recipient)
+        );
+        CREATE INDEX inbox_recipient ON inbox(recipient, delivered, pec_id);
+        """,
+    ),
 ]
 
 

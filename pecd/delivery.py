@@ -223,9 +223,12 @@ class DeliveryPoint:
         except MailboxError as exc:  # over quota, unsafe name, refused by the store
             return refuse("altro", f"the mailbox cannot take the message: {exc}")
         effects: list[Effect] = []
-        if isinstance(stored, Path) and self._reading_requested(parsed, tx):
-            effects.append(self._watch_reading(tx, rcpt, stored, at.timestamp()))
-            base = replace(base, detail={"read_evidence": True})
+        if isinstance(stored, Path):
+            effects.append(self._list_stored(tx, rcpt, stored, at.timestamp()))
+            if self._reading_requested(parsed, tx):
+                effects.append(self._watch_reading(tx, rcpt, stored, at.timestamp(),
+                                                   settings.read_deadline))
+                base = replace(base, detail={"read_evidence": True})
         original = parsed.original_headers()
         cc = rcpt.lower() in {a.lower() for a in headers.addresses(original, "Cc")} and \
             rcpt.lower() not in {a.lower() for a in headers.addresses(original, "To")}
@@ -296,10 +299,24 @@ class DeliveryPoint:
         provider = self.router.index.for_address(tx.sender)
         return provider is not None and provider.read_evidence
 
-    def _watch_reading(self, tx: Transaction, rcpt: str, stored: Path,
-                       at: float) -> Effect:
+    @staticmethod
+    def _list_stored(tx: Transaction, rcpt: str, stored: Path, at: float) -> Effect:
+        """The message in the recipient's list (the HTTP API's ``/api/v1/mailbox``)."""
         mailbox, file = str(stored.parent.parent), stored.name
-        deadline = at + self.config.consultation.deadline
+
+        def effect(conn: sqlite3.Connection) -> None:
+            readings.record_stored(conn, pec_id=tx.identifier, recipient=rcpt,
+                                   sender=tx.sender, subject=tx.subject, delivered=at,
+                                   mailbox=mailbox, file=file)
+
+        return effect
+
+    def _watch_reading(self, tx: Transaction, rcpt: str, stored: Path,
+                       at: float, own_deadline: float | None) -> Effect:
+        """The row the reading point watches; its deadline is the recipient's own period
+        (``pecd user set --read-deadline``) or else the provider's."""
+        mailbox, file = str(stored.parent.parent), stored.name
+        deadline = at + (own_deadline or self.config.consultation.deadline)
 
         def effect(conn: sqlite3.Connection) -> None:
             readings.record(conn, pec_id=tx.identifier, recipient=rcpt, sender=tx.sender,

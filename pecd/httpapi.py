@@ -9,6 +9,11 @@ committed, or ``422`` naming the failed check (the sender also gets the non-acce
 by SMTP). Requests that cannot become a message (bad JSON, wrong type, header injection, a path as
 an attachment name) get a ``4xx`` problem+json and touch nothing.
 
+The recipient's side (``/api/v1/mailbox``) lists the certified messages the delivery point
+recorded for the caller's mailbox and serves the envelope from the Maildir file that row names;
+the first download is a read, handed to the reading point (:mod:`pecd.reading`), which evidences
+it as it evidences an IMAP read.
+
 Trusts: a token (``Authorization: Bearer``) or the mailbox password (HTTP Basic), checked with
 the same throttle as SMTP AUTH; a caller acts only for its own mailbox. ``/api/v1/verify``,
 ``/metrics`` and the health endpoints need no login. SQLite, hashing and signature checks run in
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import sqlite3
 import ssl
@@ -32,6 +39,7 @@ from base64 import b64decode, urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -40,7 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pecd import apimessage, apistore, evidence, headers, openapi, pages, replies, users
+from pecd import apimessage, apistore, evidence, headers, openapi, pages, readings, replies, users
 from pecd import db as db_mod
 from pecd import queue as queue_mod
 from pecd.apimessage import Invalid
@@ -50,6 +58,7 @@ from pecd.db import Database
 from pecd.delivery import MailboxError, Maildir
 from pecd.ledger import LedgerEvent, format_at
 from pecd.queue import NewItem, Queue
+from pecd.reading import ReadingWorker
 from pecd.throttle import AuthThrottle
 
 log = logging.getLogger("pecd.http")
@@ -173,8 +182,10 @@ class Api:
 
     def __init__(self, config: Config, db: Database, queue: Queue, clock: Clock, cpu: Executor,
                  authenticate: Authenticate, throttle: AuthThrottle,
-                 roots: list[x509.Certificate], ready: Callable[[], bool]) -> None:
+                 roots: list[x509.Certificate], ready: Callable[[], bool],
+                 reading: ReadingWorker | None = None) -> None:
         self.config = config
+        self.reading = reading
         self.db = db
         self.queue = queue
         self.clock = clock
@@ -199,6 +210,8 @@ class Api:
         app.router.add_get("/api/v1/messages", self.list_messages)
         app.router.add_get("/api/v1/messages/{id}", self.get_message)
         app.router.add_get("/api/v1/messages/{id}/evidence", self.get_evidence)
+        app.router.add_get("/api/v1/mailbox", self.list_mailbox)
+        app.router.add_get("/api/v1/mailbox/{id}", self.download)
         app.router.add_post("/api/v1/verify", self.verify)
         app.router.add_get("/api/v1/openapi.json", self.openapi)
         app.router.add_get("/metrics", self.metrics)
@@ -486,6 +499,57 @@ class Api:
             body["next"] = str(request.rel_url.update_query({"after": cursor}))
         return _answer(200, body)
 
+    # --- the recipient's side --------------------------------------------------------------------
+
+    async def list_mailbox(self, request: web.Request) -> web.StreamResponse:
+        """The certified messages delivered to the caller's mailbox, oldest first, paginated."""
+        mailbox = await self._login(request)
+        query = request.query
+        try:
+            limit = int(query.get("limit", "50"))
+            after = _cursor_in(query["after"]) if "after" in query else None
+        except ValueError as exc:
+            raise Problem(400, "Bad query", str(exc)[:200], "query") from None
+        if not 1 <= limit <= MAX_PAGE:
+            raise Problem(400, "Bad query", f"limit must be 1 to {MAX_PAGE}", "query")
+        rows: list[readings.Stored] = await self._read(
+            lambda c: readings.stored_for(c, mailbox, after, limit))
+        items = [{"id": r.pec_id, "sender": r.sender, "subject": r.subject,
+                  "delivered": _iso(r.delivered), "read": _iso(r.read), "read_via": r.read_via}
+                 for r in rows]
+        body: dict[str, Any] = {"messages": items, "next": None}
+        if len(rows) == limit:
+            cursor = _cursor_out(rows[-1].delivered, rows[-1].pec_id)
+            body["next"] = str(request.rel_url.update_query({"after": cursor}))
+        return _answer(200, body)
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """The delivered transport envelope, as stored in the caller's Maildir. The first
+        download of a message whose sender asked for reading evidence is a read, evidenced by
+        the reading point as an IMAP read is (``modalita`` ``http``); the bytes are sent only
+        after that evidence is committed, so content never leaves without its evidence."""
+        mailbox = await self._login(request)
+        pec_id = request.match_info["id"]
+        found: readings.Stored | None = await self._read(
+            lambda c: readings.stored_one(c, pec_id, mailbox))
+        if found is None:
+            raise Problem(404, "Not found", "no certified message with that id was delivered "
+                          "to this mailbox", "not-found")
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self.cpu, _stored_bytes, found.mailbox, found.file)
+        if data is None:  # deleted by the holder's mail client, or moved to another folder
+            raise Problem(404, "Not found", "the message is no longer in the mailbox's inbox",
+                          "not-found")
+        row = await self._read(lambda c: readings.of_recipient(c, pec_id, mailbox))
+        if row is not None and row.read is None:
+            if self.reading is None:
+                raise Problem(503, "Not ready", "reading evidence is not available now",
+                              "not-ready")
+            await self.reading.record_read(row, "http")
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", pec_id)[:100]
+        return web.Response(body=data, content_type="message/rfc822", headers={
+            "Content-Disposition": f'attachment; filename="{name}.eml"'})
+
     # --- verify, operations ----------------------------------------------------------------------
 
     async def verify(self, request: web.Request) -> web.StreamResponse:
@@ -586,6 +650,26 @@ def _cursor_in(value: str) -> tuple[float, str]:
         return float(accepted), str(pec_id)
     except (binascii.Error, TypeError, ValueError, UnicodeDecodeError):
         raise ValueError("after is not a cursor this API gave") from None
+
+
+def _stored_bytes(mailbox: str, file: str) -> bytes | None:
+    """The bytes of a Maildir file by its base name, wherever the reader left it: ``new/``
+    untouched, ``cur/`` without flags, or ``cur/<name>:2,<flags>`` (blocking). ``file`` comes
+    from the database, never from a request."""
+    box = Path(mailbox)
+    for _attempt in range(2):  # a reader's rename between our listing and our open: look again
+        candidates = [box / "new" / file, box / "cur" / file]
+        with contextlib.suppress(OSError), os.scandir(box / "cur") as entries:
+            candidates += [box / "cur" / e.name for e in entries
+                           if e.name.startswith(file + ":2,")]
+        for path in candidates:
+            try:  # a plain file only: a link left in the Maildir is not followed
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:  # renamed meanwhile (or a link): the next shape
+                continue
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+    return None
 
 
 def server_tls(config: Config) -> ssl.SSLContext | None:

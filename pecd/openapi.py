@@ -105,6 +105,24 @@ def document(config: Config) -> dict[str, Any]:
                     "type": "object", "required": ["messages", "next"],
                     "properties": {"messages": {"type": "array", "items": {"type": "object"}},
                                    "next": {"type": ["string", "null"]}}},
+                "Mailbox": {
+                    "type": "object", "required": ["messages", "next"],
+                    "properties": {
+                        "messages": {"type": "array", "items": {
+                            "type": "object",
+                            "required": ["id", "sender", "subject", "delivered", "read",
+                                         "read_via"],
+                            "properties": {
+                                "id": {"type": "string", "description": "The PEC identifier"},
+                                "sender": {"type": "string"},
+                                "subject": {"type": ["string", "null"]},
+                                "delivered": {"type": "string"},
+                                "read": {"type": ["string", "null"],
+                                         "description": "When the read was evidenced (null: "
+                                         "not read, or no reading evidence was asked)"},
+                                "read_via": {"type": ["string", "null"],
+                                             "examples": ["imap", "http"]}}}},
+                        "next": {"type": ["string", "null"]}}},
                 "Verdict": {
                     "type": "object", "required": ["valid", "verdict"],
                     "properties": {"valid": {"type": "boolean"},
@@ -166,6 +184,37 @@ def document(config: Config) -> dict[str, Any]:
                         "application/zip": {"schema": {"type": "string",
                                                        "format": "binary"}}}},
                                   **_problems(401, 404, 429)}},
+            },
+            "/api/v1/mailbox": {
+                "get": {
+                    "summary": "The certified messages delivered to this mailbox, oldest first",
+                    "operationId": "listMailbox",
+                    "security": auth,
+                    "parameters": [
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                        {"name": "after", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": {**_json({"$ref": "#/components/schemas/Mailbox"},
+                                                  "A page"),
+                                          "links": {"download": {
+                                              "operationId": "downloadMessage",
+                                              "parameters": {
+                                                  "id": "$response.body#/messages/0/id"}}}},
+                                  **_problems(400, 401, 429)}},
+            },
+            "/api/v1/mailbox/{id}": {
+                "get": {
+                    "summary": "Download a certified message delivered to this mailbox (the "
+                               "transport envelope); the first download is a read and, when "
+                               "the sender asked, sends the proof of reading",
+                    "operationId": "downloadMessage",
+                    "security": auth,
+                    "parameters": [{"name": "id", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "The envelope as delivered",
+                                          "content": {"message/rfc822": {"schema": {
+                                              "type": "string", "format": "binary"}}}},
+                                  **_problems(401, 404, 429, 503)}},
             },
             "/api/v1/verify": {
                 "post": {

@@ -4,7 +4,8 @@ at the recipient's provider. Beyond RFC 6109; see :mod:`pecd.consultation` for t
 Receives: the ``reading`` rows the delivery point writes when it stores a certified message
 whose sender asked for evidence (``X-Presa-Visione: si`` on the envelope, from a provider whose
 card declares reading evidence), and Linux inotify events on those mailboxes' ``cur/``
-directories. Dovecot, serving pecd's Maildirs, marks a message read by renaming its file to
+directories; and reads reported by the HTTP API (:meth:`ReadingWorker.record_read`, a download
+of the message). Dovecot, serving pecd's Maildirs, marks a message read by renaming its file to
 ``cur/<name>:2,<flags>`` with ``S`` among the flags (RFC 3501 ``\\Seen``, set when a client
 fetches the body); the first such rename of a watched file is the read.
 
@@ -213,9 +214,15 @@ class ReadingWorker:
             log.info("read flag on %s: not a certified message delivered with reading evidence;"
                      " ignored", file)
             return False
+        return await self.record_read(row, "imap")
+
+    async def record_read(self, row: Reading, via: str) -> bool:
+        """The one path for a read, however it happened (``imap``: the Maildir ``S`` flag;
+        ``http``: the first download through the HTTP API): the evidence, its ledger row and
+        the row's ``read`` commit together, once. False when the row was already read."""
         if row.read is not None:
             return False
-        return await self._commit(row, "ContentHandover", via="imap")
+        return await self._commit(row, "ContentHandover", via=via)
 
     async def _commit(self, row: Reading, event: consultation.Event,
                       via: str | None = None) -> bool:

@@ -6,8 +6,10 @@ transaction that queues the evidence message, so it is issued exactly once. At t
 provider, columns ``read`` / ``not_read`` of ``tracking``, set when the evidence comes back.
 Also the recipient's own settings on ``users``: the reading-evidence default
 (``read_evidence``, NULL: the provider's), the arrival-notice address (``notify``), the quota
-(``quota`` bytes, NULL: the provider's), the last quota warning sent (``quota_warned``) and
-the postal address the print fallback uses (``postal_address``).
+(``quota`` bytes, NULL: the provider's), the last quota warning sent (``quota_warned``),
+the postal address the print fallback uses (``postal_address``) and the not-read period
+(``read_deadline`` seconds, NULL: ``[consultation] deadline``). And table ``inbox``: the
+certified messages stored in each local Maildir, which the HTTP API lists and serves.
 
 Touches only those tables and columns; callers run these inside ``Database.transact``.
 """
@@ -85,6 +87,13 @@ def due_not_read(conn: sqlite3.Connection, now: float) -> list[Reading]:
     rows = conn.execute(f"SELECT {_COLUMNS} FROM reading WHERE read IS NULL AND not_read IS NULL"
                         " AND deadline <= ? ORDER BY deadline", (now,)).fetchall()
     return [Reading.from_row(r) for r in rows]
+
+
+def of_recipient(conn: sqlite3.Connection, pec_id: str, recipient: str) -> Reading | None:
+    """The row of one message and recipient (the recipient's case as delivered, or any)."""
+    row = conn.execute(f"SELECT {_COLUMNS} FROM reading WHERE pec_id = ?"
+                       " AND lower(recipient) = lower(?)", (pec_id, recipient)).fetchone()
+    return None if row is None else Reading.from_row(row)
 
 
 def for_message(conn: sqlite3.Connection, pec_id: str) -> list[Reading]:
@@ -187,6 +196,7 @@ class Settings:
     quota: int | None = None
     quota_warned: int = 0
     postal_address: str | None = None
+    read_deadline: float | None = None  # seconds; None: [consultation] deadline
 
 
 def settings(conn: sqlite3.Connection, address: str) -> Settings:
@@ -195,11 +205,19 @@ def settings(conn: sqlite3.Connection, address: str) -> Settings:
         key = users.normalise(address)
     except users.UserError:
         return Settings()
-    row = conn.execute("SELECT notify, quota, quota_warned, postal_address FROM users"
-                       " WHERE address=?", (key,)).fetchone()
+    row = conn.execute("SELECT notify, quota, quota_warned, postal_address, read_deadline"
+                       " FROM users WHERE address=?", (key,)).fetchone()
     if row is None:
         return Settings()
-    return Settings(row["notify"], row["quota"], int(row["quota_warned"]), row["postal_address"])
+    return Settings(row["notify"], row["quota"], int(row["quota_warned"]), row["postal_address"],
+                    row["read_deadline"])
+
+
+def set_read_deadline(conn: sqlite3.Connection, address: str, seconds: float | None) -> bool:
+    """The user's own not-read period; None returns to the provider's. False: no such user."""
+    cur = conn.execute("UPDATE users SET read_deadline=? WHERE address=?",
+                       (seconds, users.normalise(address)))
+    return cur.rowcount == 1
 
 
 def set_postal_address(conn: sqlite3.Connection, address: str, postal: str | None) -> bool:
@@ -224,3 +242,59 @@ def set_quota(conn: sqlite3.Connection, address: str, quota: int | None) -> bool
 def set_quota_warned(conn: sqlite3.Connection, address: str, level: int) -> None:
     conn.execute("UPDATE users SET quota_warned=? WHERE address=?",
                  (level, users.normalise(address)))
+
+
+# --- the recipient's certified messages (the HTTP mailbox) ------------------------------------
+
+@dataclass(frozen=True)
+class Stored:
+    """One certified message in a local Maildir, with its evidenced read (if any)."""
+
+    pec_id: str
+    recipient: str
+    sender: str
+    subject: str | None
+    delivered: float
+    mailbox: str
+    file: str
+    read: float | None
+    read_via: str | None
+
+
+def record_stored(conn: sqlite3.Connection, *, pec_id: str, recipient: str, sender: str,
+                  subject: str | None, delivered: float, mailbox: str, file: str) -> None:
+    """A certified message stored for ``recipient``; a retried delivery changes nothing."""
+    conn.execute(
+        "INSERT OR IGNORE INTO inbox (pec_id, recipient, sender, subject, delivered, mailbox,"
+        " file) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (pec_id, users.normalise(recipient), sender, subject, delivered, mailbox, file))
+
+
+_STORED = ("SELECT i.pec_id, i.recipient, i.sender, i.subject, i.delivered, i.mailbox, i.file,"
+           " r.read, r.read_via FROM inbox i LEFT JOIN reading r"
+           " ON r.pec_id = i.pec_id AND lower(r.recipient) = lower(i.recipient)")
+
+
+def _stored(row: sqlite3.Row) -> Stored:
+    return Stored(row["pec_id"], row["recipient"], row["sender"], row["subject"],
+                  row["delivered"], row["mailbox"], row["file"], row["read"], row["read_via"])
+
+
+def stored_for(conn: sqlite3.Connection, recipient: str, after: tuple[float, str] | None,
+               limit: int) -> list[Stored]:
+    """The recipient's certified messages, oldest first, ``limit`` at most, continuing after
+    the (delivered, pec_id) key ``after`` (keyset pagination)."""
+    d_time, d_id = after if after is not None else (-1.0, "")
+    rows = conn.execute(
+        _STORED + " WHERE i.recipient = ? AND (i.delivered > ? OR (i.delivered = ? AND"
+        " i.pec_id > ?)) ORDER BY i.delivered, i.pec_id LIMIT ?",
+        (users.normalise(recipient), d_time, d_time, d_id, limit)).fetchall()
+    return [_stored(r) for r in rows]
+
+
+def stored_one(conn: sqlite3.Connection, pec_id: str, recipient: str) -> Stored | None:
+    """One certified message of ``recipient``; None for an unknown id and for another
+    mailbox's message alike."""
+    row = conn.execute(_STORED + " WHERE i.pec_id = ? AND i.recipient = ?",
+                       (pec_id, users.normalise(recipient))).fetchone()
+    return None if row is None else _stored(row)

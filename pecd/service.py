@@ -289,7 +289,8 @@ class Service:
             log.info("%s listening on %s:%s", name, cfg.listen.host, getattr(self.ports, name))
         if cfg.http.port is not None:
             api = httpapi.Api(cfg, self.db, self.queue, self.clock, self.cpu, sub.authenticate,
-                              sub.throttle, self.trust_roots, lambda: self._ready)
+                              sub.throttle, self.trust_roots, lambda: self._ready,
+                              self.reading)
             self._http, self.ports.http = await httpapi.start(api, cfg)
 
     async def _housekeeping(self) -> None:
