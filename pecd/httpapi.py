@@ -34,7 +34,7 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_runner
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -50,7 +50,7 @@ from pecd.db import Database
 from pecd.delivery import MailboxError, Maildir
 from pecd.ledger import LedgerEvent, format_at
 from pecd.queue import NewItem, Queue
-from pecd.throttle import AuthThrottle
+from pecd.throttle import AuthThrottle, ConnectionLimiter
 
 log = logging.getLogger("pecd.http")
 
@@ -190,6 +190,20 @@ class Api:
                                 ["route", "status"], registry=self.registry)
         self.latency = Histogram("pecd_http_request_duration_seconds", "HTTP answer time by route",
                                  ["route"], registry=self.registry)
+        self.refused_connections = Counter(
+            "pecd_http_connections_refused", "HTTP connections refused: too many from one "
+            "client address at once", registry=self.registry)
+        self._refused_logged: dict[str, float] = {}
+
+    def connection_refused(self, address: str) -> None:
+        """A connection over the per-address cap: counted, and logged once a minute per address."""
+        self.refused_connections.inc()
+        now = time.monotonic()
+        if now - self._refused_logged.get(address, -60.0) >= 60.0:
+            if len(self._refused_logged) > 10_000:
+                self._refused_logged.clear()
+            self._refused_logged[address] = now
+            log.warning("%s: too many HTTP connections at once, refusing with 429", address)
 
     def app(self) -> web.Application:
         # JSON carries attachments in base64 (4/3 of their size) plus some text
@@ -598,12 +612,108 @@ def server_tls(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+RETRY_AFTER_CONNECTIONS = 2  # seconds, in the Retry-After of a connection over the cap
+_REFUSED_IDLE = 5.0  # a refused connection that sends no request is closed after this long
+
+
+def _too_many_connections() -> bytes:
+    body = json.dumps(Problem(429, "Too many connections",
+                              "too many connections from your address, try again later",
+                              "too-many-connections").body(), sort_keys=True).encode()
+    return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: " + PROBLEM.encode()
+            + b"\r\nRetry-After: " + str(RETRY_AFTER_CONNECTIONS).encode()
+            + b"\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+class _Gate(asyncio.Protocol):
+    """Stands before aiohttp's handler on one connection, as the SMTP listeners' per-address
+    connection cap does: under ``[limits] max_connections_per_address`` the connection is
+    aiohttp's; over it the client gets ``429`` with ``Retry-After`` to its first request (or
+    nothing, if it sends none within a few seconds) and the connection is closed. One HTTP/1.1
+    connection carries one request at a time, so this also caps concurrent requests."""
+
+    def __init__(self, make: Callable[[], asyncio.Protocol], limiter: ConnectionLimiter,
+                 refused: Callable[[str], None]) -> None:
+        self._make = make
+        self._limiter = limiter
+        self._refused = refused
+        self._inner: asyncio.Protocol | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._address = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self._limiter.acquire(self._address):
+            self._inner = self._make()
+            self._inner.connection_made(transport)
+            return
+        self._transport = transport
+        self._refused(self._address)
+        self._timer = asyncio.get_running_loop().call_later(_REFUSED_IDLE, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+        elif self._transport is not None and not self._transport.is_closing():
+            assert isinstance(self._transport, asyncio.WriteTransport)
+            self._transport.write(_too_many_connections())
+            self._transport.close()
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._inner is not None:
+            self._limiter.release(self._address)
+            self._inner.connection_lost(exc)
+
+
+class _GatedSite(web_runner.BaseSite):
+    """aiohttp's TCP site with :class:`_Gate` before each connection."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                 limiter: ConnectionLimiter, refused: Callable[[str], None]) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.host = host
+        self.port = port
+        self.limiter = limiter
+        self.refused = refused
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        make: Callable[[], asyncio.Protocol] = server
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Gate(make, self.limiter, self.refused), self.host, self.port,
+            ssl=self._ssl_context)
+
+
 async def start(api: Api, config: Config) -> tuple[web.AppRunner, int]:
     """The listener on ``[http]`` host and port; returns the runner (to clean up) and the port."""
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=10.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port, ssl_context=server_tls(config))
+    site = _GatedSite(runner, config.http.host, config.http.port or 0, server_tls(config),
+                      ConnectionLimiter(config.limits.max_connections_per_address),
+                      api.connection_refused)
     await site.start()
     port = int(runner.addresses[0][1])
     log.info("http listening on %s:%s%s", config.http.host, port,
