@@ -34,7 +34,7 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web, web_runner
+from aiohttp import BodyPartReader, ClientPayloadError, web, web_runner
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -59,6 +59,7 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 MAX_BULK = 500
 MAX_PAGE = 500
+MAX_FORM_PARTS = 1000  # fields and attachments of one multipart/form-data message
 
 # ledger event -> (stage, outcome) for pecd_messages_total
 STAGES: dict[str, tuple[str, str]] = {
@@ -327,9 +328,16 @@ class Api:
             status, body = await self._submit(mailbox, built, key, _fingerprint(ctype, data),
                                               request.remote or "")
             return self._sent(status, body)
+        if ctype == "multipart/form-data":
+            spec = apimessage.from_form(await self._form(request))
+            built = self._build(spec, mailbox)
+            status, body = await self._submit(
+                mailbox, built, key, _fingerprint(ctype, json.dumps(spec, sort_keys=True).encode()),
+                request.remote or "")
+            return self._sent(status, body)
         if ctype != JSON:
-            raise Problem(415, "Unsupported media type",
-                          "send application/json or message/rfc822", "content-type")
+            raise Problem(415, "Unsupported media type", "send application/json, "
+                          "multipart/form-data or message/rfc822", "content-type")
         data = await self._body(request, self.limits.max_message_size * 4 // 3 + (1 << 20))
         try:
             spec = json.loads(data)
@@ -341,6 +349,52 @@ class Api:
         status, body = await self._submit(mailbox, built, key, _fingerprint(ctype, data),
                                           request.remote or "")
         return self._sent(status, body)
+
+    async def _form(self, request: web.Request) -> list[apimessage.FormPart]:
+        """The parts of a ``multipart/form-data`` body, read as they come: their bytes together
+        within the message size limit (plus room for the form's own lines), a bounded number
+        of flat parts, no transfer or content encoding (nothing to inflate)."""
+        limit = self.limits.max_message_size + (1 << 20)
+        if request.content_length is not None and request.content_length > limit:
+            raise Problem(413, "Payload too large", f"the limit is {limit} bytes", "size")
+        malformed = Problem(400, "Malformed form", "not a readable multipart/form-data body",
+                            "multipart")
+        parts: list[apimessage.FormPart] = []
+        total = 0
+        try:
+            reader = await request.multipart()
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if not isinstance(part, BodyPartReader):
+                    raise Problem(400, "Malformed form", "nested multipart parts are not "
+                                  "taken", "multipart")
+                if len(parts) >= MAX_FORM_PARTS:
+                    raise Problem(400, "Malformed form", f"more than {MAX_FORM_PARTS} parts",
+                                  "multipart")
+                encoding = part.headers.get("Content-Transfer-Encoding", "binary").lower()
+                if "Content-Encoding" in part.headers or encoding not in ("7bit", "8bit", "binary"):
+                    raise Problem(415, "Unsupported part encoding", "send the parts' bytes as "
+                                  "they are (no Content-Encoding or base64 transfer encoding)",
+                                  "content-encoding")
+                chunks: list[bytes] = []
+                while chunk := await part.read_chunk(65536):
+                    total += len(chunk)
+                    if total > limit:
+                        raise Problem(413, "Payload too large", f"the limit is {limit} bytes",
+                                      "size")
+                    chunks.append(chunk)
+                parts.append(apimessage.FormPart(
+                    part.name, part.filename,
+                    part.headers.get("Content-Type", "application/octet-stream"),
+                    b"".join(chunks)))
+        except (ValueError, AssertionError, LookupError, ClientPayloadError,
+                web.HTTPBadRequest):
+            raise malformed from None
+        if not parts:
+            raise malformed
+        return parts
 
     def _build(self, spec: object, mailbox: str) -> apimessage.Built:
         return apimessage.build(spec, mailbox, self.config.domain, self.clock.now(), self.limits)
