@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import BodyPartReader, ClientPayloadError, web, web_runner
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from pecd import apimessage, apistore, evidence, headers, openapi, pages, replies, users
@@ -110,22 +110,57 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else format_at(datetime.fromtimestamp(t, UTC))
 
 
+# seconds: from well under a second (the access point) to the 24 h a delivery may take
+ACCEPTANCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+DELIVERY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 3 * 3600.0,
+                    12 * 3600.0, 24 * 3600.0)
+
+
+class _Buckets:
+    """A histogram fed from ledger rows, kept across scrapes (the rows are read once each)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: over every bound (+Inf only)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b),
+                         len(self.bounds))] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+Errors = Callable[[], dict[str, dict[str, int]]]
+
+
 class Metrics(Collector):
     """Prometheus figures read from the database at scrape time (own connection, in a thread):
     messages by stage and outcome from the ledger, counted incrementally past the last row seen,
-    and queue depth by kind and state."""
+    the certified cycle's latencies from the same rows, queue depth by kind and state; and the
+    process's own TSA and revocation fetch errors, from ``errors``."""
 
-    def __init__(self, path: Any) -> None:
+    def __init__(self, path: Any, errors: Errors | None = None) -> None:
         self.path = path
+        self.errors = errors
         self._lock = threading.Lock()
         self._seen = 0
         self._events: dict[str, int] = {}
+        self._acceptance = _Buckets(ACCEPTANCE_BUCKETS)
+        self._delivery = _Buckets(DELIVERY_BUCKETS)
 
     def collect(self) -> Iterator[Any]:
         with self._lock:
             conn = db_mod.connect(self.path)
             try:
                 counts, head = apistore.ledger_counts(conn, self._seen)
+                acceptance, delivery = apistore.latencies(conn, self._seen, head)
                 figures = queue_mod.figures(conn)
             finally:
                 conn.close()
@@ -133,6 +168,30 @@ class Metrics(Collector):
             for event, n in counts.items():
                 self._events[event] = self._events.get(event, 0) + n
             events = dict(self._events)
+            for value in acceptance:
+                self._acceptance.observe(value)
+            for value in delivery:
+                self._delivery.observe(value)
+            accepted = self._acceptance.family(
+                "pecd_acceptance_latency_seconds", "Seconds from a message's submission to its "
+                "acceptance by the access point (ledger times)")
+            delivered = self._delivery.family(
+                "pecd_delivery_latency_seconds", "Seconds from a message's acceptance to each "
+                "delivery receipt taken in for it (ledger times)")
+        yield accepted
+        yield delivered
+        errors = self.errors() if self.errors is not None else {}
+        tsa = CounterMetricFamily("pecd_tsa_errors", "Calls to the external TSA that failed, by "
+                                  "kind (the built-in TSA stands in when it may: see "
+                                  "pecd_tsa_fallbacks_total)", labels=["kind"])
+        for kind, n in sorted(errors.get("tsa", {"unavailable": 0, "invalid": 0}).items()):
+            tsa.add_metric([kind], n)
+        yield tsa
+        fetch = CounterMetricFamily("pecd_revocation_fetch_errors", "CRL and OCSP fetches that "
+                                    "failed or were refused, by source kind", labels=["source"])
+        for source, n in sorted(errors.get("revocation", {"crl": 0, "ocsp": 0}).items()):
+            fetch.add_metric([source], n)
+        yield fetch
         stages = CounterMetricFamily("pecd_messages", "Messages by pipeline stage and outcome "
                                      "(ledger rows)", labels=["stage", "outcome"])
         by_stage: dict[tuple[str, str], int] = {}
@@ -174,7 +233,8 @@ class Api:
 
     def __init__(self, config: Config, db: Database, queue: Queue, clock: Clock, cpu: Executor,
                  authenticate: Authenticate, throttle: AuthThrottle,
-                 roots: list[x509.Certificate], ready: Callable[[], bool]) -> None:
+                 roots: list[x509.Certificate], ready: Callable[[], bool],
+                 errors: Errors | None = None) -> None:
         self.config = config
         self.db = db
         self.queue = queue
@@ -186,7 +246,7 @@ class Api:
         self.ready = ready
         self.limits = config.limits
         self.registry = CollectorRegistry()
-        self.registry.register(Metrics(config.paths.database))
+        self.registry.register(Metrics(config.paths.database, errors))
         self.requests = Counter("pecd_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
         self.latency = Histogram("pecd_http_request_duration_seconds", "HTTP answer time by route",
