@@ -17,7 +17,7 @@ def _problems(*codes: int) -> dict[str, Any]:
              403: "Not this mailbox's to do", 404: "Not found (or not this mailbox's)",
              405: "Method not allowed", 413: "Over the size limit", 415: "Wrong media type",
              422: "Refused by the access point, or Idempotency-Key reused",
-             429: "Too many failed logins", 503: "Not ready"}
+             429: "Too many failed logins (or connections from one address)", 503: "Not ready"}
     return {str(c): {"description": words[c],
                      "content": {"application/problem+json": {"schema": _PROBLEM}}}
             for c in codes}
