@@ -41,7 +41,7 @@ def test_attack_http_bruteforce_token_guessing_throttled(
 def test_attack_http_bruteforce_password_shares_the_smtp_throttle(
         two_providers: tuple[ProviderDir, ProviderDir]) -> None:
     a, _b = two_providers
-    configure(a, "limits", auth_failures_per_account=3)
+    configure(a, "limits", auth_failures_per_source=3)  # per (account, client address)
 
     def smtp_login(port: int) -> int:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
