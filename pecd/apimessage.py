@@ -13,13 +13,15 @@ from __future__ import annotations
 import binascii
 import email.policy
 import email.utils
+import json
 import re
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Any
+from urllib.parse import unquote
 
 from pecd import headers
 from pecd.config import Limits
@@ -137,6 +139,74 @@ def build(spec: object, mailbox: str, domain: str, at: datetime, limits: Limits)
         raise Invalid("size", f"message of {len(data)} bytes, the limit is "
                       f"{limits.max_message_size}", 413)
     return Built(data, rcpts)
+
+
+@dataclass(frozen=True)
+class FormPart:
+    """One part of a ``multipart/form-data`` request, as read off the wire."""
+
+    name: str | None
+    filename: str | None  # None: a form field; a string (even empty): a file, an attachment
+    content_type: str
+    data: bytes
+
+
+_FORM_SINGLE = ("from", "subject", "text", "html", "receipt_type")
+_FORM_LIST = ("to", "cc")
+
+
+def from_form(parts: list[FormPart]) -> dict[str, Any]:
+    """The JSON form of a message sent as ``multipart/form-data``: a ``message`` part holding
+    the JSON object, or its fields one per part (``to`` and ``cc`` repeated, one address
+    each), and a file part per attachment (any part with a filename). It then goes through
+    :func:`build` like any JSON message, so the same checks apply to names and types, after
+    the file names are percent-decoded (a ``%2F`` is refused as a ``/`` is)."""
+    spec: dict[str, Any] = {}
+    attachments: list[dict[str, str]] = []
+    fields: dict[str, Any] = {}
+    for part in parts:
+        if part.filename is not None or part.name == "attachments":
+            ctype = part.content_type.split(";", 1)[0].strip() or "application/octet-stream"
+            # HTML forms escape '"', CR and LF in file names as %22, %0D, %0A, and some
+            # clients (aiohttp, for one) escape every byte so: the checks see the decoded name
+            try:
+                name = unquote(part.filename or "", errors="strict")
+            except UnicodeDecodeError:
+                raise Invalid("attachment-filename", "attachment filename is not UTF-8") from None
+            attachments.append({"filename": name, "content_type": ctype,
+                                "content_base64": b64encode(part.data).decode()})
+            continue
+        try:
+            value = part.data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid("schema", f"form field {part.name!r} is not UTF-8 text") from None
+        if part.name == "message":
+            if spec:
+                raise Invalid("schema", "more than one message part")
+            try:
+                spec = json.loads(value)
+            except (ValueError, RecursionError):
+                raise Invalid("json", "the message part is not JSON") from None
+            if not isinstance(spec, dict) or not spec:
+                raise Invalid("schema", "the message part must be a JSON object")
+        elif part.name in _FORM_LIST:
+            fields.setdefault(part.name, []).append(value)
+        elif part.name in _FORM_SINGLE:
+            if part.name in fields:
+                raise Invalid("schema", f"form field {part.name} given twice")
+            fields[part.name] = value
+        else:
+            raise Invalid("schema", f"unknown form field: {str(part.name)[:100]!r}")
+    both = set(spec) & set(fields)
+    if both:
+        raise Invalid("schema", f"given in the message part and as fields: {', '.join(sorted(both))}")
+    spec = {**spec, **fields}
+    if attachments:
+        listed = spec.get("attachments", [])
+        if not isinstance(listed, list):
+            raise Invalid("schema", "attachments must be a list")
+        spec["attachments"] = [*listed, *attachments]
+    return spec
 
 
 def _attach(msg: EmailMessage, raw: object, i: int) -> None:

@@ -223,6 +223,30 @@ def ledger_counts(conn: sqlite3.Connection, after_seq: int) -> tuple[dict[str, i
     return counts, head
 
 
+def latencies(conn: sqlite3.Connection, after_seq: int, head: int
+              ) -> tuple[list[float], list[float]]:
+    """Seconds of the certified cycle, as the ledger rows from ``after_seq`` (excluded) to
+    ``head`` saw it: submitted to accepted, per message accepted (the ``submitted`` row with
+    the same original Message-ID just before); accepted to delivered, per delivery receipt
+    taken in (``receipt-received`` of type ``avvenuta-consegna``, to the ``accepted`` row of
+    its PEC identifier). Rows without their partner (pruned, or another provider's) count not."""
+    acceptance = [_seconds(start, end) for end, start in conn.execute(
+        "SELECT a.at, (SELECT s.at FROM ledger s WHERE s.ref_msgid = a.ref_msgid AND"
+        " s.event = 'submitted' AND s.seq < a.seq ORDER BY s.seq DESC LIMIT 1) FROM ledger a"
+        " WHERE a.seq > ? AND a.seq <= ? AND a.event = 'accepted' AND a.ref_msgid IS NOT NULL",
+        (after_seq, head)) if start is not None]
+    delivery = [_seconds(start, end) for end, start in conn.execute(
+        "SELECT r.at, (SELECT a.at FROM ledger a WHERE a.msgid = r.msgid AND a.event = 'accepted'"
+        " ORDER BY a.seq LIMIT 1) FROM ledger r WHERE r.seq > ? AND r.seq <= ? AND"
+        " r.event = 'receipt-received' AND json_extract(r.detail, '$.type') = 'avvenuta-consegna'",
+        (after_seq, head)) if start is not None]
+    return acceptance, delivery
+
+
+def _seconds(start: str, end: str) -> float:
+    return max(0.0, (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds())
+
+
 MAX_LINKS = 200_000  # chain links put in one evidence archive (about 30 MB of JSON)
 
 

@@ -42,10 +42,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, ClientPayloadError, web, web_runner
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from pecd import apimessage, apistore, evidence, headers, openapi, pages, readings, replies, users
@@ -59,7 +59,7 @@ from pecd.delivery import MailboxError, Maildir
 from pecd.ledger import LedgerEvent, format_at
 from pecd.queue import NewItem, Queue
 from pecd.reading import ReadingWorker
-from pecd.throttle import AuthThrottle
+from pecd.throttle import AuthThrottle, ConnectionLimiter
 
 log = logging.getLogger("pecd.http")
 
@@ -68,6 +68,7 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 MAX_BULK = 500
 MAX_PAGE = 500
+MAX_FORM_PARTS = 1000  # fields and attachments of one multipart/form-data message
 
 # ledger event -> (stage, outcome) for pecd_messages_total
 STAGES: dict[str, tuple[str, str]] = {
@@ -118,22 +119,57 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else format_at(datetime.fromtimestamp(t, UTC))
 
 
+# seconds: from well under a second (the access point) to the 24 h a delivery may take
+ACCEPTANCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+DELIVERY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 3 * 3600.0,
+                    12 * 3600.0, 24 * 3600.0)
+
+
+class _Buckets:
+    """A histogram fed from ledger rows, kept across scrapes (the rows are read once each)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: over every bound (+Inf only)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b),
+                         len(self.bounds))] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+Errors = Callable[[], dict[str, dict[str, int]]]
+
+
 class Metrics(Collector):
     """Prometheus figures read from the database at scrape time (own connection, in a thread):
     messages by stage and outcome from the ledger, counted incrementally past the last row seen,
-    and queue depth by kind and state."""
+    the certified cycle's latencies from the same rows, queue depth by kind and state; and the
+    process's own TSA and revocation fetch errors, from ``errors``."""
 
-    def __init__(self, path: Any) -> None:
+    def __init__(self, path: Any, errors: Errors | None = None) -> None:
         self.path = path
+        self.errors = errors
         self._lock = threading.Lock()
         self._seen = 0
         self._events: dict[str, int] = {}
+        self._acceptance = _Buckets(ACCEPTANCE_BUCKETS)
+        self._delivery = _Buckets(DELIVERY_BUCKETS)
 
     def collect(self) -> Iterator[Any]:
         with self._lock:
             conn = db_mod.connect(self.path)
             try:
                 counts, head = apistore.ledger_counts(conn, self._seen)
+                acceptance, delivery = apistore.latencies(conn, self._seen, head)
                 figures = queue_mod.figures(conn)
             finally:
                 conn.close()
@@ -141,6 +177,30 @@ class Metrics(Collector):
             for event, n in counts.items():
                 self._events[event] = self._events.get(event, 0) + n
             events = dict(self._events)
+            for value in acceptance:
+                self._acceptance.observe(value)
+            for value in delivery:
+                self._delivery.observe(value)
+            accepted = self._acceptance.family(
+                "pecd_acceptance_latency_seconds", "Seconds from a message's submission to its "
+                "acceptance by the access point (ledger times)")
+            delivered = self._delivery.family(
+                "pecd_delivery_latency_seconds", "Seconds from a message's acceptance to each "
+                "delivery receipt taken in for it (ledger times)")
+        yield accepted
+        yield delivered
+        errors = self.errors() if self.errors is not None else {}
+        tsa = CounterMetricFamily("pecd_tsa_errors", "Calls to the external TSA that failed, by "
+                                  "kind (the built-in TSA stands in when it may: see "
+                                  "pecd_tsa_fallbacks_total)", labels=["kind"])
+        for kind, n in sorted(errors.get("tsa", {"unavailable": 0, "invalid": 0}).items()):
+            tsa.add_metric([kind], n)
+        yield tsa
+        fetch = CounterMetricFamily("pecd_revocation_fetch_errors", "CRL and OCSP fetches that "
+                                    "failed or were refused, by source kind", labels=["source"])
+        for source, n in sorted(errors.get("revocation", {"crl": 0, "ocsp": 0}).items()):
+            fetch.add_metric([source], n)
+        yield fetch
         stages = CounterMetricFamily("pecd_messages", "Messages by pipeline stage and outcome "
                                      "(ledger rows)", labels=["stage", "outcome"])
         by_stage: dict[tuple[str, str], int] = {}
@@ -183,7 +243,7 @@ class Api:
     def __init__(self, config: Config, db: Database, queue: Queue, clock: Clock, cpu: Executor,
                  authenticate: Authenticate, throttle: AuthThrottle,
                  roots: list[x509.Certificate], ready: Callable[[], bool],
-                 reading: ReadingWorker | None = None) -> None:
+                 reading: ReadingWorker | None = None, errors: Errors | None = None) -> None:
         self.config = config
         self.reading = reading
         self.db = db
@@ -196,11 +256,25 @@ class Api:
         self.ready = ready
         self.limits = config.limits
         self.registry = CollectorRegistry()
-        self.registry.register(Metrics(config.paths.database))
+        self.registry.register(Metrics(config.paths.database, errors))
         self.requests = Counter("pecd_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
         self.latency = Histogram("pecd_http_request_duration_seconds", "HTTP answer time by route",
                                  ["route"], registry=self.registry)
+        self.refused_connections = Counter(
+            "pecd_http_connections_refused", "HTTP connections refused: too many from one "
+            "client address at once", registry=self.registry)
+        self._refused_logged: dict[str, float] = {}
+
+    def connection_refused(self, address: str) -> None:
+        """A connection over the per-address cap: counted, and logged once a minute per address."""
+        self.refused_connections.inc()
+        now = time.monotonic()
+        if now - self._refused_logged.get(address, -60.0) >= 60.0:
+            if len(self._refused_logged) > 10_000:
+                self._refused_logged.clear()
+            self._refused_logged[address] = now
+            log.warning("%s: too many HTTP connections at once, refusing with 429", address)
 
     def app(self) -> web.Application:
         # JSON carries attachments in base64 (4/3 of their size) plus some text
@@ -326,9 +400,16 @@ class Api:
             status, body = await self._submit(mailbox, built, key, _fingerprint(ctype, data),
                                               request.remote or "")
             return self._sent(status, body)
+        if ctype == "multipart/form-data":
+            spec = apimessage.from_form(await self._form(request))
+            built = self._build(spec, mailbox)
+            status, body = await self._submit(
+                mailbox, built, key, _fingerprint(ctype, json.dumps(spec, sort_keys=True).encode()),
+                request.remote or "")
+            return self._sent(status, body)
         if ctype != JSON:
-            raise Problem(415, "Unsupported media type",
-                          "send application/json or message/rfc822", "content-type")
+            raise Problem(415, "Unsupported media type", "send application/json, "
+                          "multipart/form-data or message/rfc822", "content-type")
         data = await self._body(request, self.limits.max_message_size * 4 // 3 + (1 << 20))
         try:
             spec = json.loads(data)
@@ -340,6 +421,52 @@ class Api:
         status, body = await self._submit(mailbox, built, key, _fingerprint(ctype, data),
                                           request.remote or "")
         return self._sent(status, body)
+
+    async def _form(self, request: web.Request) -> list[apimessage.FormPart]:
+        """The parts of a ``multipart/form-data`` body, read as they come: their bytes together
+        within the message size limit (plus room for the form's own lines), a bounded number
+        of flat parts, no transfer or content encoding (nothing to inflate)."""
+        limit = self.limits.max_message_size + (1 << 20)
+        if request.content_length is not None and request.content_length > limit:
+            raise Problem(413, "Payload too large", f"the limit is {limit} bytes", "size")
+        malformed = Problem(400, "Malformed form", "not a readable multipart/form-data body",
+                            "multipart")
+        parts: list[apimessage.FormPart] = []
+        total = 0
+        try:
+            reader = await request.multipart()
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if not isinstance(part, BodyPartReader):
+                    raise Problem(400, "Malformed form", "nested multipart parts are not "
+                                  "taken", "multipart")
+                if len(parts) >= MAX_FORM_PARTS:
+                    raise Problem(400, "Malformed form", f"more than {MAX_FORM_PARTS} parts",
+                                  "multipart")
+                encoding = part.headers.get("Content-Transfer-Encoding", "binary").lower()
+                if "Content-Encoding" in part.headers or encoding not in ("7bit", "8bit", "binary"):
+                    raise Problem(415, "Unsupported part encoding", "send the parts' bytes as "
+                                  "they are (no Content-Encoding or base64 transfer encoding)",
+                                  "content-encoding")
+                chunks: list[bytes] = []
+                while chunk := await part.read_chunk(65536):
+                    total += len(chunk)
+                    if total > limit:
+                        raise Problem(413, "Payload too large", f"the limit is {limit} bytes",
+                                      "size")
+                    chunks.append(chunk)
+                parts.append(apimessage.FormPart(
+                    part.name, part.filename,
+                    part.headers.get("Content-Type", "application/octet-stream"),
+                    b"".join(chunks)))
+        except (ValueError, AssertionError, LookupError, ClientPayloadError,
+                web.HTTPBadRequest):
+            raise malformed from None
+        if not parts:
+            raise malformed
+        return parts
 
     def _build(self, spec: object, mailbox: str) -> apimessage.Built:
         return apimessage.build(spec, mailbox, self.config.domain, self.clock.now(), self.limits)
@@ -682,12 +809,108 @@ def server_tls(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+RETRY_AFTER_CONNECTIONS = 2  # seconds, in the Retry-After of a connection over the cap
+_REFUSED_IDLE = 5.0  # a refused connection that sends no request is closed after this long
+
+
+def _too_many_connections() -> bytes:
+    body = json.dumps(Problem(429, "Too many connections",
+                              "too many connections from your address, try again later",
+                              "too-many-connections").body(), sort_keys=True).encode()
+    return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: " + PROBLEM.encode()
+            + b"\r\nRetry-After: " + str(RETRY_AFTER_CONNECTIONS).encode()
+            + b"\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+class _Gate(asyncio.Protocol):
+    """Stands before aiohttp's handler on one connection, as the SMTP listeners' per-address
+    connection cap does: under ``[limits] max_connections_per_address`` the connection is
+    aiohttp's; over it the client gets ``429`` with ``Retry-After`` to its first request (or
+    nothing, if it sends none within a few seconds) and the connection is closed. One HTTP/1.1
+    connection carries one request at a time, so this also caps concurrent requests."""
+
+    def __init__(self, make: Callable[[], asyncio.Protocol], limiter: ConnectionLimiter,
+                 refused: Callable[[str], None]) -> None:
+        self._make = make
+        self._limiter = limiter
+        self._refused = refused
+        self._inner: asyncio.Protocol | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._address = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self._limiter.acquire(self._address):
+            self._inner = self._make()
+            self._inner.connection_made(transport)
+            return
+        self._transport = transport
+        self._refused(self._address)
+        self._timer = asyncio.get_running_loop().call_later(_REFUSED_IDLE, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+        elif self._transport is not None and not self._transport.is_closing():
+            assert isinstance(self._transport, asyncio.WriteTransport)
+            self._transport.write(_too_many_connections())
+            self._transport.close()
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._inner is not None:
+            self._limiter.release(self._address)
+            self._inner.connection_lost(exc)
+
+
+class _GatedSite(web_runner.BaseSite):
+    """aiohttp's TCP site with :class:`_Gate` before each connection."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                 limiter: ConnectionLimiter, refused: Callable[[str], None]) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.host = host
+        self.port = port
+        self.limiter = limiter
+        self.refused = refused
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        make: Callable[[], asyncio.Protocol] = server
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Gate(make, self.limiter, self.refused), self.host, self.port,
+            ssl=self._ssl_context)
+
+
 async def start(api: Api, config: Config) -> tuple[web.AppRunner, int]:
     """The listener on ``[http]`` host and port; returns the runner (to clean up) and the port."""
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=10.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port, ssl_context=server_tls(config))
+    site = _GatedSite(runner, config.http.host, config.http.port or 0, server_tls(config),
+                      ConnectionLimiter(config.limits.max_connections_per_address),
+                      api.connection_refused)
     await site.start()
     port = int(runner.addresses[0][1])
     log.info("http listening on %s:%s%s", config.http.host, port,

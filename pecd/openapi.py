@@ -17,7 +17,7 @@ def _problems(*codes: int) -> dict[str, Any]:
              403: "Not this mailbox's to do", 404: "Not found (or not this mailbox's)",
              405: "Method not allowed", 413: "Over the size limit", 415: "Wrong media type",
              422: "Refused by the access point, or Idempotency-Key reused",
-             429: "Too many failed logins", 503: "Not ready"}
+             429: "Too many failed logins (or connections from one address)", 503: "Not ready"}
     return {str(c): {"description": words[c],
                      "content": {"application/problem+json": {"schema": _PROBLEM}}}
             for c in codes}
@@ -34,6 +34,19 @@ def document(config: Config) -> dict[str, Any]:
     auth: list[dict[str, list[str]]] = [{"bearer": []}, {"basic": []}]
     raw = {"schema": {"type": "string", "format": "binary",
                       "maxLength": limits.max_message_size}}
+    # the JSON message's fields as form parts (or all of them as JSON in one "message" part),
+    # and each file part an attachment, its name and type from the part's own headers
+    form = {"schema": {"type": "object", "additionalProperties": False, "properties": {
+        "message": {"type": "string", "contentMediaType": "application/json",
+                    "description": "The JSON message (without attachments, or with some)"},
+        "from": address, "to": {"type": "array", "items": address},
+        "cc": {"type": "array", "items": address},
+        "subject": {"type": "string", "maxLength": 998}, "text": {"type": "string"},
+        "html": {"type": "string"}, "receipt_type": {"enum": list(RECEIPT_TYPES)},
+        "attachments": {"type": "array", "items": {"type": "string", "format": "binary"},
+                        "description": "Files; names are plain file names (percent-decoded), "
+                                       "no path"}}},
+        "encoding": {"message": {"contentType": "application/json"}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "pecd HTTP API", "version": "1",
@@ -135,6 +148,9 @@ def document(config: Config) -> dict[str, Any]:
             "/api/v1/messages": {
                 "post": {
                     "summary": "Send certified mail (one message, or a list each answered on its own)",
+                    "description": "JSON (attachments in base64), multipart/form-data (a "
+                                   "`message` part or one part per field, a file part per "
+                                   "attachment) or a raw RFC 5322 message.",
                     "security": auth,
                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                     "schema": {"type": "string", "minLength": 1, "maxLength": 255,
@@ -144,6 +160,7 @@ def document(config: Config) -> dict[str, Any]:
                             {"$ref": "#/components/schemas/Message"},
                             {"type": "array", "minItems": 1, "maxItems": 500,
                              "items": {"$ref": "#/components/schemas/Message"}}]}},
+                        "multipart/form-data": form,
                         "message/rfc822": raw}},
                     "responses": {
                         "202": _json({"$ref": "#/components/schemas/Accepted"},

@@ -438,6 +438,8 @@ class Sources:
     _copies: dict[str, store.Copy] = field(default_factory=dict)
     _failed: dict[str, tuple[float, str]] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # fetches that failed or were refused, by source kind (for /metrics)
+    errors: dict[str, int] = field(default_factory=lambda: {"crl": 0, "ocsp": 0})
 
     def load(self) -> None:
         """The copies kept in the database (at start: no fetch for what is still in force)."""
@@ -496,6 +498,7 @@ class Sources:
                                                      now, key, copy)
             except RevocationError as exc:
                 self._failed[key] = (now.timestamp(), str(exc))
+                self.errors["crl" if body is None else "ocsp"] += 1
                 log.warning("revocation source %s refused: %s", url, exc)
                 return self._in_force(key, now.timestamp()), str(exc)
             self._failed.pop(key, None)

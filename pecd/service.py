@@ -44,7 +44,15 @@ from pecd.smtp import InboundHandler, SubmissionHandler, listen, server_tls
 from pecd.spool import Spool
 from pecd.submission import AccessPoint
 from pecd.timeouts import TimeoutWorker
-from pecd.tsa import FallbackTimestamper, FallbackUse, LocalTSA, RemoteTSA, Timestamper, key_matches
+from pecd.tsa import (
+    FallbackTimestamper,
+    FallbackUse,
+    LocalTSA,
+    RemoteTSA,
+    Timestamper,
+    errors_of,
+    key_matches,
+)
 from pecd.webhooks import WebhookWorker
 
 log = logging.getLogger("pecd")
@@ -290,7 +298,9 @@ class Service:
         if cfg.http.port is not None:
             api = httpapi.Api(cfg, self.db, self.queue, self.clock, self.cpu, sub.authenticate,
                               sub.throttle, self.trust_roots, lambda: self._ready,
-                              self.reading)
+                              self.reading,
+                              errors=lambda: {"tsa": errors_of(self.timestamper),
+                                              "revocation": dict(self.revocation_sources.errors)})
             self._http, self.ports.http = await httpapi.start(api, cfg)
 
     async def _housekeeping(self) -> None:

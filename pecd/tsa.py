@@ -271,6 +271,8 @@ class RemoteTSA:
         self.url = url
         self._cert = cert
         self._roots = list(roots)
+        self.errors = {"unavailable": 0, "invalid": 0}  # failed calls, see timestamp()
+        self._errors_lock = threading.Lock()
         # rfc3161ng's own check only knows RSA; for an EC TSA the check below is the one that counts
         rsa_cert = (
             cert.public_bytes(serialization.Encoding.PEM)
@@ -286,6 +288,22 @@ class RemoteTSA:
         )
 
     def timestamp(self, data: bytes) -> bytes:
+        """A token for ``data``; a failure is counted in :attr:`errors` (by ``unavailable`` or
+        ``invalid``, for ``/metrics``) and raised."""
+        try:
+            return self._timestamp(data)
+        except TimestampUnavailable:
+            self._count("unavailable")
+            raise
+        except TimestampInvalid:
+            self._count("invalid")
+            raise
+
+    def _count(self, kind: str) -> None:
+        with self._errors_lock:
+            self.errors[kind] += 1
+
+    def _timestamp(self, data: bytes) -> bytes:
         digest = hashlib.sha256(data).digest()
         nonce = secrets.randbits(63)
         try:
@@ -381,3 +399,12 @@ class FallbackTimestamper:
         if self.on_fallback is not None:
             self.on_fallback(FallbackUse(self.name, reason[:500], hashlib.sha256(data).hexdigest()))
         return token
+
+
+def errors_of(timestamper: Timestamper) -> dict[str, int]:
+    """The external TSA's failed calls by kind (none for the built-in TSA alone)."""
+    if isinstance(timestamper, FallbackTimestamper):
+        return errors_of(timestamper.primary)
+    if isinstance(timestamper, RemoteTSA):
+        return dict(timestamper.errors)
+    return {"unavailable": 0, "invalid": 0}

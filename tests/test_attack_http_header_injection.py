@@ -43,3 +43,32 @@ def test_attack_http_header_injection_refused(two_providers: tuple[ProviderDir, 
 
     asyncio.run(scenario())
     assert ledger(a, "submitted") == []  # nothing queued, nothing certified
+
+
+def test_attack_http_header_injection_through_multipart_form_refused(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    """The same through a form: a subject field with a line break, and a file name whose RFC
+    2231 encoding (the only way a multipart header line can carry one) decodes to a CR LF."""
+    a, _b = two_providers
+    token = token_for(a, "alice@a.test")
+    auth = {"Authorization": f"Bearer {token}"}
+    to = '--B\r\nContent-Disposition: form-data; name="to"\r\n\r\nbob@b.test\r\n'
+    bodies = [
+        to + '--B\r\nContent-Disposition: form-data; name="subject"\r\n\r\n'
+             'Ciao\r\nBcc: eve@b.test\r\n--B--\r\n',
+        to + '--B\r\nContent-Disposition: form-data; name="attachments"; '
+             "filename*=UTF-8''a.txt%0D%0ABcc%3A%20eve%40b.test\r\n\r\nhi\r\n--B--\r\n",
+    ]
+
+    async def scenario() -> None:
+        async with api(a) as client:
+            for raw in bodies:
+                async with client.session.post(
+                        client.base + "/api/v1/messages", data=raw.encode(),
+                        headers={**auth, "Content-Type": "multipart/form-data; boundary=B"}
+                ) as resp:
+                    body = await resp.json(content_type=None)
+                    assert (resp.status, body["check"]) == (400, "header-injection"), (raw, body)
+
+    asyncio.run(scenario())
+    assert ledger(a, "submitted") == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
 from .conftest import ProviderDir
@@ -31,6 +32,40 @@ def test_attack_http_path_traversal_in_attachment_name_refused(
                                                      "content_base64": "aGk="}]))
             assert status == 400, body
             assert body["check"] == "attachment-filename"
+
+    asyncio.run(scenario())
+    assert ledger(a, "submitted") == []
+
+
+def test_attack_http_path_traversal_in_multipart_filename_refused(
+        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
+    """The same names as a form's file parts (as ``curl -F file=@...;filename=...`` sends them),
+    and once in RFC 2231 form (``filename*=UTF-8''..%2F..``), which the server decodes first."""
+    a, _b = two_providers
+    token = token_for(a, "alice@a.test")
+    auth = {"Authorization": f"Bearer {token}"}
+
+    async def scenario() -> None:
+        async with api(a) as client:
+            for filename in NAMES:
+                form = aiohttp.FormData()
+                form.add_field("to", "bob@b.test")
+                form.add_field("attachments", b"hi", filename=filename,
+                               content_type="application/octet-stream")
+                async with client.session.post(client.base + "/api/v1/messages", data=form,
+                                               headers=auth) as resp:
+                    body = await resp.json(content_type=None)
+                    assert (resp.status, body.get("check")) == (400, "attachment-filename"), (
+                        filename, body)
+            raw = (b"--B\r\nContent-Disposition: form-data; name=\"to\"\r\n\r\nbob@b.test\r\n"
+                   b"--B\r\nContent-Disposition: form-data; name=\"attachments\"; "
+                   b"filename*=UTF-8''..%2F..%2F.ssh%2Fauthorized_keys\r\n\r\nssh-ed25519 AAAA\r\n"
+                   b"--B--\r\n")
+            async with client.session.post(
+                    client.base + "/api/v1/messages", data=raw,
+                    headers={**auth, "Content-Type": "multipart/form-data; boundary=B"}) as resp:
+                body = await resp.json(content_type=None)
+                assert (resp.status, body["check"]) == (400, "attachment-filename"), body
 
     asyncio.run(scenario())
     assert ledger(a, "submitted") == []

@@ -43,6 +43,7 @@ def test_crl_cached_until_next_update_and_kept_across_restarts(
         assert revocation.judge([cert, ca.cert], [ca.cert], [first], clock.now()).state == "good"
         assert gather(sources, cert, ca.cert).info == first.info
         assert crl_server.hits["/ca.crl"] == 1  # the copy in force, not a second download
+        assert sources.errors == {"crl": 0, "ocsp": 0}  # /metrics' pecd_revocation_fetch_errors
     finally:
         db.close()
     crl_server.stop()  # the source goes down; the copy kept in the database still holds
@@ -56,6 +57,7 @@ def test_crl_cached_until_next_update_and_kept_across_restarts(
         stale = gather(restarted, cert, ca.cert)
         assert not stale.known
         assert "unreachable" in stale.problems[0]
+        assert restarted.errors == {"crl": 1, "ocsp": 0}
         assert revocation.judge([cert, ca.cert], [ca.cert], [stale], clock.now()).state == "unknown"
     finally:
         db.close()
