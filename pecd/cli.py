@@ -19,16 +19,17 @@ from typing import Any
 
 import click
 
-from pecd import apistore, durable, index_ldif, index_sync, ledger, pki, readings, users
 from pecd import config as config_mod
-from pecd import db as db_mod
-from pecd import index as index_mod
-from pecd import queue as queue_mod
-from pecd import trust as trust_mod
 from pecd.clock import SystemClock
-from pecd.cms import SignatureInvalid
 from pecd.config import Config, ConfigError, Listen
-from pecd.verdict import Verdict, describe
+from pecd.store import apistore, durable, ledger, readings, users
+from pecd.store import db as db_mod
+from pecd.store import queue as queue_mod
+from pecd.trust import index as index_mod
+from pecd.trust import index_ldif, index_sync, pki
+from pecd.trust import paths as trust_mod
+from pecd.trust.cms import SignatureInvalid
+from pecd.trust.verdict import Verdict, describe
 
 
 class Context:
@@ -588,7 +589,7 @@ def verify(ctx: Context, file: Path, ca_paths: tuple[Path, ...], system_roots: b
     --system-roots. Exit 0 only when intact and trusted; otherwise the verdict's code:
     10 untrusted, 11 altered, 12 expired or not yet valid, 13 revoked, 14 revocation unknown,
     15 timestamp, 16 algorithm refused, 17 malformed / not a signed message."""
-    from pecd.judge import SYSTEM_ROOTS, judge, load_roots
+    from pecd.trust.judge import SYSTEM_ROOTS, judge, load_roots
 
     paths = list(ca_paths) + ([SYSTEM_ROOTS] if system_roots else [])
     policy = trust_mod.DEFAULT_POLICY
@@ -746,7 +747,7 @@ def ledger_group() -> None:
 @pass_ctx
 def ledger_verify(ctx: Context) -> None:
     """Recompute the hash chain and checkpoints; name the first bad row."""
-    from pecd import tsa
+    from pecd.trust import tsa
 
     roots = pki.load_certs(ctx.config.paths.ca_certs)
 
@@ -796,7 +797,7 @@ def ledger_export(ctx: Context, since: datetime | None, until: datetime | None,
 def _check_export(file: Path, signature: Path, roots: list[Any],
                   require_ts: bool) -> tuple[list[dict[str, Any]], Any]:
     """A ledger export's rows, once its signature and its hash chain both hold."""
-    from pecd.cms import verify_detached
+    from pecd.trust.cms import verify_detached
 
     data = file.read_bytes()
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pecd.trust import AlgorithmPolicy
+from pecd.trust.paths import AlgorithmPolicy
 
 
 class ConfigError(Exception):
@@ -191,12 +191,12 @@ class Delivery:
     method: Literal["maildir", "lmtp"] = "maildir"
     lmtp_host: str = "127.0.0.1"
     lmtp_port: int = 24
-    quota: int | None = None  # bytes per Maildir (pecd.delivery); None: no quota
+    quota: int | None = None  # bytes per Maildir (pecd.points.delivery); None: no quota
 
 
 @dataclass(frozen=True)
 class Consultation:
-    """Reading evidence (presa visione, see pecd.reading): ``enabled`` says this provider issues
+    """Reading evidence (presa visione, see pecd.points.reading): ``enabled`` says this provider issues
     it (and its card declares so); ``default`` whether a sender who says nothing asks for it;
     ``deadline`` (seconds) after which an unread message gets the not-read evidence."""
 
@@ -263,7 +263,7 @@ def _consultation(values: dict[str, Any]) -> Consultation:
 
 @dataclass(frozen=True)
 class Fallback:
-    """What runs when a message is not read by its deadline (pecd.fallback); all optional."""
+    """What runs when a message is not read by its deadline (pecd.points.fallback); all optional."""
 
     webhook: str | None = None  # http(s) URL: POST of a JSON event, HMAC-SHA256 signed
     webhook_secret_file: Path | None = None
@@ -279,7 +279,7 @@ class Fallback:
 
 @dataclass(frozen=True)
 class Reception:
-    """Revocation of peers' signing certificates (RFC 6109 §2.2.2, §7; see pecd.revocation).
+    """Revocation of peers' signing certificates (RFC 6109 §2.2.2, §7; see pecd.trust.revocation).
 
     ``revocation``: what happens while a signer's status cannot be learnt (its CRL and OCSP
     sources down): ``"defer"`` answers ``451`` so the peer retries, and after

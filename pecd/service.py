@@ -22,29 +22,33 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from pecd import db as db_mod
-from pecd import httpapi, ledger, pki, printjob, revocation, users, virus
-from pecd import index as index_mod
 from pecd.clock import Clock, SystemClock
-from pecd.cms import Signer
 from pecd.config import Config
-from pecd.db import Database
-from pecd.delivery import DeliveryPoint, Mailbox, Maildir
-from pecd.fallback import FallbackStage
-from pecd.index import ProviderIndex
-from pecd.index_sync import IndexRefresher
-from pecd.ledger import LedgerEvent
-from pecd.lmtp import LmtpMailbox
-from pecd.pec import Issuer
-from pecd.queue import Item, Kind, Outcome, Queue, Recovery
-from pecd.reading import ReadingWorker
-from pecd.reception import ReceptionPoint
-from pecd.relay import Connections, RelayStage, Router
-from pecd.smtp import InboundHandler, SubmissionHandler, listen, server_tls
-from pecd.spool import Spool
-from pecd.submission import AccessPoint
-from pecd.timeouts import TimeoutWorker
-from pecd.tsa import (
+from pecd.edges import httpapi
+from pecd.edges.lmtp import LmtpMailbox
+from pecd.edges.smtp import InboundHandler, SubmissionHandler, listen, server_tls
+from pecd.edges.webhooks import WebhookWorker
+from pecd.format.pec import Issuer
+from pecd.points import printjob, virus
+from pecd.points.delivery import DeliveryPoint, Mailbox, Maildir
+from pecd.points.fallback import FallbackStage
+from pecd.points.reading import ReadingWorker
+from pecd.points.reception import ReceptionPoint
+from pecd.points.relay import Connections, RelayStage, Router
+from pecd.points.submission import AccessPoint
+from pecd.points.timeouts import TimeoutWorker
+from pecd.store import db as db_mod
+from pecd.store import ledger, users
+from pecd.store.db import Database
+from pecd.store.ledger import LedgerEvent
+from pecd.store.queue import Item, Kind, Outcome, Queue, Recovery
+from pecd.store.spool import Spool
+from pecd.trust import index as index_mod
+from pecd.trust import pki, revocation
+from pecd.trust.cms import Signer
+from pecd.trust.index import ProviderIndex
+from pecd.trust.index_sync import IndexRefresher
+from pecd.trust.tsa import (
     FallbackTimestamper,
     FallbackUse,
     LocalTSA,
@@ -53,7 +57,6 @@ from pecd.tsa import (
     errors_of,
     key_matches,
 )
-from pecd.webhooks import WebhookWorker
 
 log = logging.getLogger("pecd")
 

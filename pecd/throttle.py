@@ -4,7 +4,7 @@ time only through the :class:`~pecd.clock.Clock` it is given, so tests step thro
 Receives account names and client addresses as the listener saw them; trusts nothing about
 them (an attacker picks both) and so keeps its memory bounded whatever they send. Touches
 nothing outside itself: the SMTP adapter turns a refusal into a reply and a ledger row, and the
-durable account lock lives in the users table (:mod:`pecd.users`).
+durable account lock lives in the users table (:mod:`pecd.store.users`).
 """
 
 from __future__ import annotations

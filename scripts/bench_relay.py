@@ -26,7 +26,7 @@ from typing import Any
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from pecd import durable
+from pecd.store import durable
 
 
 def message_id(data: bytes) -> str:

@@ -874,7 +874,7 @@ class Bench:
         self.notes.append("deep queue: A runs with [relay] retry_base = 1, retry_max = 4, "
                           "max_attempts = 100000 (defaults 30 s doubling to 1 h, 30 attempts), so "
                           "the drain measures throughput, not the retry schedule; the queue is "
-                          "filled through pecd.queue.Queue.enqueue with A stopped (the listener's "
+                          "filled through pecd.store.queue.Queue.enqueue with A stopped (the listener's "
                           "own durable path, minus SMTP)")
         self.stop_pecd(a)
         self.start_pecd(a)
@@ -1021,12 +1021,12 @@ def seed(conf: Path, n: int, template: bytes) -> None:
     seconds, not the hours SMTP at today's submission rate would."""
     sys.path.insert(0, str(ROOT))
     from pecd import config as config_mod
-    from pecd import headers
     from pecd.clock import SystemClock
-    from pecd.db import Database
-    from pecd.ledger import LedgerEvent
-    from pecd.queue import NewItem, Queue
-    from pecd.spool import Spool
+    from pecd.format import headers
+    from pecd.store.db import Database
+    from pecd.store.ledger import LedgerEvent
+    from pecd.store.queue import NewItem, Queue
+    from pecd.store.spool import Spool
 
     cfg = config_mod.load(conf)
     db = Database(cfg.paths.database)

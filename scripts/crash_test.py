@@ -157,7 +157,7 @@ class Client(threading.Thread):
 def scan(maildir: Path) -> list[tuple[str, str, str | None]]:
     """(kind, referenced client Message-ID, recipient for delivery receipts) per stored file."""
     sys.path.insert(0, str(ROOT))
-    from pecd import pec
+    from pecd.format import pec
 
     out = []
     new = maildir / "new"

@@ -19,7 +19,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 
-from pecd import pec
+from pecd.format import pec
 from pecd.service import Service
 
 from .conftest import ProviderDir, client_tls, exchange_cards, make_provider

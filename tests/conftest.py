@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import pytest
 from click.testing import CliRunner
 
-from pecd import cms, config, smime
+from pecd import config
 from pecd.cli import main as cli_main
 from pecd.service import Service
+from pecd.trust import cms, smime
 
 if TYPE_CHECKING:
     from .revocation_support import CrlServer, RevocationCA

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pecd import index, index_ldif, pki
+from pecd.trust import index, index_ldif, pki
 
 from .conftest import OPENSSL
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from pecd import compose, daticert, headers, smime
-from pecd.daticert import CertData
+from pecd.format import compose, daticert, headers
+from pecd.format.daticert import CertData
+from pecd.trust import smime
 
 from .conftest import ProviderDir, client_tls, openssl_verifies
 

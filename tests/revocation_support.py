@@ -22,13 +22,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from pecd import compose, envelope, pki, revocation
 from pecd.clock import SystemClock
-from pecd.cms import Signer
 from pecd.config import Reception
-from pecd.daticert import Recipient
-from pecd.pec import Issuer, Transaction
-from pecd.tsa import LocalTSA
+from pecd.format import compose, envelope
+from pecd.format.daticert import Recipient
+from pecd.format.pec import Issuer, Transaction
+from pecd.trust import pki, revocation
+from pecd.trust.cms import Signer
+from pecd.trust.tsa import LocalTSA
 
 from .attack_support import ALICE, ALICE_PW, BOB, BOB_PW, add_user_fast
 from .conftest import OPENSSL, ProviderDir, exchange_cards, free_port, make_provider, submit

@@ -15,7 +15,7 @@ import pytest
 from aiosmtpd.smtp import Envelope, Session
 
 from pecd.config import Limits
-from pecd.smtp import PecdSMTP
+from pecd.edges.smtp import PecdSMTP
 from pecd.throttle import ConnectionLimiter
 
 from .attack_support import ALICE, ALICE_PW, Raw, login, serving, single_provider

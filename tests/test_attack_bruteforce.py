@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pecd import users
 from pecd.clock import ManualClock
-from pecd.db import Database
+from pecd.store import users
+from pecd.store.db import Database
 from pecd.throttle import AuthThrottle, ConnectionLimiter, SlidingWindow
 
 from .attack_support import (
@@ -189,7 +189,7 @@ def test_connection_limiter_counts_and_releases() -> None:
     assert limiter.count("x") == 0
 
 
-# --- the durable lock: pecd.users.Authenticator on a real database ---------------------------
+# --- the durable lock: pecd.store.users.Authenticator on a real database ---------------------------
 
 
 def test_lock_counts_consecutive_failures_and_passwd_resets_it(tmp_path: Path) -> None:

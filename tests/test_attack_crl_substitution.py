@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
 
-from pecd import pki, revocation
 from pecd.clock import ManualClock
-from pecd.db import Database
+from pecd.store.db import Database
+from pecd.trust import pki, revocation
 
 from .attack_support import ALICE, BOB, kind_of, ledger_rows, serving, wait_until
 from .conftest import client_tls

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from pecd import compose, envelope, pec, receipts
 from pecd.clock import ManualClock, SystemClock
 from pecd.config import ConfigError
-from pecd.daticert import Recipient
-from pecd.db import MIGRATIONS, Database, connect, migrate
-from pecd.ledger import LedgerEvent
-from pecd.pec import Transaction
-from pecd.queue import NewItem, Outcome, Queue
+from pecd.format import compose, envelope, pec, receipts
+from pecd.format.daticert import Recipient
+from pecd.format.pec import Transaction
 from pecd.service import Service, make_issuer, make_timestamper
-from pecd.spool import Spool
+from pecd.store.db import MIGRATIONS, Database, connect, migrate
+from pecd.store.ledger import LedgerEvent
+from pecd.store.queue import NewItem, Outcome, Queue
+from pecd.store.spool import Spool
 
 from .attack_support import add_user_fast, kind_of, ledger_rows, serving, wait_until
 from .conftest import ProviderDir, client_tls, exchange_cards, make_provider, submit

@@ -11,12 +11,13 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pecd import consultation, pki
 from pecd.clock import SystemClock
-from pecd.cms import Signer
-from pecd.daticert import Recipient
-from pecd.pec import Issuer, Transaction
-from pecd.tsa import LocalTSA
+from pecd.format.daticert import Recipient
+from pecd.format.pec import Issuer, Transaction
+from pecd.points import consultation
+from pecd.trust import pki
+from pecd.trust.cms import Signer
+from pecd.trust.tsa import LocalTSA
 
 from .attack_support import ALICE, ALICE_PW, kind_of, ledger_rows, serving, wait_until
 from .conftest import ProviderDir, client_tls, exchange_cards, make_provider, submit

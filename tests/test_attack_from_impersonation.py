@@ -11,7 +11,7 @@ import smtplib
 
 import pytest
 
-from pecd import checks, headers
+from pecd.format import checks, headers
 
 from .attack_support import add_user_fast, ledger_rows, serving, single_provider
 from .conftest import ProviderDir, client_tls

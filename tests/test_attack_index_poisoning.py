@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from pecd import index
 from pecd.clock import SystemClock
 from pecd.config import load as load_config
-from pecd.db import Database, open_database
-from pecd.index import ProviderIndex
-from pecd.index_sync import IndexRefresher, fetch_url
+from pecd.store.db import Database, open_database
+from pecd.trust import index
+from pecd.trust.index import ProviderIndex
+from pecd.trust.index_sync import IndexRefresher, fetch_url
 
 from .conftest import ProviderDir, make_provider
 from .index_support import (

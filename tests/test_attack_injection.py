@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pecd import compose, daticert, pec
-from pecd import headers as hdr
+from pecd.format import compose, daticert, pec
+from pecd.format import headers as hdr
 
 from .attack_support import (
     ALICE,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pecd import durable
-from pecd.delivery import Maildir
-from pecd.spool import Spool
+from pecd.points.delivery import Maildir
+from pecd.store import durable
+from pecd.store.spool import Spool
 
 from .conftest import pecd
 

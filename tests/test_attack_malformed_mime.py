@@ -21,18 +21,20 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pecd import compose, daticert, envelope, ledger, pec, pki
 from pecd.clock import SystemClock
-from pecd.cms import Signer
-from pecd.db import open_database
-from pecd.index import ProviderIndex
-from pecd.index import load_all as load_index
-from pecd.pec import Issuer, Transaction
-from pecd.queue import Item, Outcome
-from pecd.reception import ReceptionPoint
-from pecd.relay import Router
-from pecd.submission import AccessPoint
-from pecd.tsa import LocalTSA
+from pecd.format import compose, daticert, envelope, pec
+from pecd.format.pec import Issuer, Transaction
+from pecd.points.reception import ReceptionPoint
+from pecd.points.relay import Router
+from pecd.points.submission import AccessPoint
+from pecd.store import ledger
+from pecd.store.db import open_database
+from pecd.store.queue import Item, Outcome
+from pecd.trust import pki
+from pecd.trust.cms import Signer
+from pecd.trust.index import ProviderIndex
+from pecd.trust.index import load_all as load_index
+from pecd.trust.tsa import LocalTSA
 
 from .attack_support import ALICE, ALICE_PW, add_user_fast, kind_of, queue_states, serving, wait_until
 from .conftest import ProviderDir, client_tls, make_provider

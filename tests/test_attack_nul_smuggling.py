@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pecd import replies
 from pecd.config import Limits
-from pecd.smtp import content_refusal
+from pecd.edges.smtp import content_refusal
 
 from .attack_support import (
     ALICE,

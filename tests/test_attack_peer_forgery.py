@@ -1,5 +1,6 @@
 """Forged or replayed certified mail from the network: envelopes crafted with the real crypto
-(pecd.pki, pecd.cms, the pecd.pec builders) and sent over SMTP to b.test's inbound listener.
+(pecd.trust.pki, pecd.trust.cms, the pecd.format.pec builders) and sent over SMTP to b.test's
+inbound listener.
 
 Only the honest envelope is delivered as certified. A bad or missing signature, a signer not in
 the index, an expired certificate, an SMTP sender or a certified sender outside the signer's
@@ -18,12 +19,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from pecd import compose, envelope, pec, pki, receipts
 from pecd.clock import Clock, ManualClock, SystemClock
-from pecd.cms import Signer
-from pecd.daticert import Recipient
-from pecd.pec import Issuer, Transaction
-from pecd.tsa import LocalTSA
+from pecd.format import compose, envelope, pec, receipts
+from pecd.format.daticert import Recipient
+from pecd.format.pec import Issuer, Transaction
+from pecd.trust import pki
+from pecd.trust.cms import Signer
+from pecd.trust.tsa import LocalTSA
 
 from .attack_support import ALICE, BOB, kind_of, ledger_rows, provider_pair, serving, wait_until
 from .conftest import ProviderDir, client_tls

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pecd.queue import INLINE_MAX
+from pecd.store.queue import INLINE_MAX
 
 from .attack_support import ALICE, ALICE_PW, Raw, ledger_rows, login, serving, single_provider
 from .conftest import ProviderDir, pecd

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pecd import replies
 from pecd.config import Limits
-from pecd.smtp import content_refusal
+from pecd.edges.smtp import content_refusal
 
 from .attack_support import ALICE, ALICE_PW, Raw, ledger_rows, login, queue_states, serving, single_provider
 from .conftest import ProviderDir

@@ -21,15 +21,17 @@ import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from pecd import compose, pec, pki, receipts, relay
 from pecd.clock import SystemClock
-from pecd.cms import verify_detached
-from pecd.daticert import Recipient
-from pecd.envelope import transport_envelope
-from pecd.pec import Issuer, Transaction
-from pecd.queue import INLINE_MAX
+from pecd.format import compose, pec, receipts
+from pecd.format.daticert import Recipient
+from pecd.format.envelope import transport_envelope
+from pecd.format.pec import Issuer, Transaction
+from pecd.points import relay
 from pecd.service import Service, make_issuer, make_timestamper
-from pecd.spool import Spool
+from pecd.store.queue import INLINE_MAX
+from pecd.store.spool import Spool
+from pecd.trust import pki
+from pecd.trust.cms import verify_detached
 
 from .conftest import ProviderDir, free_port, openssl_verifies, running, submit, wait_for
 from .pechelpers import queued

@@ -9,7 +9,8 @@ import asyncio
 import stat
 from pathlib import Path
 
-from pecd import pec, pki
+from pecd.format import pec
+from pecd.trust import pki
 
 from .conftest import exchange_cards, make_provider, openssl, pecd, running, submit, wait_for
 from .revocation_support import OutsideCA

@@ -15,10 +15,10 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pecd import compose, daticert, envelope, headers, receipts
 from pecd.clock import SystemClock
-from pecd.daticert import Recipient
-from pecd.pec import Transaction
+from pecd.format import compose, daticert, envelope, headers, receipts
+from pecd.format.daticert import Recipient
+from pecd.format.pec import Transaction
 from pecd.service import Service, make_issuer, make_timestamper
 
 from .conftest import ProviderDir, exchange_cards, make_provider, submit, wait_for

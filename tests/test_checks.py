@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pecd import headers
-from pecd.checks import FormalCheckFailed, Limits, formal_checks
+from pecd.format import headers
+from pecd.format.checks import FormalCheckFailed, Limits, formal_checks
 
 LIMITS = Limits(max_message_size=1000, max_recipients=2)
 

@@ -1,4 +1,4 @@
-"""pecd.cms: detached and attached SignedData, CAdES-T, verification; openssl is the outside judge."""
+"""pecd.trust.cms: detached and attached SignedData, CAdES-T, verification; openssl is the outside judge."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from pecd import cms, pki, trust, tsa, verdict
 from pecd.clock import ManualClock, SystemClock
+from pecd.trust import cms, pki, tsa, verdict
+from pecd.trust import paths as trust
 
 OPENSSL = "/usr/bin/openssl"
 DATA = b"Content-Type: text/plain\r\n\r\nCiao,\r\nquesto e' un messaggio.\r\n"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pecd.daticert import (
+from pecd.format.daticert import (
     CertData,
     CertDataError,
     DaticertInvalid,

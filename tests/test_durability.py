@@ -18,11 +18,13 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope
 
-from pecd import cms, ledger, pki, replies
+from pecd import replies
 from pecd.clock import ManualClock
-from pecd.db import Database
-from pecd.queue import NewItem, Queue
 from pecd.service import Service
+from pecd.store import ledger
+from pecd.store.db import Database
+from pecd.store.queue import NewItem, Queue
+from pecd.trust import cms, pki
 
 from .conftest import ProviderDir, free_port, openssl, running, submit, wait_for
 from .pechelpers import SinkHandler, configure, count
@@ -315,7 +317,7 @@ def test_mail_store_down_defers_delivery(two_providers: tuple[ProviderDir, Provi
 
 
 def pec_kind(msg: bytes) -> str:
-    from pecd import pec
+    from pecd.format import pec
 
     parsed = pec.parse(msg)
     assert parsed.certdata is not None

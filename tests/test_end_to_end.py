@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pecd import daticert, pec
+from pecd.format import daticert, pec
 from pecd.service import Service
 
 from .conftest import (

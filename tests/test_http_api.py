@@ -16,7 +16,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pecd import config, ledger, pec
+from pecd import config
+from pecd.format import pec
+from pecd.store import ledger
 
 from .conftest import (
     ProviderDir,

@@ -14,8 +14,9 @@ import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
-from pecd import consultation, pec
 from pecd.clock import ManualClock
+from pecd.format import pec
+from pecd.points import consultation
 from pecd.service import Service
 
 from . import test_reading as reading_tests

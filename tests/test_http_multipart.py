@@ -13,7 +13,7 @@ from email.message import Message
 
 import aiohttp
 
-from pecd import pec
+from pecd.format import pec
 
 from .conftest import ProviderDir, wait_for
 from .http_support import Api, api, token_for

@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pecd import index, index_ldif, pki
 from pecd.clock import SystemClock
 from pecd.config import load as load_config
-from pecd.db import Database, open_database
-from pecd.index import Provider, ProviderIndex
-from pecd.index_sync import IndexRefresher
-from pecd.queue import Item
-from pecd.relay import RelayStage, Router
+from pecd.points.relay import RelayStage, Router
+from pecd.store.db import Database, open_database
+from pecd.store.queue import Item
+from pecd.trust import index, index_ldif, pki
+from pecd.trust.index import Provider, ProviderIndex
+from pecd.trust.index_sync import IndexRefresher
 
 from .conftest import ProviderDir, exchange_cards, make_provider, running, submit, wait_for
 from .index_support import (
@@ -482,7 +482,7 @@ def test_real_providers_signers_found_by_hash_and_aruba_renewal_both_hold(
     index by SHA-1 only: Aruba's 2014 and 2018 certificates (a real renewal) under one entry."""
     from email.utils import parseaddr
 
-    from pecd import cms, smime
+    from pecd.trust import cms, smime
 
     from .realworld import INTACT, sample
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pecd import daticert, pec
-from pecd.delivery import MailboxError
-from pecd.lmtp import LmtpMailbox, MailboxTemporaryError
+from pecd.edges.lmtp import LmtpMailbox, MailboxTemporaryError
+from pecd.format import daticert, pec
+from pecd.points.delivery import MailboxError
 
 from .conftest import OPENSSL, ProviderDir, free_port, openssl_verifies, submit
 from .interop_support import (

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pecd import daticert, pec, pki, smime
-from pecd.cms import SignatureInvalid
+from pecd.format import daticert, pec
+from pecd.trust import pki, smime
+from pecd.trust.cms import SignatureInvalid
 
 from .conftest import openssl_verifies, pecd
 

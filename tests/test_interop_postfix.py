@@ -19,7 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from pecd import daticert, pec
+from pecd.format import daticert, pec
 
 from .conftest import ProviderDir, free_port, openssl_verifies, submit
 from .interop_support import (

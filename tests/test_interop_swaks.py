@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pecd import daticert, pec
+from pecd.format import daticert, pec
 
 from .conftest import ProviderDir
 from .interop_support import RunningService, ledger_rows, require, wait_until

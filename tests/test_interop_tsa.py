@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pecd import cms, pec, pki, smime
 from pecd.clock import SystemClock
-from pecd.tsa import (
+from pecd.format import pec
+from pecd.trust import cms, pki, smime
+from pecd.trust.tsa import (
     FallbackTimestamper,
     FallbackUse,
     LocalTSA,

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pecd import ledger
-from pecd.ledger import (
+from pecd.store import ledger
+from pecd.store.ledger import (
     GENESIS,
     LedgerEvent,
     LedgerInvalid,
@@ -37,7 +37,7 @@ TSA_KEY = b"test tsa key"
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """As pecd.db opens it: autocommit mode, explicit transactions, WAL, Row factory."""
+    """As pecd.store.db opens it: autocommit mode, explicit transactions, WAL, Row factory."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")

@@ -1,4 +1,4 @@
-"""pecd.pki: key files, the dev CA and the certificates it issues; openssl is the outside judge."""
+"""pecd.trust.pki: key files, the dev CA and the certificates it issues; openssl is the outside judge."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pecd import pki
 from pecd.clock import ManualClock
+from pecd.trust import pki
 
 OPENSSL = "/usr/bin/openssl"
 

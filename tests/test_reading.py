@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from pecd import consultation, pec
 from pecd.clock import ManualClock
 from pecd.config import ConfigError, parse_duration
-from pecd.reading import ReadingWorker, seen_flag
+from pecd.format import pec
+from pecd.points import consultation
+from pecd.points.reading import ReadingWorker, seen_flag
 from pecd.service import Service
 
 from .conftest import (

@@ -20,12 +20,13 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
-from pecd import cms, pki, smime, trust
 from pecd.cli import main as cli_main
 from pecd.clock import ManualClock
-from pecd.judge import judge, load_roots
-from pecd.trust import AlgorithmPolicy
-from pecd.verdict import EXIT_CODES, AlgorithmRefused
+from pecd.trust import cms, pki, smime
+from pecd.trust import paths as trust
+from pecd.trust.judge import judge, load_roots
+from pecd.trust.paths import AlgorithmPolicy
+from pecd.trust.verdict import EXIT_CODES, AlgorithmRefused
 
 from .attack_support import kind_of, ledger_rows
 from .conftest import OPENSSL, free_port, make_provider

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pecd import arrival, pec
 from pecd.clock import ManualClock
 from pecd.config import ConfigError, parse_size
+from pecd.format import pec
+from pecd.points import arrival
 
 from .conftest import ProviderDir, free_port, running, submit, wait_for
 from .interop_support import configure, ledger_rows

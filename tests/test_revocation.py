@@ -1,6 +1,6 @@
 """Revocation material for peers' signing certificates: a real CA (cryptography) issuing
 certificates with a CRL distribution point and an OCSP responder, its CRL served by a real HTTP
-server on loopback, ``openssl ocsp`` as the real responder, pecd.revocation fetching, checking,
+server on loopback, ``openssl ocsp`` as the real responder, pecd.trust.revocation fetching, checking,
 caching (in the database, across restarts) and judging with pyhanko-certvalidator."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from pecd import revocation
 from pecd.clock import ManualClock
-from pecd.db import Database
+from pecd.store.db import Database
+from pecd.trust import revocation
 
 from .attack_support import BOB, kind_of, ledger_rows, serving, wait_until
 from .pechelpers import configure, queued

@@ -1,4 +1,4 @@
-"""pecd.smime: multipart/signed built byte-exact; `openssl cms/smime -verify` is the outside judge."""
+"""pecd.trust.smime: multipart/signed built byte-exact; `openssl cms/smime -verify` is the outside judge."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pecd import cms, pki, smime, tsa
 from pecd.clock import SystemClock
+from pecd.trust import cms, pki, smime, tsa
 
 OPENSSL = "/usr/bin/openssl"
 
@@ -166,7 +166,7 @@ def test_boundary_never_occurs_in_the_signed_part(setup: Setup, monkeypatch: pyt
     colliding = "a" * 32
     inner = INNER.replace(b"Trailing", b"------=_pecd_" + colliding.encode() + b" Trailing")
     tokens = iter([colliding, "b" * 32])
-    monkeypatch.setattr("pecd.compose.secrets.token_hex", lambda n: next(tokens))
+    monkeypatch.setattr("pecd.format.compose.secrets.token_hex", lambda n: next(tokens))
     message = bytes(smime.wrap_signed(HEADERS, inner, setup.signer))
     assert b'boundary="----=_pecd_' + b"b" * 32 + b'"' in message
     assert smime.verify_message(message, [setup.ca.cert])[0].inner == inner

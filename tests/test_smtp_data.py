@@ -14,7 +14,7 @@ import pytest
 from aiosmtpd.smtp import Envelope, Session
 
 from pecd.config import Limits
-from pecd.smtp import PecdSMTP
+from pecd.edges.smtp import PecdSMTP
 from pecd.throttle import ConnectionLimiter
 
 from .attack_support import Raw

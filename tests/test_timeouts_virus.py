@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 
 from pecd import config as config_mod
-from pecd import daticert, pec, timeouts, virus
 from pecd.clock import ManualClock
 from pecd.config import ConfigError
-from pecd.reception import _track
+from pecd.format import daticert, pec
+from pecd.points import timeouts, virus
+from pecd.points.reception import _track
+from pecd.points.timeouts import Policy, Tracked, decide
 from pecd.service import Service
-from pecd.timeouts import Policy, Tracked, decide
 
 from .conftest import ProviderDir, free_port, openssl_verifies, submit, wait_for
 from .pechelpers import queued, serve_under_faketime

@@ -1,4 +1,4 @@
-"""pecd.tsa: tokens checked by `openssl ts` and openssl-made tokens checked by verify_token."""
+"""pecd.trust.tsa: tokens checked by `openssl ts` and openssl-made tokens checked by verify_token."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from asn1crypto import cms as asn1_cms
 from asn1crypto import core, tsp
 from cryptography import x509
 
-from pecd import cms, pki, tsa
 from pecd.clock import ManualClock, SystemClock
+from pecd.trust import cms, pki, tsa
 
 OPENSSL = "/usr/bin/openssl"
 T0 = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=123456)  # inside cert life

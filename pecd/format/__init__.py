@@ -1,0 +1,3 @@
+"""The PEC formats: pure, no sockets, no disk, no wall clock. Envelopes, receipts, daticert.xml,
+MIME composition and parsing, header checks.
+"""

@@ -1,0 +1,3 @@
+"""Storage: the only modules that hold SQL (queue, ledger, accounts, reading, API and revocation
+state) and durable file writes.
+"""

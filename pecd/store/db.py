@@ -1,0 +1,446 @@
+"""The provider's one SQLite database: queue, ledger, users, provider index, dedup keys,
+revocation material.
+
+Everything that must change together (a queue state, its outputs, their ledger rows) commits in
+one transaction. All writes go through one writer thread, which batches concurrent requests into
+one transaction and so one fsync (group commit); each request runs in its own savepoint so one
+failing request does not undo its neighbours. ``synchronous=FULL``: a commit is on disk when the
+call returns (a lease's excepted: ``transact(durable=False)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pecd.store import durable, ledger
+
+T = TypeVar("T")
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_core",
+        """
+        CREATE TABLE users (
+            address TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            created TEXT NOT NULL
+        );
+        CREATE TABLE providers (
+            fingerprint TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            host TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            service_address TEXT NOT NULL,
+            cert_pem TEXT NOT NULL,
+            imported TEXT NOT NULL
+        );
+        CREATE TABLE provider_domains (
+            domain TEXT NOT NULL,
+            fingerprint TEXT NOT NULL REFERENCES providers(fingerprint) ON DELETE CASCADE,
+            PRIMARY KEY (domain, fingerprint)
+        );
+        CREATE TABLE queue (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: ids name Maildir files
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            spool TEXT NOT NULL,
+            mail_from TEXT NOT NULL,
+            rcpts TEXT NOT NULL,
+            dest TEXT NOT NULL DEFAULT '',
+            meta TEXT NOT NULL DEFAULT '{}',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            leases INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            lease_until REAL,
+            last_error TEXT,
+            created REAL NOT NULL
+        );
+        CREATE INDEX queue_due ON queue(state, kind, next_at);
+        CREATE TABLE seen (
+            provider TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            at TEXT NOT NULL,
+            replies TEXT NOT NULL DEFAULT '[]',
+            PRIMARY KEY (provider, message_id)
+        );
+        CREATE TABLE tracking (
+            pec_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            subject TEXT,
+            ref_msgid TEXT,
+            kind TEXT NOT NULL,
+            accepted REAL NOT NULL,
+            taken REAL,
+            delivered REAL,
+            warned REAL,
+            closed REAL,
+            outcome TEXT,
+            PRIMARY KEY (pec_id, recipient)
+        );
+        CREATE INDEX tracking_open ON tracking(closed, accepted);
+        """,
+    ),
+    (
+        "0002_ready_index",
+        # leasing walks ready items in due order without sorting, however deep the queue
+        """
+        CREATE INDEX queue_ready ON queue(kind, next_at, id)
+            WHERE state IN ('incoming', 'deferred');
+        """,
+    ),
+    (
+        "0003_inline_bodies",
+        # a small message's bytes live in its row (queue.INLINE_MAX); spool is then ''
+        """
+        ALTER TABLE queue ADD COLUMN body BLOB;
+        """,
+    ),
+    (
+        "0004_index_copy",
+        # the index authority's directory (signed LDIF or LDAP read): one copy in force, replaced
+        # whole (pecd.trust.index.store_copy); raw keeps the signed file as received
+        """
+        CREATE TABLE index_copy (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            source TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            raw BLOB NOT NULL,
+            sha256 TEXT NOT NULL,
+            signer TEXT NOT NULL,
+            signed_at TEXT,
+            fetched TEXT NOT NULL,
+            entries INTEGER NOT NULL
+        );
+        CREATE TABLE index_entries (
+            dn TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            mail_receipt TEXT NOT NULL,
+            domains TEXT NOT NULL,
+            cert_hashes TEXT NOT NULL,
+            certs TEXT NOT NULL,
+            ldif_url TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        "0005_revocation_cache",
+        # pecd.store.revocation_store: CRLs / OCSP responses in force, and since when a peer
+        # signer's revocation status has been unknown (the grace of [reception] revocation)
+        """
+        CREATE TABLE revocation_cache (
+            key TEXT PRIMARY KEY,
+            der BLOB NOT NULL,
+            this_update REAL NOT NULL,
+            next_update REAL NOT NULL,
+            fetched REAL NOT NULL
+        );
+        CREATE TABLE revocation_unknown (
+            fingerprint TEXT PRIMARY KEY,
+            since REAL NOT NULL
+        );
+        """,
+    ),
+    (
+        "0006_seen_per_recipient",
+        # an envelope's arrival is remembered per (PEC id, recipient), not per recipient set:
+        # a replay that groups recipients differently must not be taken in charge again
+        # (reception.recipient_key); older keys "<id> <r1>,<r2>" become one row per recipient,
+        # the stored replies kept on the first
+        """
+        INSERT OR IGNORE INTO seen (provider, message_id, at, replies)
+        WITH RECURSIVE split(provider, pec_id, rest, at, replies, first) AS (
+            SELECT provider, substr(message_id, 1, instr(message_id, ' ') - 1),
+                   substr(message_id, instr(message_id, ' ') + 1) || ',', at, replies, 1
+            FROM seen WHERE instr(message_id, ' ') > 0 AND instr(message_id, ',') > 0
+            UNION ALL
+            SELECT provider, pec_id, substr(rest, instr(rest, ',') + 1), at, replies, 0
+            FROM split WHERE rest <> ''
+        )
+        SELECT provider, pec_id || ' ' || substr(rest, 1, instr(rest, ',') - 1), at,
+               CASE WHEN first THEN replies ELSE '[]' END
+        FROM split WHERE instr(rest, ',') > 1;
+        DELETE FROM seen WHERE instr(message_id, ' ') > 0 AND instr(message_id, ',') > 0
+        """,
+    ),
+    (
+        "0007_recipient_side",
+        # pecd.points.reading: at the recipient's provider one row per certified delivery whose sender
+        # asked for reading evidence; at the sender's, the read / not-read times in tracking;
+        # the per-user default and the peers' card flag; the user's arrival-notice address,
+        # quota and last quota warning (see pecd.store.readings)
+        """
+        CREATE TABLE reading (
+            pec_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            subject TEXT,
+            ref_msgid TEXT,
+            mailbox TEXT NOT NULL,
+            file TEXT NOT NULL,
+            delivered REAL NOT NULL,
+            deadline REAL NOT NULL,
+            read REAL,
+            read_via TEXT,
+            read_receipt TEXT,
+            not_read REAL,
+            not_read_receipt TEXT,
+            problem TEXT,
+            PRIMARY KEY (pec_id, recipient)
+        );
+        CREATE UNIQUE INDEX reading_file ON reading(file);
+        CREATE INDEX reading_due ON reading(deadline) WHERE read IS NULL AND not_read IS NULL;
+        ALTER TABLE tracking ADD COLUMN read REAL;
+        ALTER TABLE tracking ADD COLUMN not_read REAL;
+        ALTER TABLE users ADD COLUMN read_evidence INTEGER;
+        ALTER TABLE users ADD COLUMN notify TEXT;
+        ALTER TABLE users ADD COLUMN postal_address TEXT;
+        ALTER TABLE users ADD COLUMN quota INTEGER;
+        ALTER TABLE users ADD COLUMN quota_warned INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE providers ADD COLUMN read_evidence INTEGER NOT NULL DEFAULT 0
+        """,
+    ),
+    (
+        "0008_http_api",
+        # API tokens (only a SHA-256 of the secret is kept), one row per API submission (its
+        # Idempotency-Key and the answer given, so a retry gets the same one), and "my messages"
+        """
+        CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            secret_sha256 TEXT NOT NULL,
+            created TEXT NOT NULL,
+            revoked TEXT
+        );
+        CREATE INDEX api_tokens_mailbox ON api_tokens(mailbox);
+        CREATE TABLE api_submissions (
+            request_id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            idem_key TEXT,
+            request_sha256 TEXT NOT NULL,
+            queue_id INTEGER NOT NULL,
+            ledger_seq INTEGER NOT NULL,
+            created REAL NOT NULL,
+            status INTEGER,
+            response TEXT,
+            UNIQUE (mailbox, idem_key)
+        );
+        CREATE INDEX tracking_sender ON tracking(sender COLLATE NOCASE, accepted, pec_id);
+        """,
+    ),
+    (
+        "0009_http_webhooks",
+        # per-mailbox webhook subscriptions (the secret signs, so it is kept), the ledger position
+        # already turned into deliveries, and the durable outbox of deliveries
+        """
+        CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created TEXT NOT NULL,
+            removed TEXT
+        );
+        CREATE INDEX webhooks_mailbox ON webhooks(mailbox);
+        CREATE TABLE webhook_cursor (
+            one INTEGER PRIMARY KEY CHECK (one = 1),
+            seq INTEGER NOT NULL
+        );
+        CREATE TABLE webhook_outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            hook_id TEXT NOT NULL,
+            msgid TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            last_error TEXT
+        );
+        CREATE INDEX webhook_outbox_due ON webhook_outbox(state, hook_id, msgid, id);
+        """,
+    ),
+    (
+        "0010_http_operators",
+        # mailbox accounts that may open the operator page (`pecd user add --operator`)
+        """
+        CREATE TABLE operators (
+            address TEXT PRIMARY KEY,
+            created TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        "0011_read_deadline_per_user",
+        # the recipient's own not-read period in seconds (`pecd user set --read-deadline`);
+        # NULL: [consultation] deadline, the provider's
+        """
+        ALTER TABLE users ADD COLUMN read_deadline REAL
+        """,
+    ),
+    (
+        "0012_http_mailbox",
+        # the recipient's side of the HTTP API: one row per certified message stored in a
+        # local Maildir (its file named, so a download never takes a path from the request)
+        """
+        CREATE TABLE inbox (
+            pec_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            subject TEXT,
+            delivered REAL NOT NULL,
+            mailbox TEXT NOT NULL,
+            file TEXT NOT NULL,
+            PRIMARY KEY (pec_id, recipient)
+        );
+        CREATE INDEX inbox_recipient ON inbox(recipient, delivered, pec_id);
+        """,
+    ),
+]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with pecd's durability settings; the caller owns transactions."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply named migrations once each; idempotent."""
+    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied TEXT)")
+    done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+    for name, sql in MIGRATIONS:
+        if name in done:
+            continue
+        with ledger.transaction(conn):
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO migrations VALUES (?, datetime('now'))", (name,))
+    ledger.install(conn)
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    durable.private_dir(path.parent)
+    # password hashes and the ledger: owner only (SQLite gives -wal/-shm the file's own mode)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    conn = connect(path)
+    migrate(conn)
+    return conn
+
+
+_Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]", bool]  # (fn, result, durable)
+
+
+class Database:
+    """The single writer: ``await db.transact(fn)`` runs ``fn(conn)`` inside a committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._conn = open_database(path)
+        self._thread = threading.Thread(target=self._run, name="pecd-db-writer", daemon=True)
+        self._thread.start()
+
+    async def transact(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """``durable=False``: a change that a crash of the machine (not of the process) may undo
+        without harm, such as a lease, which recovery returns anyway. Its commit skips the fsync
+        when no durable change shares the batch; the next durable commit syncs it with its own."""
+        fut: Future[T] = Future()
+        self._jobs.put((fn, fut, durable))
+        return await asyncio.wrap_future(fut)
+
+    def transact_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        fut: Future[T] = Future()
+        self._jobs.put((fn, fut, True))
+        return fut.result()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        conn = self._conn
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < 256:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit_batch(conn, batch)
+            if stop:
+                return
+
+    @staticmethod
+    def _commit_batch(conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        results: list[tuple[Future[Any], bool, Any]] = []
+        lazy = not any(durable for _fn, _fut, durable in batch)
+        if lazy:  # WAL: the commit is written to the log, unsynced (see ``transact``)
+            conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut, _durable in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = fn(conn)
+                except BaseException as exc:  # handed to the caller, not swallowed
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((fut, False, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((fut, True, value))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for _fn, fut, _durable in batch:
+                _resolve(fut, False, exc)
+            return
+        finally:
+            if lazy:
+                conn.execute("PRAGMA synchronous=FULL")
+        for fut, ok, value in results:
+            _resolve(fut, ok, value)
+
+
+def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
+    """Hand the outcome over unless the caller stopped waiting (its task was cancelled): the
+    work is done and committed either way, and the writer thread must never die of it."""
+    if fut.done():
+        return
+    try:
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass

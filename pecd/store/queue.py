@@ -1,0 +1,486 @@
+"""The durable queue that joins the stages, and its one ``enqueue`` path.
+
+Listeners call :meth:`Queue.enqueue` and answer ``250`` only after it returns: by then the row
+is committed with the bytes in it or, for a message over ``INLINE_MAX``, naming a spool file
+already fsynced. A stage leases items, works on them without touching the queue, and hands
+back an :class:`Outcome`; :meth:`Queue.finish` commits the outcome
+(new items, ledger rows, the item's new state) in one transaction, so a crash either loses the
+whole step (and it runs again) or none of it.
+
+States: ``incoming`` → ``active`` (leased) → removed when done, or ``deferred`` (retry later with
+backoff), ``hold`` (an operator looks), ``corrupt`` (spool file missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, BinaryIO, Literal, TypeVar
+
+import sqlite_utils
+
+from pecd.clock import Clock
+from pecd.format.blob import Blob
+from pecd.store import ledger
+from pecd.store.db import Database
+from pecd.store.ledger import LedgerEvent
+from pecd.store.spool import Spool
+
+T = TypeVar("T")
+Kind = Literal["submission", "inbound", "deliver", "relay", "fallback"]
+KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay", "fallback")
+# A message up to this size lives in its queue row, not in a spool file: the row's commit is
+# then its only fsync (a spool file costs two more, a create, a rename and an unlink), which is
+# most of what a small message costs at each stage. Bigger ones stay in the spool, streamed.
+INLINE_MAX = 128 * 1024
+MAX_LEASES = 5  # leased this often with no outcome (each time the process died): park in hold
+
+
+@dataclass(frozen=True)
+class NewItem:
+    kind: Kind
+    mail_from: str
+    rcpts: tuple[str, ...]
+    data: bytes | Blob | None = None
+    same_as: Item | None = None  # the item whose bytes this one shares (row copy or hard link)
+    dest: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    delay: float = 0.0  # not to be tried before this many seconds from now
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    kind: Kind
+    mail_from: str
+    rcpts: tuple[str, ...]
+    dest: str
+    meta: Mapping[str, Any]
+    attempts: int
+    spool: str  # '' when the bytes are in the row (``body``)
+    created: float
+    body: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        """A stable name for the item's bytes (quarantine files are named after it)."""
+        return self.spool or f"item-{self.id}"
+
+
+Effect = Callable[[sqlite3.Connection], None]
+Stored = tuple[str, bytes | None]  # where an item's bytes went: (spool name, None) or ('', bytes)
+
+
+def _in_spool(item: NewItem) -> bool:
+    """Whether the item's bytes go to a spool file (big, or sharing a spool file's bytes)."""
+    if item.data is not None:
+        return len(item.data) > INLINE_MAX
+    return item.same_as is not None and item.same_as.body is None
+
+
+def _files(stored: Sequence[Stored]) -> list[str]:
+    return [name for name, _ in stored if name]
+
+
+@dataclass
+class Outcome:
+    """What a stage decided about one item; committed atomically by :meth:`Queue.finish`."""
+
+    state: Literal["done", "deferred", "hold"] = "done"
+    outputs: list[NewItem] = field(default_factory=list)
+    events: list[LedgerEvent] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
+    seen: tuple[str, str] | None = None  # (provider, message id): refuse to do this twice
+    # (provider, keys) this outcome takes for itself, each at most once ever: the outcome
+    # commits only if none of them is taken yet; if one is (another item took it since the
+    # stage looked, see :meth:`Queue.claimed`), nothing commits and the item is judged again
+    claims: tuple[str, tuple[str, ...]] | None = None
+    # outputs to send again when the same (provider, message id) comes back (a peer that lost
+    # our 250 and retried gets the same take-charge receipt, and nobody gets a second delivery);
+    # with ``claims``, kept with the first key
+    replay: list[NewItem] = field(default_factory=list)
+    delay: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    released: int
+    held: int
+    corrupt: int
+    orphans_removed: int
+
+
+class Queue:
+    def __init__(self, db: Database, spool: Spool, clock: Clock) -> None:
+        self.db = db
+        self.spool = spool
+        self.clock = clock
+        self.wakeup: dict[str, asyncio.Event] = {}
+        self._commits: set[asyncio.Future[Any]] = set()
+
+    def _event(self, kind: str) -> asyncio.Event:
+        if kind not in self.wakeup:
+            self.wakeup[kind] = asyncio.Event()
+        return self.wakeup[kind]
+
+    async def _write_outputs(self, items: Sequence[NewItem]) -> list[Stored]:
+        if not any(_in_spool(i) for i in items):
+            return self._write_outputs_sync(items)  # rows only: no file to write, no thread hop
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._write_outputs_sync, items)
+
+    def _write_outputs_sync(self, items: Sequence[NewItem]) -> list[Stored]:
+        """Where each item's bytes go: small ones into the row, big ones into the spool."""
+        written = iter(self.spool.write_many(i.data for i in items
+                                             if i.data is not None and _in_spool(i)))
+        stored: list[Stored] = []
+        linked = False
+        for i in items:
+            if i.data is not None:
+                stored.append((next(written), None) if _in_spool(i) else ("", bytes(i.data)))
+            elif i.same_as is not None and i.same_as.body is not None:
+                stored.append(("", i.same_as.body))
+            elif i.same_as is not None:
+                stored.append((self.spool.link(i.same_as.spool), None))
+                linked = True
+            else:
+                raise ValueError("a queue item needs data or same_as")
+        if linked:
+            self.spool.sync_dir()
+        return stored
+
+    def _insert(self, conn: sqlite3.Connection, items: Sequence[NewItem],
+                stored: Sequence[Stored]) -> list[int]:
+        now = self.clock.now().timestamp()
+        ids = []
+        for item, (name, body) in zip(items, stored, strict=True):
+            cur = conn.execute(
+                "INSERT INTO queue (kind, state, spool, body, mail_from, rcpts, dest, meta,"
+                " next_at, created) VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item.kind, name, body, item.mail_from, json.dumps(list(item.rcpts)), item.dest,
+                 json.dumps(dict(item.meta), sort_keys=True), now + item.delay, now),
+            )
+            assert cur.lastrowid is not None
+            ids.append(cur.lastrowid)
+        return ids
+
+    def wake(self, *kinds: str) -> None:
+        """Tell the runners of these kinds to look at the queue now rather than at their next poll."""
+        for kind in kinds:
+            self._event(kind).set()
+
+    def _notify(self, items: Iterable[NewItem]) -> None:
+        self.wake(*{i.kind for i in items})
+
+    async def enqueue(self, items: Sequence[NewItem], events: Sequence[LedgerEvent] = (),
+                      effects: Sequence[Effect] = ()) -> list[int]:
+        """The one way in: returns only when bytes and rows are durable. ``effects`` run in the
+        same transaction; one that raises undoes the whole call (nothing queued, nothing logged)."""
+        stored = await self._write_outputs(items)
+        at = self.clock.now()
+
+        def txn(conn: sqlite3.Connection) -> list[int]:
+            ids = self._insert(conn, items, stored)
+            for ev in events:
+                ledger.append(conn, ev, at)
+            for effect in effects:
+                effect(conn)
+            return ids
+
+        ids = await self._commit(txn, _files(stored))
+        self._notify(items)
+        return ids
+
+    async def _commit(self, txn: Callable[[sqlite3.Connection], T], names: list[str]) -> T:
+        """Run ``txn`` in the writer. A cancelled caller (client gone) does not cancel the
+        transaction: it may still commit, so its spool files must stay; if it then fails they are
+        orphans that recovery removes."""
+        job = asyncio.ensure_future(self.db.transact(txn))
+        self._commits.add(job)
+        job.add_done_callback(self._commits.discard)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self.spool.remove(names)
+            raise
+
+    async def settle(self) -> None:
+        """Wait for commits whose callers were cancelled: they still land before the DB closes."""
+        if self._commits:
+            await asyncio.gather(*self._commits, return_exceptions=True)
+
+    async def record(self, events: Sequence[LedgerEvent]) -> None:
+        """Ledger rows for things that create no queue item (a refused session, say)."""
+        at = self.clock.now()
+
+        def txn(conn: sqlite3.Connection) -> None:
+            for ev in events:
+                ledger.append(conn, ev, at)
+
+        await self.db.transact(txn)
+
+    async def lease(self, kind: Kind, limit: int, lease_seconds: float = 600.0) -> list[Item]:
+        now = self.clock.now().timestamp()
+
+        def txn(conn: sqlite3.Connection) -> list[Item]:
+            rows = conn.execute(
+                "SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
+                " AND next_at <= ? ORDER BY next_at, id LIMIT ?", (kind, now, limit),
+            ).fetchall()
+            items = []
+            for row in rows:
+                conn.execute(
+                    "UPDATE queue SET state='active', lease_until=?, leases=leases+1 WHERE id=?",
+                    (now + lease_seconds, row["id"]),
+                )
+                items.append(_item(row))
+            return items
+
+        # a lease lost with the machine (power, kernel; a killed process loses nothing) costs
+        # nothing: recovery returns every lease to incoming, and MAX_LEASES counts process deaths
+        return await self.db.transact(txn, durable=False)
+
+    async def next_due(self, kind: Kind) -> float | None:
+        def txn(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(next_at) FROM queue WHERE state IN ('incoming','deferred') AND kind=?",
+                (kind,),
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self.db.transact(txn)
+
+    async def wait(self, kind: Kind, timeout: float) -> None:
+        event = self._event(kind)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        event.clear()
+
+    async def claimed(self, provider: str, keys: Sequence[str]) -> dict[str, list[NewItem]]:
+        """Which of ``keys`` were already taken for ``provider`` (see ``Outcome.claims``), each
+        with the outputs kept to send again (empty for all but a transaction's first key)."""
+        def txn(conn: sqlite3.Connection) -> dict[str, list[NewItem]]:
+            found: dict[str, list[NewItem]] = {}
+            for key in dict.fromkeys(keys):
+                row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
+                                   (provider, key)).fetchone()
+                if row is not None:
+                    found[key] = [_reply_item(r) for r in json.loads(row[0] or "[]")]
+            return found
+
+        return await self.db.transact(txn, durable=False)
+
+    async def finish(self, item: Item, outcome: Outcome) -> bool:
+        """Commit a stage's outcome; False when ``outcome.seen`` shows it was already done, or
+        when one of ``outcome.claims`` was taken meanwhile (the item is then judged again)."""
+        stored = await self._write_outputs(outcome.outputs) if outcome.state == "done" else []
+        at = self.clock.now()
+        now = at.timestamp()
+
+        def txn(conn: sqlite3.Connection) -> Literal["fresh", "duplicate", "conflict"]:
+            if outcome.claims is not None:
+                provider, keys = outcome.claims
+                if any(conn.execute("SELECT 1 FROM seen WHERE provider=? AND message_id=?",
+                                    (provider, key)).fetchone() for key in keys):
+                    conn.execute("UPDATE queue SET state='incoming', next_at=?, lease_until=NULL,"
+                                 " leases=0 WHERE id=?", (now, item.id))
+                    return "conflict"
+                for n, key in enumerate(dict.fromkeys(keys)):
+                    conn.execute(
+                        "INSERT INTO seen (provider, message_id, at, replies) VALUES (?, ?, ?, ?)",
+                        (provider, key, at.isoformat(),
+                         _replies_json(outcome.replay) if n == 0 else "[]"))
+            if outcome.seen is not None:
+                provider, message_id = outcome.seen
+                dup = conn.execute(
+                    "SELECT 1 FROM seen WHERE provider=? AND message_id=?", (provider, message_id)
+                ).fetchone()
+                if dup:
+                    self._replay(conn, provider, message_id)
+                    ledger.append(conn, LedgerEvent(
+                        event="duplicate", msgid=message_id, provider=provider,
+                        detail={"queue_id": item.id},
+                    ), at)
+                    conn.execute("DELETE FROM queue WHERE id=?", (item.id,))
+                    return "duplicate"
+                conn.execute("INSERT INTO seen (provider, message_id, at, replies) VALUES (?, ?, ?, ?)",
+                             (provider, message_id, at.isoformat(), _replies_json(outcome.replay)))
+            self._insert(conn, outcome.outputs, stored)
+            for ev in outcome.events:
+                ledger.append(conn, ev, at)
+            for effect in outcome.effects:
+                effect(conn)
+            if outcome.state == "done":
+                conn.execute("DELETE FROM queue WHERE id=?", (item.id,))
+            elif outcome.state == "deferred":
+                conn.execute(
+                    "UPDATE queue SET state='deferred', attempts=attempts+1, next_at=?,"
+                    " lease_until=NULL, leases=0, last_error=? WHERE id=?",
+                    (now + outcome.delay, outcome.error, item.id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE queue SET state='hold', lease_until=NULL, leases=0, last_error=?"
+                    " WHERE id=?",
+                    (outcome.error, item.id),
+                )
+            return "fresh"
+
+        names = _files(stored)
+        verdict = await self._commit(txn, names)
+        if verdict != "fresh":
+            self.spool.remove(names)
+            self.wake(*KINDS)  # replayed replies may have been queued; a conflict is due again
+            if verdict == "conflict":
+                return False
+        if outcome.state == "done" and item.spool:
+            self.spool.remove([item.spool])
+        self._notify(outcome.outputs)
+        return verdict == "fresh"
+
+    def _replay(self, conn: sqlite3.Connection, provider: str, message_id: str) -> None:
+        row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
+                           (provider, message_id)).fetchone()
+        replies = [_reply_item(r) for r in json.loads(row[0] or "[]")]
+        if replies:
+            # rare path: written from the writer thread, still fsynced before the commit
+            self._insert(conn, replies, self._write_outputs_sync(replies))
+
+    def read(self, item: Item) -> bytes:
+        return item.body if item.body is not None else self.spool.read(item.spool)
+
+    def open(self, item: Item) -> BinaryIO:
+        """The item's bytes as a file, to stream (blocking for a spool file: a worker thread)."""
+        return io.BytesIO(item.body) if item.body is not None else self.spool.path(item.spool).open("rb")
+
+    def recover(self) -> Recovery:
+        """Run once at start, before any listener: return dead leases, drop what nobody acknowledged."""
+        at = self.clock.now()
+
+        def txn(conn: sqlite3.Connection) -> Recovery:
+            held = 0
+            for row in conn.execute(
+                "SELECT id, leases FROM queue WHERE state='active' AND leases >= ?", (MAX_LEASES,)
+            ).fetchall():
+                conn.execute("UPDATE queue SET state='hold', lease_until=NULL,"
+                             " last_error='handling interrupted too often' WHERE id=?", (row[0],))
+                ledger.append(conn, LedgerEvent(event="held", detail={
+                    "queue_id": row[0], "reason": "handling interrupted too often"}), at)
+                held += 1
+            released = conn.execute(
+                "UPDATE queue SET state='incoming', lease_until=NULL WHERE state='active'"
+            ).rowcount
+            corrupt = 0
+            referenced = set()
+            for row in conn.execute(
+                    "SELECT id, spool, state FROM queue WHERE body IS NULL").fetchall():
+                referenced.add(row[1])
+                if row[2] != "corrupt" and not self.spool.path(row[1]).exists():
+                    conn.execute("UPDATE queue SET state='corrupt' WHERE id=?", (row[0],))
+                    ledger.append(conn, LedgerEvent(event="corrupt", detail={
+                        "queue_id": row[0], "reason": "spool file missing"}), at)
+                    corrupt += 1
+            orphans = self.spool.orphans(referenced)
+            self.spool.remove(orphans)
+            return Recovery(released, held, corrupt, len(orphans))
+
+        self.spool.clear_tmp()
+        return self.db.transact_sync(txn)
+
+
+def _replies_json(items: Sequence[NewItem]) -> str:
+    return json.dumps([
+        {"kind": i.kind, "mail_from": i.mail_from, "rcpts": list(i.rcpts), "dest": i.dest,
+         "meta": dict(i.meta), "data": base64.b64encode(bytes(i.data or b"")).decode()}
+        for i in items if i.data is not None
+    ], sort_keys=True)
+
+
+def _reply_item(raw: dict[str, Any]) -> NewItem:
+    return NewItem(kind=raw["kind"], mail_from=raw["mail_from"], rcpts=tuple(raw["rcpts"]),
+                   data=base64.b64decode(raw["data"]), dest=raw["dest"], meta=raw["meta"])
+
+
+def _item(row: sqlite3.Row) -> Item:
+    return Item(
+        id=row["id"], kind=row["kind"], mail_from=row["mail_from"],
+        rcpts=tuple(json.loads(row["rcpts"])), dest=row["dest"], meta=json.loads(row["meta"]),
+        attempts=row["attempts"], spool=row["spool"], created=row["created"], body=row["body"],
+    )
+
+
+def backoff(attempts: int, base: float, cap: float, jitter: float) -> float:
+    """Exponential backoff; ``jitter`` in [0, 1) spreads retries of many items apart."""
+    return float(min(cap, base * (2 ** min(attempts, 30))) * (0.75 + 0.5 * jitter))
+
+
+
+# --- operator actions (``pecd queue ...``); each runs in the caller's transaction ------------
+
+class QueueError(Exception):
+    """An operator action that does not apply (unknown id, wrong state)."""
+
+
+def figures(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {f"{k}/{s}": 0 for k in KINDS for s in ("incoming", "active", "deferred", "hold")}
+    for kind, state, n in conn.execute("SELECT kind, state, count(*) FROM queue GROUP BY 1, 2"):
+        counts[f"{kind}/{state}"] = n
+    return counts
+
+
+def listing(conn: sqlite3.Connection, state: str | None = None) -> list[dict[str, Any]]:
+    table = sqlite_utils.Database(conn).table("queue")
+    columns = ["id", "kind", "state", "mail_from", "rcpts", "dest", "attempts", "next_at",
+               "last_error"]
+    where, args = ("state = ?", [state]) if state else (None, None)
+    return list(table.rows_where(where, args, select=", ".join(columns), order_by="id"))
+
+
+def show(conn: sqlite3.Connection, item_id: int) -> dict[str, Any]:
+    """The item's row; its bytes only as a size (``pecd queue show`` prints it)."""
+    try:
+        row = dict(sqlite_utils.Database(conn).table("queue").get(item_id))
+    except sqlite_utils.db.NotFoundError:
+        raise QueueError(f"no queue item {item_id}") from None
+    body = row.pop("body", None)
+    row["inline_bytes"] = None if body is None else len(body)
+    return row
+
+
+def _operator(conn: sqlite3.Connection, item_id: int, at: datetime, event: str,
+              allowed: tuple[str, ...], sql: str, args: tuple[Any, ...]) -> None:
+    row = show(conn, item_id)
+    if row["state"] not in allowed:
+        raise QueueError(f"item {item_id} is {row['state']}; {event} needs {' or '.join(allowed)}")
+    conn.execute(sql, (*args, item_id))
+    ledger.append(conn, LedgerEvent(event=event, detail={"queue_id": item_id,
+                                                         "was": row["state"]}), at)
+
+
+def retry(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+    """Try a deferred or held item now."""
+    _operator(conn, item_id, at, "operator-retry", ("deferred", "hold"),
+              "UPDATE queue SET state='incoming', next_at=? WHERE id=?", (at.timestamp(),))
+
+
+def hold(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+    """Park an item until an operator releases it."""
+    _operator(conn, item_id, at, "operator-hold", ("incoming", "deferred"),
+              "UPDATE queue SET state='hold' WHERE id=?", ())
+
+
+def release(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+    """Return a held item to the queue (its attempt count starts again)."""
+    _operator(conn, item_id, at, "operator-release", ("hold",),
+              "UPDATE queue SET state='incoming', attempts=0, next_at=? WHERE id=?",
+              (at.timestamp(),))
