@@ -119,6 +119,14 @@ def test_raw_message_is_accepted_and_a_bcc_names_the_failed_check(
             assert hdrs["Content-Type"].startswith("application/problem+json")
             assert body["check"] == "formal-checks" and "Bcc" in body["detail"]
             assert body["id"].endswith("@a.test")  # the non-accepted transaction's id
+            refused_id = body["id"]
+            # "my messages" lists everything the mailbox sent, the refused one too
+            status, page, _ = await client.call("GET", "/api/v1/messages", token=token)
+            assert status == 200, page
+            outcome = {m["id"]: m["status"] for m in page["messages"]}
+            assert outcome[refused_id] == "refused" and list(outcome.values()).count("accepted") == 1
+            refused = next(m for m in page["messages"] if m["id"] == refused_id)
+            assert refused["refused"] and "accepted" not in refused
             # same path as SMTP: the sender also gets the signed non-acceptance notice
             await wait_for(lambda: "non-accettazione" in
                            [_kind(m) for m in a.messages("alice@a.test")])

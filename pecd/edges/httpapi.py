@@ -621,11 +621,12 @@ class Api:
         if not 1 <= limit <= MAX_PAGE:
             raise Problem(400, "Bad query", f"limit must be 1 to {MAX_PAGE}", "query")
         rows = await self._read(lambda c: apistore.messages_of(c, mailbox, since, after, limit))
-        items = [{**r, "accepted": _iso(r["accepted"])} for r in rows]
+        items = [{k: v for k, v in r.items() if k != "at"} | {r["status"]: _iso(r["at"])}
+                 for r in rows]
         body: dict[str, Any] = {"messages": items, "next": None}
         if len(rows) == limit:
             last = rows[-1]
-            cursor = _cursor_out(last["accepted"], last["id"])
+            cursor = _cursor_out(last["at"], last["id"])
             body["next"] = str(request.rel_url.update_query({"after": cursor}))
         return _answer(200, body)
 

@@ -256,11 +256,11 @@ class Pages:
             body = "<p>No certified message sent from this mailbox yet.</p>"
         else:
             items = "".join(
-                f'<tr><td>{escape(_when(r["accepted"]))}</td>'
+                f'<tr><td>{escape(_when(r["at"]))}</td><td>{escape(r["status"])}</td>'
                 f'<td><a href="/my/{escape(r["id"])}">{escape(r["subject"] or "(no subject)")}</a></td>'
                 f'<td>{escape(", ".join(r["recipients"]))}</td></tr>' for r in rows)
             body = ('<table><caption>Sent by SMTP or by the API, newest first</caption><thead><tr>'
-                    '<th scope="col">Accepted</th><th scope="col">Subject</th>'
+                    '<th scope="col">Time</th><th scope="col">Outcome</th><th scope="col">Subject</th>'
                     f'<th scope="col">Recipients</th></tr></thead><tbody>{items}</tbody></table>')
         return _page(f"Messages of {s.mailbox}", body, s)
 

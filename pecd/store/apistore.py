@@ -192,18 +192,30 @@ def message_events(conn: sqlite3.Connection, pec_id: str,
 
 def messages_of(conn: sqlite3.Connection, mailbox: str, since: float, after: tuple[float, str] | None,
                 limit: int) -> list[dict[str, Any]]:
-    """The mailbox's accepted messages from ``since`` on, oldest first, ``limit`` at most,
-    continuing after the (accepted, pec_id) key ``after`` (keyset pagination)."""
+    """Everything the mailbox sent from ``since`` on, by SMTP or by the API: accepted messages
+    (from tracking) and refused ones (the access point's ``refused`` ledger rows), oldest first
+    by the time of that verdict, ``limit`` at most, continuing after the (time, pec_id) key
+    ``after`` (keyset pagination)."""
     a_time, a_id = after if after is not None else (since - 1.0, "")
-    rows = conn.execute(
+    accepted = conn.execute(
         "SELECT pec_id, min(subject), min(ref_msgid), min(accepted),"
         " group_concat(recipient, char(10)) FROM tracking"
         " WHERE sender = ? COLLATE NOCASE AND accepted >= ? AND (accepted > ? OR"
         " (accepted = ? AND pec_id > ?))"
         " GROUP BY pec_id ORDER BY min(accepted), pec_id LIMIT ?",
         (mailbox, since, a_time, a_time, a_id, limit)).fetchall()
-    return [{"id": r[0], "subject": r[1], "ref_msgid": r[2], "accepted": float(r[3]),
-             "recipients": str(r[4]).split("\n")} for r in rows]
+    found = [{"id": r[0], "status": "accepted", "subject": r[1], "ref_msgid": r[2],
+              "at": float(r[3]), "recipients": str(r[4]).split("\n")} for r in accepted]
+    # refusals are few: the partial index ledger_refused (pecd.store.ledger) finds them
+    for msgid, subject, ref_msgid, at, rcpts in conn.execute(
+            "SELECT msgid, subject, ref_msgid, at, recipients FROM ledger"
+            " WHERE event = 'refused' AND sender = ? COLLATE NOCASE", (mailbox,)):
+        when = datetime.fromisoformat(str(at).replace("Z", "+00:00")).timestamp()
+        if when >= since and (when, str(msgid)) > (a_time, a_id):
+            found.append({"id": msgid, "status": "refused", "subject": subject,
+                          "ref_msgid": ref_msgid, "at": when, "recipients": json.loads(rcpts)})
+    found.sort(key=lambda m: (m["at"], m["id"]))
+    return found[:limit]
 
 
 def ledger_counts(conn: sqlite3.Connection, after_seq: int) -> tuple[dict[str, int], int]:

@@ -139,6 +139,8 @@ _SCHEMA: Final = (
         hash TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS ledger_msgid ON ledger(msgid)",
+    # a sender's refused messages, for "my messages" (pecd.store.apistore.messages_of)
+    "CREATE INDEX IF NOT EXISTS ledger_refused ON ledger(sender COLLATE NOCASE) WHERE event = 'refused'",
     "CREATE INDEX IF NOT EXISTS ledger_ref_msgid ON ledger(ref_msgid)",
     """CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'ledger is append-only: UPDATE refused'); END""",
