@@ -49,17 +49,22 @@ class Context:
     def connect(self) -> sqlite3.Connection:
         return db_mod.open_database(self.config.paths.database)
 
-    def transact(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(conn, *args)`` in one write transaction; domain errors become one line."""
+    def write(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(conn, *args)`` in one write transaction; its exceptions pass through."""
         conn = self.connect()
         try:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 return fn(conn, *args)
-        except (users.UserError, queue_mod.QueueError, index_mod.IndexError_) as exc:
-            raise click.ClickException(str(exc)) from None
         finally:
             conn.close()
+
+    def transact(self, fn: Any, *args: Any) -> Any:
+        """:meth:`write`, with domain errors turned into one line."""
+        try:
+            return self.write(fn, *args)
+        except (users.UserError, queue_mod.QueueError, index_mod.IndexError_) as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -421,31 +426,13 @@ def _take_copy(ctx: Context, source: str, obtain: Callable[[], index_mod.IndexCo
     """Check a would-be index copy; replace the one in force only if it passes. Either way a
     ledger row says what happened; a refusal is one error line and a non-zero exit."""
     at = SystemClock().now()
-
-    def save(conn: sqlite3.Connection, copy: index_mod.IndexCopy) -> None:
-        index_mod.store_copy(conn, copy, at)
-        index_mod.record_refresh(conn, source, at, copy=copy)
-
-    def refuse(conn: sqlite3.Connection, reason: str) -> str:
-        info = index_mod.copy_info(conn)
-        kept = [f"{info.source} of {info.fetched}"] if info else []
-        index_mod.record_refresh(conn, source, at, refused=reason, kept=kept)
-        return f"; the copy of {info.fetched} stays in force" if info else ""
-
-    conn = ctx.connect()
     try:
-        try:
-            copy = obtain()
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                save(conn, copy)
-        except index_mod.IndexError_ as exc:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                still = refuse(conn, str(exc))
-            raise click.ClickException(f"index refused: {exc}{still}") from None
-    finally:
-        conn.close()
+        copy = obtain()
+        ctx.write(index_mod.take_copy, copy, source, at)
+    except index_mod.IndexError_ as exc:
+        info = ctx.write(index_mod.refuse_copy, source, at, str(exc))
+        still = f"; the copy of {info.fetched} stays in force" if info else ""
+        raise click.ClickException(f"index refused: {exc}{still}") from None
     for why in copy.skipped:
         click.echo(f"left out: {why}", err=True)
     signer = f", signed by {copy.signer}" if copy.signer else ""

@@ -22,7 +22,7 @@ import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -322,17 +322,25 @@ def version(conn: sqlite3.Connection) -> tuple[int, str, str]:
     return int(row[0]), str(row[1]), str(copy[0])
 
 
-def record_refresh(conn: sqlite3.Connection, source: str, at: datetime, *,
-                   copy: IndexCopy | None = None, refused: str | None = None,
-                   kept: Sequence[str] = ()) -> None:
-    """A ledger row for every attempt to change the index copy, taken or refused."""
+def take_copy(conn: sqlite3.Connection, copy: IndexCopy, source: str, at: datetime) -> None:
+    """Put ``copy`` in force (:func:`store_copy`, which may refuse it) with its
+    ``index-updated`` ledger row, in the caller's transaction. The CLI and the scheduled
+    refresh both take copies through here."""
     from pecd.store.ledger import LedgerEvent, append  # ledger imports nothing from here
 
-    if copy is not None:
-        event = LedgerEvent(event="index-updated", detail={
-            "source": source, "kind": copy.kind, "sha256": copy.sha256, "signer": copy.signer,
-            "providers": len(copy.providers), "skipped": list(copy.skipped)})
-    else:
-        event = LedgerEvent(event="index-refused", detail={
-            "source": source, "reason": refused or "", "kept": list(kept)})
-    append(conn, event, at)
+    store_copy(conn, copy, at)
+    append(conn, LedgerEvent(event="index-updated", detail={
+        "source": source, "kind": copy.kind, "sha256": copy.sha256, "signer": copy.signer,
+        "providers": len(copy.providers), "skipped": list(copy.skipped)}), at)
+
+
+def refuse_copy(conn: sqlite3.Connection, source: str, at: datetime, reason: str) -> CopyInfo | None:
+    """The ``index-refused`` ledger row for a copy not taken, naming the copy that stays in
+    force; returns that copy's description (None: there is none)."""
+    from pecd.store.ledger import LedgerEvent, append
+
+    info = copy_info(conn)
+    kept = [f"{info.source} of {info.fetched}"] if info else []
+    append(conn, LedgerEvent(event="index-refused", detail={
+        "source": source, "reason": reason, "kept": kept}), at)
+    return info

@@ -173,8 +173,7 @@ class IndexRefresher:
         at = self.clock.now()
 
         def save(conn: sqlite3.Connection) -> list[index.Provider]:
-            index.store_copy(conn, copy, at)
-            index.record_refresh(conn, where, at, copy=copy)
+            index.take_copy(conn, copy, where, at)
             return index.load_all(conn)
 
         try:
@@ -190,13 +189,7 @@ class IndexRefresher:
     async def _refused(self, where: str, reason: str) -> RefreshResult:
         at = self.clock.now()
 
-        def note(conn: sqlite3.Connection) -> index.CopyInfo | None:
-            info = index.copy_info(conn)
-            kept = [f"{info.source} of {info.fetched}"] if info else []
-            index.record_refresh(conn, where, at, refused=reason, kept=kept)
-            return info
-
-        info = await self.db.transact(note)
+        info = await self.db.transact(lambda conn: index.refuse_copy(conn, where, at, reason))
         log.error("index refresh from %s refused: %s; %s", where, reason,
                   f"keeping the copy of {info.fetched}" if info else "no copy in force")
         return RefreshResult(False, reason)
