@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -186,3 +188,60 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
+
+
+@dataclass(frozen=True)
+class DovecotUser:
+    """Whom a throwaway Dovecot stores mail as (it refuses uid 0) and runs its internal and
+    login processes as."""
+
+    uid: int
+    gid: int
+    internal: str
+    login: str
+
+
+def dovecot_user() -> DovecotUser:
+    if os.geteuid() == 0:
+        return DovecotUser(65534, 65534, "dovecot", "dovenull")  # nobody/nogroup
+    name = pwd.getpwuid(os.getuid()).pw_name
+    return DovecotUser(os.getuid(), os.getgid(), name, name)
+
+
+def dovecot_conf(root: Path, who: DovecotUser, users: Path, imap_port: int, *, purpose: str,
+                 mail_location: str, protocols: str = "imap", extra: str = "") -> str:
+    """A self-contained instance's configuration: its own base_dir under ``root``, listeners on
+    127.0.0.1 only, plaintext passwd-file users, IMAP on ``imap_port``; ``extra`` adds sections."""
+    return f"""\
+# throwaway Dovecot for {purpose} (see conf/dovecot-pecd.conf)
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+instance_name = pecd-test-{imap_port}
+protocols = {protocols}
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+default_internal_user = {who.internal}
+default_login_user = {who.login}
+first_valid_uid = {min(who.uid, 500)}
+mail_location = {mail_location}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {users}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {users}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+{extra}"""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import imaplib
 import os
-import pwd
 import re
 import subprocess
 import time
@@ -24,6 +23,8 @@ from .conftest import OPENSSL, ProviderDir, free_port, openssl_verifies, submit
 from .interop_support import (
     RunningService,
     configure,
+    dovecot_conf,
+    dovecot_user,
     ledger_rows,
     require,
     runtime_dir,
@@ -85,12 +86,8 @@ class Dovecot:
 def dovecot_config(root: Path, lmtp_port: int, imap_port: int) -> Path:
     """A self-contained instance: its own base_dir, listeners on 127.0.0.1 only, passwd-file
     users, Maildirs below ``root``. Mail is stored as an unprivileged uid (Dovecot refuses 0)."""
-    if os.geteuid() == 0:
-        uid, gid = 65534, 65534  # nobody/nogroup
-        internal, login = "dovecot", "dovenull"
-    else:
-        uid, gid = os.getuid(), os.getgid()
-        internal = login = pwd.getpwuid(uid).pw_name
+    who = dovecot_user()
+    uid, gid = who.uid, who.gid
     mail = root / "mail"
     mail.mkdir()
     os.chown(mail, uid, gid)
@@ -99,42 +96,13 @@ def dovecot_config(root: Path, lmtp_port: int, imap_port: int) -> Path:
         f"{u}:{{PLAIN}}{PASSWORD}:{uid}:{gid}::{mail}/{u.split('@')[1]}/{u.split('@')[0]}::{extra}\n"
         for u, extra in USERS.items()))
     conf = root / "dovecot.conf"
-    conf.write_text(f"""\
-# throwaway Dovecot for tests/test_interop_dovecot.py (see conf/dovecot-pecd.conf)
-base_dir = {root}/run
-state_dir = {root}/state
-log_path = {root}/dovecot.log
-instance_name = pecd-test-{lmtp_port}
-protocols = imap lmtp
-listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-default_internal_user = {internal}
-default_login_user = {login}
-first_valid_uid = {min(uid, 500)}
-mail_location = maildir:{mail}/%d/%n
+    conf.write_text(dovecot_conf(root, who, users, imap_port, purpose="tests/test_interop_dovecot.py",
+                                 mail_location=f"maildir:{mail}/%d/%n", protocols="imap lmtp",
+                                 extra=f"""\
 mail_plugins = quota
 plugin {{
   quota = maildir:User quota
   quota_full_tempfail = yes
-}}
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {users}
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%u {users}
-}}
-service imap-login {{
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {imap_port}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
 }}
 service lmtp {{
   inet_listener lmtp {{
@@ -145,7 +113,7 @@ service lmtp {{
     mode = 0
   }}
 }}
-""")
+"""))
     return conf
 
 

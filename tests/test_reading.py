@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import os
-import pwd
 import shutil
 import sqlite3
 import subprocess
@@ -45,6 +44,8 @@ from .conftest import (
 from .interop_support import (
     RunningService,
     configure,
+    dovecot_conf,
+    dovecot_user,
     ledger_rows,
     require,
     runtime_dir,
@@ -111,49 +112,16 @@ class Dovecot:
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[Dovecot]:
     exe = require("dovecot", "dovecot-core dovecot-imapd", sbin=True)
-    if os.geteuid() == 0:
-        uid, gid, internal, login = 65534, 65534, "dovecot", "dovenull"
-    else:
-        uid, gid = os.getuid(), os.getgid()
-        internal = login = pwd.getpwuid(uid).pw_name
+    who = dovecot_user()
+    uid, gid = who.uid, who.gid
     with runtime_dir("pecd-reading-dovecot-") as root:
         port = free_port()
         users = root / "users"
         users.write_text("")
         conf = root / "dovecot.conf"
-        conf.write_text(f"""\
-# throwaway Dovecot for tests/test_reading.py: serves pecd's own Maildirs (mail_location = ~)
-base_dir = {root}/run
-state_dir = {root}/state
-log_path = {root}/dovecot.log
-instance_name = pecd-reading-{port}
-protocols = imap
-listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-default_internal_user = {internal}
-default_login_user = {login}
-first_valid_uid = {min(uid, 500)}
-mail_location = maildir:~
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {users}
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%u {users}
-}}
-service imap-login {{
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-""")
+        # serves pecd's own Maildirs: each user's home is its Maildir (mail_location = ~)
+        conf.write_text(dovecot_conf(root, who, users, port, purpose="tests/test_reading.py",
+                                     mail_location="maildir:~"))
         proc = subprocess.Popen([exe, "-F", "-c", str(conf)], stdout=subprocess.DEVNULL,
                                 stderr=open(root / "stderr.log", "wb"))  # noqa: SIM115
         try:
