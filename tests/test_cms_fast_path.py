@@ -140,3 +140,23 @@ def test_token_times_with_fractions_read_as_asn1crypto_reads_them(prov: Provider
         fast = tsa._tst_info_fast(checked.econtent)
         assert fast == tsa._tst_info(checked.econtent)
         assert fast[2] == when and fast[1] == hashlib.sha256(b"data").digest()
+
+
+def test_the_signer_is_found_without_a_tree_as_with_one(prov: Provider, tmp_path: Path) -> None:
+    """revocation.signed_by (the cheap look before the judgement) reads the usual shape through
+    cms.included_signer: the same signer and certificates as its asn1crypto reading."""
+    from pecd.trust import revocation
+
+    sig = prov.signer().sign_detached(DATA)
+    signer, included = cms.included_signer(sig)
+    assert signer == prov.cert and included == [prov.cert]
+    signed = revocation.signed_by(sig)
+    assert signed is not None and signed.signer == prov.cert and signed.others == ()
+    # a signature without the signer's certificate: neither way finds it
+    bare = cms._SignerCore(prov.key, prov.cert)
+    attrs, value = bare.sign_attrs([cms.der_attribute(
+        cms.ID_MESSAGE_DIGEST, cms._der_tlv(0x04, hashlib.sha256(DATA).digest()))])
+    without = bare.content_info(cms.ID_DATA, None, attrs, value, include_certs=False)
+    with pytest.raises(cms._Unusual):
+        cms.included_signer(without)
+    assert revocation.signed_by(without) is None

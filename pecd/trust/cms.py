@@ -607,6 +607,8 @@ _DIGEST_OIDS = {
 }
 _SEQ, _SET, _OCTETS, _OID_TAG, _INT = 0x30, 0x31, 0x04, 0x06, 0x02
 _OID_TEXT: dict[bytes, str] = {}
+_READ_ATTRS = frozenset({ID_CONTENT_TYPE, ID_MESSAGE_DIGEST, ID_SIGNING_TIME,
+                         ID_AA_SIGNING_CERTIFICATE, ID_AA_SIGNING_CERTIFICATE_V2})
 
 
 def _oid_text(contents: bytes) -> str:
@@ -720,15 +722,22 @@ def _check_ess_fast(value: bytes, v2: bool, signer: x509.Certificate) -> None:
     raise _Unusual("ESS issuer not byte-equal")
 
 
-def _check_fast(
-    der: bytes,
-    detached: bytes | memoryview | None,
-    extra_certs: Sequence[x509.Certificate],
-    require_ess: bool,
-    policy: AlgorithmPolicy,
-) -> _Checked:
-    """check_signed_data for the usual shape, reading only what is checked (see there)."""
-    der = bytes(der)
+@dataclass
+class _Layout:
+    """Where the parts of a plain-DER SignedData with one SignerInfo lie (see _layout)."""
+
+    der: bytes
+    econtent_type: str
+    econtent: bytes | None
+    certificates: list[x509.Certificate]
+    si: list[tuple[int, int, int, int]]  # the SignerInfo's fields, as _d.children gives them
+    want_issuer: bytes  # issuerAndSerialNumber
+    want_serial: int
+
+
+def _layout(der: bytes) -> _Layout:
+    """The usual SignedData shape, cut into its parts without an object tree; NotDer or
+    _Unusual for anything else (the generic path then reads it)."""
     start, end = _d.whole(der, _SEQ)
     tag, _, ostart, oend = next(_d.children(der, start, end))
     if tag != _OID_TAG or der[ostart:oend] != _OID_DER[ID_SIGNED_DATA][2:]:
@@ -786,8 +795,34 @@ def _check_fast(
     sid = list(_d.children(der, si[1][2], si[1][3]))
     if len(sid) != 2 or sid[0][0] != _SEQ or sid[1][0] != _INT:
         raise _d.NotDer("issuerAndSerialNumber")
-    want_issuer = der[sid[0][1]:sid[0][3]]
-    want_serial = _d.integer(der, sid[1][2], sid[1][3])
+    return _Layout(der, econtent_type, econtent, certificates, si, der[sid[0][1]:sid[0][3]],
+                   _d.integer(der, sid[1][2], sid[1][3]))
+
+
+def included_signer(der: bytes) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """(signer, every certificate included) of the usual SignedData shape, found among the
+    included certificates by issuer (byte-equal) and serial, nothing verified: a cheap look
+    before the real judgement. NotDer or _Unusual when the shape is another or the signer is
+    not included byte for byte (the caller then looks the generic way)."""
+    lay = _layout(der)
+    for cert in lay.certificates:
+        if cert.serial_number == lay.want_serial and _issuer_der(cert) == lay.want_issuer:
+            return cert, lay.certificates
+    raise _Unusual("signer not included byte for byte")
+
+
+def _check_fast(
+    der: bytes,
+    detached: bytes | memoryview | None,
+    extra_certs: Sequence[x509.Certificate],
+    require_ess: bool,
+    policy: AlgorithmPolicy,
+) -> _Checked:
+    """check_signed_data for the usual shape, reading only what is checked (see there)."""
+    lay = _layout(bytes(der))
+    der, si, certificates = lay.der, lay.si, lay.certificates
+    econtent_type, econtent = lay.econtent_type, lay.econtent
+    want_issuer, want_serial = lay.want_issuer, lay.want_serial
     digest_oid, digest_params = _algorithm(der, si[2][2], si[2][3])
     hash_name = _DIGEST_OIDS.get(digest_oid)
     if hash_name is None or digest_params not in (b"", b"\x05\x00"):
@@ -802,6 +837,14 @@ def _check_fast(
         raise _Unusual("signature parameters")
     signature = der[si[5][2]:si[5][3]]
     unsigned = _attributes(der, si[6][2], si[6][3], unique=False) if len(si) == 7 else {}
+    # asn1crypto checks each value's tag against its type when it lists them: only SEQUENCEs
+    # pass here unread, and of the unsigned attributes only timestamp tokens
+    for oid, values in attrs.items():
+        if oid not in _READ_ATTRS and any(v[:1] != b"\x30" for v in values):
+            raise _Unusual("a signed attribute that is not a SEQUENCE")
+    for oid, values in unsigned.items():
+        if oid != ID_AA_SIGNATURE_TIME_STAMP_TOKEN or any(v[:1] != b"\x30" for v in values):
+            raise _Unusual("an unsigned attribute other than a timestamp token")
 
     signer = None
     for cert in [*certificates, *extra_certs]:  # the generic path's order: the same first match
