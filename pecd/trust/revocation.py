@@ -21,6 +21,7 @@ nothing the HTTP servers say beyond that.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import threading
@@ -45,7 +46,7 @@ from pecd.clock import Clock
 from pecd.config import Reception
 from pecd.store import revocation_store as store
 from pecd.store.db import Database
-from pecd.trust import smime
+from pecd.trust import cms, smime
 from pecd.trust.index import ProviderIndex
 from pecd.trust.paths import DEFAULT_POLICY, AlgorithmPolicy, RevocationInfo, validate_path
 from pecd.trust.pki import cert_fingerprint
@@ -138,7 +139,13 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 def signed_by(signature_der: bytes) -> Signed | None:
     """The signer certificate of a SignedData and the certificates it carries, without
-    verifying anything: a cheap look before the real judgement."""
+    verifying anything: a cheap look before the real judgement. The usual shape is read
+    without an object tree (cms.included_signer), any other through asn1crypto."""
+    try:
+        signer, included = cms.included_signer(signature_der)
+        return Signed(signer, tuple(c for c in included if c != signer))
+    except Exception:  # any surprise: the generic reading below decides
+        pass
     try:
         ci = asn1_cms.ContentInfo.load(signature_der)
         sd = ci["content"]
@@ -167,13 +174,47 @@ def _ski(cert: x509.Certificate) -> bytes | None:
         return None
 
 
+class _Memo:
+    """The last few messages' answers, by the SHA-256 of the bytes: the SMTP pre-check and the
+    reception point ask about the same message one after the other, and splitting the MIME
+    and reading the CMS cost more than the signature check itself. Thread-safe."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._entries: OrderedDict[bytes, Signed | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[bool, Signed | None]:
+        with self._lock:
+            if key not in self._entries:
+                return False, None
+            self._entries.move_to_end(key)
+            return True, self._entries[key]
+
+    def put(self, key: bytes, value: Signed | None) -> None:
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+_SIGNERS = _Memo()
+
+
 def signer_of_message(data: bytes) -> Signed | None:
     """:func:`signed_by` for an S/MIME message; None when it is not one."""
+    key = hashlib.sha256(data).digest()
+    known, answer = _SIGNERS.get(key)
+    if known:
+        return answer
     try:
         signed = smime.split_signed(data)
     except smime.NotSigned:
-        return None
-    return signed_by(signed.signature)
+        answer = None
+    else:
+        answer = signed_by(signed.signature)
+    _SIGNERS.put(key, answer)
+    return answer
 
 
 def path_of(signed: Signed, roots: Sequence[x509.Certificate], at: datetime,
