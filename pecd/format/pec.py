@@ -8,6 +8,9 @@ arguments), so one temporal value serves the notice, the envelope and the ledger
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.message import Message
@@ -163,8 +166,34 @@ def _category(msg: Message) -> Category:
     return "ordinary"
 
 
+_MEMO_MAX = 256 * 1024  # only small messages are remembered: a Parsed holds its source
+_memo: OrderedDict[bytes, Parsed] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
 def parse(data: bytes) -> Parsed:
-    """Split a PEC message into daticert and original. Raises NotPec when it has no such shape."""
+    """Split a PEC message into daticert and original. Raises NotPec when it has no such shape.
+
+    The reception point parses a message to verify it and the delivery point parses the same
+    bytes again: the last 32 small messages' results are remembered by their SHA-256. A Parsed
+    is frozen and its callers only read it."""
+    if len(data) > _MEMO_MAX:
+        return _parse(data)
+    key = hashlib.sha256(data).digest()
+    with _memo_lock:
+        known = _memo.get(key)
+        if known is not None:
+            _memo.move_to_end(key)
+            return known
+    parsed = _parse(data)
+    with _memo_lock:
+        _memo[key] = parsed
+        while len(_memo) > 32:
+            _memo.popitem(last=False)
+    return parsed
+
+
+def _parse(data: bytes) -> Parsed:
     msg = headers.parse(data)
     category = _category(msg)
     if category in ("ordinary", "anomaly-envelope"):
