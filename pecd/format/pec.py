@@ -166,8 +166,10 @@ def _category(msg: Message) -> Category:
     return "ordinary"
 
 
-_MEMO_MAX = 256 * 1024  # only small messages are remembered: a Parsed holds its source
-_memo: OrderedDict[bytes, Parsed] = OrderedDict()
+_MEMO_MAX = 256 * 1024  # only small messages are remembered: a Parsed holds its source...
+_MEMO_BYTES = 16 * 1024 * 1024  # ...and all of them together at most this much
+_memo: OrderedDict[bytes, tuple[Parsed, int]] = OrderedDict()
+_memo_size = 0
 _memo_lock = threading.Lock()
 
 
@@ -175,8 +177,10 @@ def parse(data: bytes) -> Parsed:
     """Split a PEC message into daticert and original. Raises NotPec when it has no such shape.
 
     The reception point parses a message to verify it and the delivery point parses the same
-    bytes again: the last 32 small messages' results are remembered by their SHA-256. A Parsed
-    is frozen and its callers only read it."""
+    bytes again, often hundreds of messages later when the queue is deep: recent small
+    messages' results are remembered by their SHA-256, up to 16 MiB of messages. A Parsed is
+    frozen and its callers only read it."""
+    global _memo_size
     if len(data) > _MEMO_MAX:
         return _parse(data)
     key = hashlib.sha256(data).digest()
@@ -184,12 +188,14 @@ def parse(data: bytes) -> Parsed:
         known = _memo.get(key)
         if known is not None:
             _memo.move_to_end(key)
-            return known
+            return known[0]
     parsed = _parse(data)
     with _memo_lock:
-        _memo[key] = parsed
-        while len(_memo) > 32:
-            _memo.popitem(last=False)
+        if key not in _memo:
+            _memo[key] = (parsed, len(data))
+            _memo_size += len(data)
+        while _memo_size > _MEMO_BYTES:
+            _memo_size -= _memo.popitem(last=False)[1][1]
     return parsed
 
 

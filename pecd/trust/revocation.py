@@ -175,11 +175,11 @@ def _ski(cert: x509.Certificate) -> bytes | None:
 
 
 class _Memo:
-    """The last few messages' answers, by the SHA-256 of the bytes: the SMTP pre-check and the
+    """Recent messages' answers, by the SHA-256 of the bytes: the SMTP pre-check and the
     reception point ask about the same message one after the other, and splitting the MIME
     and reading the CMS cost more than the signature check itself. Thread-safe."""
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 4096) -> None:
         self._size = size
         self._entries: OrderedDict[bytes, Signed | None] = OrderedDict()
         self._lock = threading.Lock()
@@ -198,7 +198,7 @@ class _Memo:
                 self._entries.popitem(last=False)
 
 
-_SIGNERS = _Memo()
+_SIGNERS = _Memo()  # a few hundred kB: the queue may hold thousands in between
 
 
 def signer_of_message(data: bytes) -> Signed | None:
