@@ -207,12 +207,19 @@ def signer_of_message(data: bytes) -> Signed | None:
     known, answer = _SIGNERS.get(key)
     if known:
         return answer
+    # pec.parse remembers its answer, and the reception point parses the same bytes next
+    from pecd.format import pec  # pec builds on pecd.trust
+
     try:
-        signed = smime.split_signed(data)
-    except smime.NotSigned:
-        answer = None
-    else:
-        answer = signed_by(signed.signature)
+        signed = pec.parse(data).signed
+    except pec.NotPec:
+        signed = None
+    if signed is None:  # not PEC: any S/MIME signer still counts, as before
+        try:
+            signed = smime.split_signed(data)
+        except smime.NotSigned:
+            signed = None
+    answer = None if signed is None else signed_by(signed.signature)
     _SIGNERS.put(key, answer)
     return answer
 
@@ -615,12 +622,10 @@ class Checker:
         ``full=False`` (the SMTP pre-check) only asks whether material is in force for every
         certificate that names a source: the CRL itself is read once, by the reception point."""
         loop = asyncio.get_running_loop()
-        signed = await loop.run_in_executor(self.cpu, signer_of_message, data)
-        if signed is None or self.index.for_certificate(signed.signer) is None:
+        found = await loop.run_in_executor(self.cpu, self._signer_and_path, data, at)
+        if found is None:
             return None
-        path = await loop.run_in_executor(self.cpu, path_of, signed, self.roots, at, self.policy)
-        if path is None:
-            return None
+        signed, path = found
         materials = await asyncio.gather(*(self.sources.material(cert, issuer)
                                            for cert, issuer in itertools.pairwise(path)))
         if not full:
@@ -628,9 +633,21 @@ class Checker:
             if early is None or early.state == "unchecked":
                 return Decision("accept", early or Status("good", "material in force"))
             return await self.decide(signed.signer, early)
-        status = await loop.run_in_executor(self.cpu, judge, path, self.roots, materials, at,
-                                            self.policy)
+        status = incomplete(materials)  # judge's own first answer, without a thread hop
+        if status is None:
+            status = await loop.run_in_executor(self.cpu, judge, path, self.roots, materials,
+                                                at, self.policy)
         return await self.decide(signed.signer, status)
+
+    def _signer_and_path(self, data: bytes, at: datetime
+                         ) -> tuple[Signed, list[x509.Certificate]] | None:
+        """The signer of a message in the index and its validated path, in one worker-thread
+        call; None when it is not signed, the signer is no provider, or it has no path."""
+        signed = signer_of_message(data)
+        if signed is None or self.index.for_certificate(signed.signer) is None:
+            return None
+        path = path_of(signed, self.roots, at, self.policy)
+        return None if path is None else (signed, path)
 
     async def decide(self, signer: x509.Certificate, status: Status) -> Decision:
         """Apply ``[reception] revocation`` to a status; the start of an unknown period is kept
