@@ -144,8 +144,24 @@ def der_time(when: datetime) -> bytes:
     """RFC 5652 §11.3: UTCTime for 1950-2049, GeneralizedTime otherwise; whole seconds."""
     when = when.astimezone(UTC).replace(microsecond=0)
     if 1950 <= when.year < 2050:
-        return bytes(core.UTCTime(when).dump())
-    return bytes(core.GeneralizedTime(when).dump())
+        return _der_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return der_generalized_time(when)
+
+
+def der_generalized_time(when: datetime) -> bytes:
+    """GeneralizedTime in UTC, the fraction without trailing zeros (X.690 §11.7), as
+    asn1crypto writes it: joined here, as it is written for every signature and token."""
+    when = when.astimezone(UTC)
+    text = when.strftime("%Y%m%d%H%M%S")
+    if when.microsecond:
+        text += f".{when.microsecond:06d}".rstrip("0")
+    return _der_tlv(0x18, (text + "Z").encode("ascii"))
+
+
+def der_integer(value: int) -> bytes:
+    """A DER INTEGER: two's complement, minimal length."""
+    length = (value + (value < 0)).bit_length() // 8 + 1
+    return _der_tlv(0x02, value.to_bytes(length, "big", signed=True))
 
 
 # --------------------------------------------------------------------------- signing

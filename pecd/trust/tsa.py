@@ -39,6 +39,8 @@ from pecd.trust.cms import (
     _SignerCore,
     check_signed_data,
     der_attribute,
+    der_generalized_time,
+    der_integer,
 )
 from pecd.trust.paths import check_purpose, validate_path
 from pecd.trust.pki import PrivateKey
@@ -142,10 +144,10 @@ class LocalTSA:
             b"\x02\x01\x01"  # version v1
             + self._policy_der
             + imprint_der
-            + bytes(core.Integer(self._serial_base | next(self._counter)).dump())
-            + bytes(core.GeneralizedTime(now).dump())
+            + der_integer(self._serial_base | next(self._counter))
+            + der_generalized_time(now)
             + self._accuracy_der
-            + (bytes(core.Integer(nonce).dump()) if nonce is not None else b"")
+            + (der_integer(nonce) if nonce is not None else b"")
         )
         tst_der = _der_tlv(0x30, tst)
         signed_attrs, signature = self._core.sign_attrs(
