@@ -168,10 +168,17 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
 
 
 def own_card(cfg: Config) -> index_mod.Provider:
+    """This provider's card; during a renewal ([keys] next_cert) it lists both certificates."""
+    from pecd import keyring
+
+    try:
+        cert, *more = keyring.published_certificates(cfg)
+    except pki.PKIError as exc:
+        raise click.ClickException(str(exc)) from None
     return index_mod.Provider(
         name=cfg.name, domains=cfg.domains, host=cfg.listen.host, port=cfg.listen.inbound_port,
-        service_address=cfg.service_address,
-        cert_pem=index_mod.cert_pem(pki.load_cert(cfg.paths.signing_cert)),
+        service_address=cfg.service_address, cert_pem=index_mod.cert_pem(cert),
+        more_certs_pem=tuple(index_mod.cert_pem(c) for c in more),
         read_evidence=cfg.consultation.enabled,
     )
 
@@ -647,6 +654,8 @@ def status(ctx: Context, message_id: str | None) -> None:
             rows = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM ledger").fetchone()
             cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()[0]
             click.echo(f"ledger rows: {rows[0]} (head {rows[1]}), checkpoints: {cps}")
+            for line in keys_cli.status_warnings(ctx.config, datetime.now(UTC)):
+                click.echo(f"warning: {line}")
             return
         bare = message_id.strip().strip("<>")
         rows = ledger.events_for(conn, bare) or ledger.events_for(conn, f"<{bare}>")
@@ -853,6 +862,11 @@ def ledger_prune(ctx: Context, before: datetime | None, export_file: Path) -> No
     finally:
         conn.close()
     click.echo(f"pruned {removed} rows up to seq {point}; keep {export_file} and its .p7s")
+
+
+from pecd import keys_cli  # noqa: E402 - `pecd keys`, its own module (registered last)
+
+keys_cli.register(main)
 
 
 if __name__ == "__main__":
