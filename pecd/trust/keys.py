@@ -193,14 +193,17 @@ class _Token:
         (and most modules) keep the slot list of the C_Initialize that found the token."""
         mod = self.module
         if self.broken:
-            with contextlib.suppress(p11x.PKCS11Error):
-                mod.lib.reinitialize()
-            mod.generation += 1
+            self._reinitialize()
             self.broken = False
         try:
             token = mod.lib.get_token(token_label=self.label)
-        except p11x.NoSuchToken:
-            raise KeySourceError(f"no token labelled {self.label!r} in {mod.path}") from None
+        except (p11x.NoSuchToken, p11x.GeneralError):
+            # a token initialised after this process loaded the module: look again, once
+            self._reinitialize()
+            try:
+                token = mod.lib.get_token(token_label=self.label)
+            except (p11x.NoSuchToken, p11x.GeneralError):
+                raise KeySourceError(f"no token labelled {self.label!r} in {mod.path}") from None
         except p11x.MultipleTokensReturned:
             raise KeySourceError(f"several tokens are labelled {self.label!r}") from None
         try:
@@ -214,6 +217,12 @@ class _Token:
         self._session = session
         self._generation = mod.generation
         return session
+
+    def _reinitialize(self) -> None:
+        """C_Finalize + C_Initialize: every session of this module is gone (generation bumped)."""
+        with contextlib.suppress(p11x.PKCS11Error):
+            self.module.lib.reinitialize()
+        self.module.generation += 1
 
     def session(self) -> Any:
         """Under the module lock: the open session, opening it when needed."""
