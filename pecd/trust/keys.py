@@ -236,6 +236,10 @@ class _Token:
         with self.module.lock:
             try:
                 return fn(self.session())
+            except SigningUnavailable:  # e.g. the key vanished with the token's files
+                self.broken = True
+                self._session = None
+                raise
             except KeySourceError as exc:
                 self.broken = True
                 raise SigningUnavailable(str(exc)) from None
