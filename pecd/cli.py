@@ -221,7 +221,10 @@ def serve(ctx: Context) -> None:
     """Run every listener and stage until SIGTERM."""
     from pecd.service import serve as run
 
-    asyncio.run(run(ctx.config))
+    try:
+        asyncio.run(run(ctx.config))
+    except pki.PKIError as exc:  # a key or certificate that cannot be used: say which, no traceback
+        raise click.ClickException(str(exc)) from None
 
 
 # --- users ------------------------------------------------------------------------------------

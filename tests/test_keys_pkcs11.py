@@ -199,9 +199,34 @@ def test_start_up_fails_clearly_with_a_wrong_pin_or_object(token: Token, tmp_pat
     p.conf.write_text(text.replace("object=a.test-signing", "object=missing"))
     with pytest.raises(pki.PKIError, match="no such private key"):
         Service(p.config)
+    out = p.cli("serve", ok=False)
+    assert "Error: pkcs11:token=" in out and "no such private key" in out
+    assert "Traceback" not in out
     p.conf.write_text(text.replace(f"token={token.label}", f"token={token.label}-nope"))
     with pytest.raises(pki.PKIError, match="no token labelled"):
         Service(p.config)
+
+
+def test_certificate_kept_in_the_token_and_init_finds_an_existing_key(
+        token: Token, tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    made = keys.generate_in_token(token.uri("a.test-signing"), token.options)
+    ca = pki.CertAuthority.load_or_create(ca_dir)
+    in_token = ca.issue_signing_cert(made, "Provider a.test", "posta-certificata@a.test")
+    keys.store_certificate(in_token, token.uri("a.test-signing"), token.options)
+    out = pecd("init", str(tmp_path / "a.test"), "--domain", "a.test", "--name", "Provider a.test",
+               "--ca", str(ca_dir), "--pkcs11-module", str(MODULE), "--pin-file",
+               str(token.pin_file), "--key-uri", token.uri("a.test-signing"))
+    assert "using pkcs11:" in out  # found, not generated again
+    p = ProviderDir(tmp_path / "a.test", "a.test")
+    (p.root / "keys" / "signing.pem").unlink()  # the certificate now lives only in the token
+    service = Service(p.config)
+    try:
+        assert service.issuer.signer.certificate == in_token
+    finally:
+        service.cpu.shutdown()
+        service.db.close()
+    assert "(token)" in p.cli("keys", "list")
 
 
 def test_keys_list_shows_token_keys_and_expiry(token: Token, tmp_path: Path) -> None:
