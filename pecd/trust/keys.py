@@ -7,8 +7,9 @@ never leaves the token: it is an object with cryptography's private-key interfac
 ``sign`` runs C_Sign in the token; asking for its private numbers or bytes raises.
 
 One session per token, opened at start, is shared by every worker thread under one lock per
-module (PKCS#11 sessions are not for concurrent operations, and re-initialising the module must
-not race a signature). When the token goes away mid-run a signature raises ``SigningUnavailable``
+module: python-pkcs11 initialises the module with ``C_Initialize(NULL)``, which under PKCS#11
+promises that no two threads call into it at once (a pool of sessions signing in parallel
+crashed SoftHSM2), and re-initialising the module must not race a signature either. When the token goes away mid-run a signature raises ``SigningUnavailable``
 (the stages defer; nothing is dropped) and the next signature reopens the session.
 """
 
