@@ -360,6 +360,9 @@ def test_renewal_without_a_gap_peers_take_either_certificate(token: Token, tmp_p
           "--cert", str(next_pem))
     soon = (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
     configure(a, "keys", next_key=token.uri("a.test-2027"), next_cert=str(next_pem), switch_at=soon)
+    listed = a.cli("keys", "list")
+    assert "next: key pkcs11:" in listed and "signing switches to it at" in listed
+    assert "(pending)" in listed
     card = tmp_path / "a-card.json"
     card.write_text(a.cli("index", "export"))
     assert '"more_certificates"' in card.read_text()  # both published meanwhile

@@ -9,8 +9,9 @@ never leaves the token: it is an object with cryptography's private-key interfac
 One session per token, opened at start, is shared by every worker thread under one lock per
 module: python-pkcs11 initialises the module with ``C_Initialize(NULL)``, which under PKCS#11
 promises that no two threads call into it at once (a pool of sessions signing in parallel
-crashed SoftHSM2), and re-initialising the module must not race a signature either. When the token goes away mid-run a signature raises ``SigningUnavailable``
-(the stages defer; nothing is dropped) and the next signature reopens the session.
+crashed SoftHSM2), and re-initialising the module must not race a signature either. When the
+token goes away mid-run a signature raises ``SigningUnavailable`` (the stages defer; nothing is
+dropped) and the next signature reopens the session.
 """
 
 from __future__ import annotations
