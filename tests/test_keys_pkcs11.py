@@ -401,3 +401,28 @@ def test_status_warns_thirty_days_before_expiry(tmp_path: Path) -> None:
                    ca.issue_signing_cert(key, "Provider a.test", "posta-certificata@a.test", days=20))
     out = p.cli("status")
     assert "warning: provider certificate expires on" in out and "days left" in out
+
+
+def test_running_signer_switches_to_the_next_key_at_switch_at(token: Token, tmp_path: Path) -> None:
+    from pecd.clock import ManualClock
+    from pecd.keyring import SwitchingSigner
+
+    ca = pki.CertAuthority.create()
+    clock = ManualClock()
+    old_key = pki.new_key()
+    new_key = keys.generate_in_token(token.uri("next"), token.options)
+    old = cms.Signer(old_key, ca.issue_signing_cert(old_key, "P", "p@a.test"), clock)
+    new = cms.Signer(new_key, ca.issue_signing_cert(new_key, "P", "p@a.test"), clock)
+    signer = SwitchingSigner(old, new, clock.now() + timedelta(hours=1), clock)
+    ca_pem = _pem(ca.cert, tmp_path / "ca.pem")
+
+    def signed_by() -> x509.Certificate:
+        (tmp_path / "s.der").write_bytes(signer.sign_attached(b"x"))
+        openssl("cms", "-verify", "-inform", "DER", "-in", str(tmp_path / "s.der"), "-CAfile",
+                str(ca_pem), "-purpose", "any", "-out", "/dev/null",
+                "-signer", str(tmp_path / "signer.pem"))
+        return pki.load_cert(tmp_path / "signer.pem")
+
+    assert signed_by() == old.certificate == signer.certificate
+    clock.advance(timedelta(hours=1))  # no restart, no reload: the next signature switches
+    assert signed_by() == new.certificate == signer.certificate
