@@ -109,10 +109,18 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
               default=None, help="Signing certificate from that CA (PEM; with --key).")
 @click.option("--chain", "chain_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="The CA's intermediates (and root) for --cert (PEM bundle).")
+@click.option("--key-uri", default=None, metavar="URI",
+              help='Signing key in a PKCS#11 token ("pkcs11:token=T;object=O"): found there, or'
+                   " generated there (sensitive, not extractable); with --pkcs11-module, --pin-file.")
+@click.option("--pkcs11-module", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="PKCS#11 module for --key-uri.")
+@click.option("--pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="File with the token's user PIN, for --key-uri.")
 def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
          host: str, submission_port: int, smtps_port: int, inbound_port: int,
          http_port: int, key_type: str, key_file: Path | None, cert_file: Path | None,
-         chain_file: Path | None) -> None:
+         chain_file: Path | None, key_uri: str | None, pkcs11_module: Path | None,
+         pin_file: Path | None) -> None:
     """Create a provider: config, keys and certificates from a dev CA, database.
 
     With --key and --cert the signing pair comes from an outside CA instead (the dev CA
@@ -124,6 +132,8 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
         raise click.ClickException(f"{conf_path} exists; refusing to overwrite")
     if (key_file is None) != (cert_file is None) or (chain_file and not cert_file):
         raise click.ClickException("--key and --cert go together (--chain needs them)")
+    if key_uri is not None and (pkcs11_module is None or pin_file is None or key_file):
+        raise click.ClickException("--key-uri needs --pkcs11-module and --pin-file (and no --key)")
     service_address = f"posta-certificata@{domain}"
     outside = None
     if key_file is not None and cert_file is not None:
@@ -141,6 +151,23 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     kind: Any = key_type
     if outside is not None:
         pki.install_outside_pair(outside, keys / "signing.key", keys / "signing.pem")
+    elif key_uri is not None and pkcs11_module is not None and pin_file is not None:
+        from pecd.trust import keys as token_keys
+
+        options = token_keys.Pkcs11Options(pkcs11_module.resolve(), pin_file.resolve())
+        try:
+            try:
+                token_key: pki.PrivateKey = token_keys.load_token_key(key_uri, options)
+                click.echo(f"using {token_keys.describe(token_key)}")
+            except token_keys.KeySourceError as exc:
+                if "no such private key" not in str(exc):
+                    raise
+                token_key = token_keys.generate_in_token(key_uri, options, key_type)
+                click.echo(f"generated {token_keys.describe(token_key)}")
+        except pki.PKIError as exc:
+            raise click.ClickException(str(exc)) from None
+        pki.write_cert(keys / "signing.pem",
+                       ca.issue_signing_cert(token_key, name, service_address))
     else:
         signing_key = pki.new_key(kind)
         pki.write_key(keys / "signing.key", signing_key)
@@ -156,9 +183,14 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     if outside is not None and outside.roots:  # our own signatures must verify here too
         pki.write_certs(keys / "ca.pem", [*pki.load_certs(keys / "ca.pem"), *outside.roots])
     listen = Listen(host, submission_port, smtps_port, inbound_port)
-    conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
-                                           listen=listen, ca_certs="keys/ca.pem",
-                                           http_port=http_port))
+    text = config_mod.render(name=name, domain=domain, data_dir=data_dir, listen=listen,
+                             ca_certs="keys/ca.pem", http_port=http_port)
+    if key_uri is not None and pkcs11_module is not None and pin_file is not None:
+        text = text.replace("[keys]\n", "[keys]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in (
+                ("provider", key_uri), ("pkcs11_module", str(pkcs11_module.resolve())),
+                ("pin_file", str(pin_file.resolve())))), 1)
+    conf_path.write_text(text)
     cfg = config_mod.load(conf_path)
     conn = db_mod.open_database(cfg.paths.database)
     with conn:
@@ -168,10 +200,17 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
 
 
 def own_card(cfg: Config) -> index_mod.Provider:
+    """This provider's card; during a renewal ([keys] next_cert) it lists both certificates."""
+    from pecd import keyring
+
+    try:
+        cert, *more = keyring.published_certificates(cfg)
+    except pki.PKIError as exc:
+        raise click.ClickException(str(exc)) from None
     return index_mod.Provider(
         name=cfg.name, domains=cfg.domains, host=cfg.listen.host, port=cfg.listen.inbound_port,
-        service_address=cfg.service_address,
-        cert_pem=index_mod.cert_pem(pki.load_cert(cfg.paths.signing_cert)),
+        service_address=cfg.service_address, cert_pem=index_mod.cert_pem(cert),
+        more_certs_pem=tuple(index_mod.cert_pem(c) for c in more),
         read_evidence=cfg.consultation.enabled,
     )
 
@@ -182,7 +221,10 @@ def serve(ctx: Context) -> None:
     """Run every listener and stage until SIGTERM."""
     from pecd.service import serve as run
 
-    asyncio.run(run(ctx.config))
+    try:
+        asyncio.run(run(ctx.config))
+    except pki.PKIError as exc:  # a key or certificate that cannot be used: say which, no traceback
+        raise click.ClickException(str(exc)) from None
 
 
 # --- users ------------------------------------------------------------------------------------
@@ -647,6 +689,8 @@ def status(ctx: Context, message_id: str | None) -> None:
             rows = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM ledger").fetchone()
             cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()[0]
             click.echo(f"ledger rows: {rows[0]} (head {rows[1]}), checkpoints: {cps}")
+            for line in keys_cli.status_warnings(ctx.config, datetime.now(UTC)):
+                click.echo(f"warning: {line}")
             return
         bare = message_id.strip().strip("<>")
         rows = ledger.events_for(conn, bare) or ledger.events_for(conn, f"<{bare}>")
@@ -853,6 +897,11 @@ def ledger_prune(ctx: Context, before: datetime | None, export_file: Path) -> No
     finally:
         conn.close()
     click.echo(f"pruned {removed} rows up to seq {point}; keep {export_file} and its .p7s")
+
+
+from pecd import keys_cli  # noqa: E402 - `pecd keys`, its own module (registered last)
+
+keys_cli.register(main)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ import re
 import ssl
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from pecd.trust.keys import Pkcs11Options, is_uri
 from pecd.trust.paths import AlgorithmPolicy
 
 
@@ -296,6 +298,75 @@ class Reception:
 
 
 @dataclass(frozen=True)
+class Keys:
+    """``[keys]``: where the provider's and the built-in TSA's private keys live.
+
+    ``provider`` / ``tsa``: a ``pkcs11:`` URI (RFC 7512, e.g. ``pkcs11:token=pecd;object=provider``)
+    or a PEM path; unset, ``[files] signing_key`` / ``tsa_key``. ``pkcs11_module``: the module's
+    path; the PIN comes from ``pin_file`` (a trailing newline is not part of it) or the
+    environment variable ``pin_env``, never from this file. Renewal without a gap: ``next_key``
+    and ``next_cert`` are the next pair, used for signing from ``switch_at`` on (both
+    certificates are published meanwhile)."""
+
+    provider: str | None = None
+    tsa: str | None = None
+    pkcs11_module: Path | None = None
+    pin_file: Path | None = None
+    pin_env: str | None = None
+    next_key: str | None = None
+    next_cert: Path | None = None
+    switch_at: datetime | None = None
+
+    @property
+    def pkcs11(self) -> Pkcs11Options:
+        return Pkcs11Options(self.pkcs11_module, self.pin_file, self.pin_env)
+
+
+_PIN_IN_CONFIG = ("pin", "pin_value", "user_pin", "so_pin", "pin-value")
+
+
+def _keys(values: dict[str, Any], base: Path) -> Keys:
+    values = dict(values)
+    for name in _PIN_IN_CONFIG:
+        if name in values:
+            raise ConfigError(f"[keys] {name}: a PIN must not be written in the configuration;"
+                              " put it in a file (pin_file, mode 0600) or an environment"
+                              " variable (pin_env)")
+    for key in ("provider", "tsa", "next_key"):
+        if values.get(key):
+            ref = str(values[key])
+            if "pin-value" in ref.lower():
+                raise ConfigError(f"[keys] {key}: a PIN must not be written in the key URI"
+                                  " (pin-value); use pin_file or pin_env")
+            values[key] = ref if is_uri(ref) else str((base / ref).resolve())
+    for key in ("pkcs11_module", "pin_file", "next_cert"):
+        if values.get(key):
+            values[key] = (base / str(values[key])).resolve()
+    if values.get("pin_file") and values.get("pin_env"):
+        raise ConfigError("[keys] pin_file and pin_env: give one of them")
+    if "switch_at" in values:
+        at = values["switch_at"]
+        if isinstance(at, str):
+            try:
+                at = datetime.fromisoformat(at)
+            except ValueError:
+                raise ConfigError(f"[keys] switch_at: not a date and time: {at!r}") from None
+        if not isinstance(at, datetime):
+            raise ConfigError("[keys] switch_at must be a date and time, e.g. 2027-03-01T00:00:00Z")
+        values["switch_at"] = at if at.tzinfo else at.replace(tzinfo=UTC)
+    keys: Keys = _build(Keys, values, "keys")
+    if (keys.next_key is None) != (keys.next_cert is None) or (
+            keys.next_key is not None and keys.switch_at is None):
+        raise ConfigError("[keys] renewal needs next_key, next_cert and switch_at together")
+    uses_token = any(is_uri(r) for r in (keys.provider, keys.tsa, keys.next_key) if r)
+    if uses_token and keys.pkcs11_module is None:
+        raise ConfigError("[keys] a pkcs11: key needs pkcs11_module (the module's path)")
+    if uses_token and keys.pin_file is None and keys.pin_env is None:
+        raise ConfigError("[keys] a pkcs11: key needs pin_file or pin_env")
+    return keys
+
+
+@dataclass(frozen=True)
 class Paths:
     data_dir: Path
     signing_key: Path
@@ -341,6 +412,7 @@ class Config:
     consultation: Consultation = field(default_factory=Consultation)
     fallback: Fallback = field(default_factory=Fallback)
     http: Http = field(default_factory=Http)
+    keys: Keys = field(default_factory=Keys)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -459,6 +531,7 @@ def load(path: Path) -> Config:
         consultation=_consultation(_section(raw, "consultation")),
         fallback=_fallback(_section(raw, "fallback"), base),
         http=http,
+        keys=_keys(_section(raw, "keys"), base),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
@@ -491,6 +564,16 @@ tls_cert = "keys/tls.pem"
 tsa_key = "keys/tsa.key"               # built-in RFC 3161 TSA
 tsa_cert = "keys/tsa.pem"
 ca_certs = "{ca_certs}"                # CA(s) trusted for peers' TLS and signatures
+
+[keys]
+# provider = "pkcs11:token=pecd;object=provider"   # the signing key in an HSM (RFC 7512 URI)
+# tsa = "pkcs11:token=pecd;object=tsa"             # the built-in TSA's key likewise
+# pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
+# pin_file = "keys/token.pin"          # the user PIN (0600; trailing newline ignored), or:
+# pin_env = "PECD_TOKEN_PIN"           # never the PIN itself in this file
+# next_key = "pkcs11:token=pecd;object=provider-2027"  # renewal: the next key and certificate,
+# next_cert = "keys/signing-next.pem"  # published with the current one until switch_at,
+# switch_at = "2027-03-01T00:00:00Z"   # then used for signing
 
 [listen]
 host = "{listen.host}"

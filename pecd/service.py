@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from pecd import keyring
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
 from pecd.edges import httpapi
@@ -45,9 +46,9 @@ from pecd.store.queue import Item, Kind, Outcome, Queue, Recovery
 from pecd.store.spool import Spool
 from pecd.trust import index as index_mod
 from pecd.trust import pki, revocation
-from pecd.trust.cms import Signer
 from pecd.trust.index import ProviderIndex
 from pecd.trust.index_sync import IndexRefresher
+from pecd.trust.keys import SigningUnavailable
 from pecd.trust.tsa import (
     FallbackTimestamper,
     FallbackUse,
@@ -61,6 +62,7 @@ from pecd.trust.tsa import (
 log = logging.getLogger("pecd")
 
 Handler = Callable[[Item], Awaitable[Outcome]]
+SIGNING_RETRY = 30.0  # seconds before an item deferred for an unavailable signing key is retried
 
 
 def _index_version(conn: sqlite3.Connection) -> tuple[int, str, str]:
@@ -90,6 +92,12 @@ class Runner:
     async def _process(self, item: Item) -> None:
         try:
             outcome = await self.handler(item)
+        except SigningUnavailable as exc:  # the token went away: retry later, never drop
+            log.warning("signing key unavailable, %s item %s deferred: %s", self.kind, item.id, exc)
+            outcome = Outcome(state="deferred", delay=SIGNING_RETRY, error=str(exc)[:500],
+                              events=[LedgerEvent(event="deferred", detail={
+                                  "queue_id": item.id, "stage": self.kind,
+                                  "reason": "signing key unavailable"})])
         except Exception as exc:  # a stage bug parks the item; it is never dropped
             incident = uuid.uuid4().hex[:12]
             log.error("incident %s: %s stage failed on queue item %s", incident, self.kind,
@@ -162,9 +170,10 @@ def make_timestamper(config: Config, clock: Clock, db: Database | None = None) -
     """
     paths = config.paths
     if not config.tsa_url:
-        return LocalTSA(pki.load_key(paths.tsa_key), pki.load_cert(paths.tsa_cert), clock)
-    cert = pki.load_cert(paths.tsa_cert) if paths.tsa_cert.exists() else None
-    key = pki.load_key(paths.tsa_key) if paths.tsa_key.exists() else None
+        key, cert = keyring.tsa_pair(config)
+        assert key is not None and cert is not None
+        return LocalTSA(key, cert, clock)
+    key, cert = keyring.tsa_pair(config, required=False)
     if cert is None or key is None or not key_matches(key, cert):
         return RemoteTSA(config.tsa_url, cert)
 
@@ -191,10 +200,9 @@ def make_mailbox(config: Config) -> Mailbox:
 
 
 def make_issuer(config: Config, clock: Clock, timestamper: Timestamper) -> Issuer:
-    # signing.pem: the certificate, then any intermediates (an outside CA's), sent with each signature
-    cert, *chain = pki.load_certs(config.paths.signing_cert)
-    signer = Signer(pki.load_key(config.paths.signing_key), cert, clock, chain=chain,
-                    timestamper=timestamper)
+    # signing.pem (or the token): the certificate, then any intermediates sent with each signature;
+    # a file key or a token key ([keys]); during a renewal, the signer switches at [keys] switch_at
+    signer = keyring.make_signer(config, clock, timestamper)
     return Issuer(config.name, config.domain, config.service_address, signer)
 
 

@@ -18,6 +18,7 @@ All SQL for both lives here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -91,6 +92,8 @@ class Provider:
             "pecd-provider-card": 1, "name": self.name, "domains": list(self.domains),
             "host": self.host, "port": self.port, "service_address": self.service_address,
             "certificate": self.cert_pem,
+            # a renewal under way: the next certificate, valid for this provider's signatures too
+            **({"more_certificates": list(self.more_certs_pem)} if self.more_certs_pem else {}),
             **({"read_evidence": True} if self.read_evidence else {}),
         }, indent=2) + "\n"
 
@@ -115,9 +118,10 @@ def parse_card(text: str) -> Provider:
             port=int(raw["port"]),
             service_address=str(raw["service_address"]),
             cert_pem=str(raw["certificate"]),
+            more_certs_pem=tuple(str(c) for c in raw.get("more_certificates", [])),
             read_evidence=raw.get("read_evidence", False) is True,
         )
-        provider.certificate  # noqa: B018 - parse now so a bad card fails at import
+        provider.all_certificates  # noqa: B018 - parse now so a bad card fails at import
     except (ValueError, KeyError, TypeError) as exc:
         raise IndexError_(f"not a provider card: {exc}") from None
     if not provider.domains:
@@ -126,7 +130,12 @@ def parse_card(text: str) -> Provider:
 
 
 def store(conn: sqlite3.Connection, provider: Provider) -> None:
-    """Insert or replace the entry for this certificate (several certificates may coexist)."""
+    """Insert or replace the entry for this certificate (several certificates may coexist).
+    A card listing more certificates (a renewal) is one entry per certificate."""
+    if provider.more_certs_pem and not provider.from_index_copy:
+        for pem in (provider.cert_pem, *provider.more_certs_pem):
+            store(conn, dataclasses.replace(provider, cert_pem=pem, more_certs_pem=()))
+        return
     fp = provider.fingerprint
     conn.execute("DELETE FROM providers WHERE fingerprint=?", (fp,))
     conn.execute(
