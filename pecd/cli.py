@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ import click
 from pecd import config as config_mod
 from pecd.clock import SystemClock
 from pecd.config import Config, ConfigError, Listen
-from pecd.store import apistore, durable, ledger, readings, users
+from pecd.store import Connection, Unavailable, Where, apistore, durable, ledger, readings, users
 from pecd.store import db as db_mod
 from pecd.store import queue as queue_mod
 from pecd.trust import index as index_mod
@@ -46,8 +45,8 @@ class Context:
                 raise click.ClickException(str(exc)) from None
         return self._config
 
-    def connect(self) -> sqlite3.Connection:
-        return db_mod.open_database(self.config.paths.database)
+    def connect(self) -> Connection:
+        return open_or_fail(self.config.paths.database)
 
     def write(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(conn, *args)`` in one write transaction; its exceptions pass through."""
@@ -65,6 +64,15 @@ class Context:
             return self.write(fn, *args)
         except (users.UserError, queue_mod.QueueError, index_mod.IndexError_) as exc:
             raise click.ClickException(str(exc)) from None
+
+
+def open_or_fail(where: Where) -> Connection:
+    """The database, schema brought up to date; an unreachable PostgreSQL is one clear line
+    and a non-zero exit, not a traceback."""
+    try:
+        return db_mod.open_database(where)
+    except Unavailable as exc:
+        raise click.ClickException(f"database unreachable: {exc}") from None
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -109,10 +117,13 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
               default=None, help="Signing certificate from that CA (PEM; with --key).")
 @click.option("--chain", "chain_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="The CA's intermediates (and root) for --cert (PEM bundle).")
+@click.option("--database-url", default=None, metavar="URL",
+              help="Keep the provider's state in this PostgreSQL database (postgresql://...; "
+                   "created schema and all) instead of a SQLite file in the data directory.")
 def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
          host: str, submission_port: int, smtps_port: int, inbound_port: int,
          http_port: int, key_type: str, key_file: Path | None, cert_file: Path | None,
-         chain_file: Path | None) -> None:
+         chain_file: Path | None, database_url: str | None) -> None:
     """Create a provider: config, keys and certificates from a dev CA, database.
 
     With --key and --cert the signing pair comes from an outside CA instead (the dev CA
@@ -158,9 +169,9 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     listen = Listen(host, submission_port, smtps_port, inbound_port)
     conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
                                            listen=listen, ca_certs="keys/ca.pem",
-                                           http_port=http_port))
+                                           http_port=http_port, database_url=database_url))
     cfg = config_mod.load(conf_path)
-    conn = db_mod.open_database(cfg.paths.database)
+    conn = open_or_fail(cfg.paths.database)
     with conn:
         index_mod.store(conn, own_card(cfg))
     conn.close()
@@ -280,7 +291,7 @@ def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str
     if notify:
         users.normalise(notify)  # a UserError says what is wrong with it
 
-    def apply(conn: sqlite3.Connection) -> bool:
+    def apply(conn: Connection) -> bool:
         found = True
         if read_evidence is not None:
             found = readings.set_user_default(conn, address, read_evidence)

@@ -14,7 +14,6 @@ import ctypes
 import logging
 import os
 import signal
-import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +36,8 @@ from pecd.points.reception import ReceptionPoint
 from pecd.points.relay import Connections, RelayStage, Router
 from pecd.points.submission import AccessPoint
 from pecd.points.timeouts import TimeoutWorker
+from pecd.store import Connection, ledger, users
 from pecd.store import db as db_mod
-from pecd.store import ledger, users
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, Kind, Outcome, Queue, Recovery
@@ -63,11 +62,11 @@ log = logging.getLogger("pecd")
 Handler = Callable[[Item], Awaitable[Outcome]]
 
 
-def _index_version(conn: sqlite3.Connection) -> tuple[int, str, str]:
+def _index_version(conn: Connection) -> tuple[int, str, str]:
     return index_mod.version(conn)
 
 
-def _rows_since_checkpoint(conn: sqlite3.Connection) -> int:
+def _rows_since_checkpoint(conn: Connection) -> int:
     row = conn.execute(
         "SELECT coalesce((SELECT max(seq) FROM ledger), 0)"
         " - coalesce((SELECT max(seq_to) FROM ledger_checkpoint), 0)"

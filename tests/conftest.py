@@ -24,6 +24,8 @@ from pecd.cli import main as cli_main
 from pecd.service import Service
 from pecd.trust import cms, smime
 
+from . import pg_support
+
 if TYPE_CHECKING:
     from .revocation_support import CrlServer, RevocationCA
 
@@ -131,13 +133,51 @@ def exchange_cards(*providers: ProviderDir) -> None:
 
 @pytest.fixture
 def two_providers(tmp_path: Path) -> tuple[ProviderDir, ProviderDir]:
+    return _two_providers(tmp_path)
+
+
+def _two_providers(tmp_path: Path, urls: tuple[str | None, str | None] = (None, None)
+                   ) -> tuple[ProviderDir, ProviderDir]:
     ca_dir = tmp_path / "ca"
-    a = make_provider(tmp_path, "a.test", ca_dir)
-    b = make_provider(tmp_path, "b.test", ca_dir)
+    a, b = (make_provider(tmp_path, domain, ca_dir,
+                          **({"--database-url": url} if url else {}))
+            for domain, url in (("a.test", urls[0]), ("b.test", urls[1])))
     exchange_cards(a, b)
     a.add_user("alice@a.test", "alice-secret")
     b.add_user("bob@b.test", "bob-secret")
     return a, b
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg_support.Cluster]:
+    """One throwaway PostgreSQL for the whole session (skips without PostgreSQL, fails in CI)."""
+    cluster = pg_support.start_cluster(free_port())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: pg_support.Cluster) -> str:
+    """A fresh, empty PostgreSQL database for this test."""
+    return pg_cluster.database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Callable[[], str | None]:
+    """The backend under test: a factory of database URLs (None: SQLite in the data dir)."""
+    if request.param == "sqlite":
+        return lambda: None
+    cluster: pg_support.Cluster = request.getfixturevalue("pg_cluster")
+    return cluster.database
+
+
+@pytest.fixture
+def two_providers_db(tmp_path: Path, database: Callable[[], str | None]
+                     ) -> tuple[ProviderDir, ProviderDir]:
+    """``two_providers`` on each backend (each provider its own database)."""
+    return _two_providers(tmp_path, (database(), database()))
 
 
 def client_tls(ca: Path) -> ssl.SSLContext:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -23,7 +22,7 @@ from pecd.format.checks import FormalCheckFailed
 from pecd.format.pec import Issuer, ReceiptKind, Transaction
 from pecd.points import consultation, virus
 from pecd.points.relay import Router
-from pecd.store import readings, users
+from pecd.store import Connection, readings, users
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, NewItem, Outcome
@@ -121,7 +120,7 @@ class AccessPoint:
                                      meta={"msgid": tx.identifier, "what": "envelope"})
         tracked = [(r.address, r.kind) for r in tx.recipients]
 
-        def track(conn: sqlite3.Connection) -> None:
+        def track(conn: Connection) -> None:
             conn.executemany(
                 "INSERT OR IGNORE INTO tracking (pec_id, recipient, sender, subject, ref_msgid,"
                 " kind, accepted) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -36,17 +36,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.format import daticert, receipts
 from pecd.format.pec import Issuer, Transaction
+from pecd.store import Connection
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Effect, NewItem, Queue
 
@@ -74,7 +74,7 @@ class Tracked:
     outcome: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Tracked:
+    def from_row(cls, row: Any) -> Tracked:
         return cls(
             pec_id=row["pec_id"], recipient=row["recipient"], sender=row["sender"],
             subject=row["subject"], ref_msgid=row["ref_msgid"], kind=row["kind"],
@@ -173,7 +173,7 @@ def mark(due: Due, at: float) -> Effect:
     column, condition = _STILL_DUE[due.action]
     outcome = _OUTCOME[due.action]
 
-    def effect(conn: sqlite3.Connection) -> None:
+    def effect(conn: Connection) -> None:
         for rcpt in due.recipients:
             cur = conn.execute(
                 f"UPDATE tracking SET {column}=?, outcome=coalesce(?, outcome)"
@@ -186,7 +186,7 @@ def mark(due: Due, at: float) -> Effect:
     return effect
 
 
-def load_open(conn: sqlite3.Connection, accepted_before: float) -> list[Tracked]:
+def load_open(conn: Connection, accepted_before: float) -> list[Tracked]:
     """Every row of each transaction that has an open, undelivered row old enough to matter."""
     rows = conn.execute(
         "SELECT * FROM tracking WHERE pec_id IN (SELECT pec_id FROM tracking"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from pecd.store import readings
+from pecd.store import Connection, readings
 
 
 class IndexError_(Exception):
@@ -125,7 +124,7 @@ def parse_card(text: str) -> Provider:
     return provider
 
 
-def store(conn: sqlite3.Connection, provider: Provider) -> None:
+def store(conn: Connection, provider: Provider) -> None:
     """Insert or replace the entry for this certificate (several certificates may coexist)."""
     fp = provider.fingerprint
     conn.execute("DELETE FROM providers WHERE fingerprint=?", (fp,))
@@ -141,17 +140,17 @@ def store(conn: sqlite3.Connection, provider: Provider) -> None:
         readings.set_provider_flag(conn, fp, True)
 
 
-def remove(conn: sqlite3.Connection, fp: str) -> int:
+def remove(conn: Connection, fp: str) -> int:
     return conn.execute("DELETE FROM providers WHERE fingerprint=?", (fp,)).rowcount
 
 
-def load_all(conn: sqlite3.Connection) -> list[Provider]:
+def load_all(conn: Connection) -> list[Provider]:
     """The index copy's entries first, then the cards: for routing, a card the operator imported
     wins over the authority's entry for the same domain (the card knows host and port)."""
     return [*load_copy_entries(conn), *load_cards(conn)]
 
 
-def load_cards(conn: sqlite3.Connection) -> list[Provider]:
+def load_cards(conn: Connection) -> list[Provider]:
     domains: dict[str, list[str]] = {}
     for d, fp in conn.execute("SELECT domain, fingerprint FROM provider_domains ORDER BY domain"):
         domains.setdefault(fp, []).append(d)
@@ -245,7 +244,7 @@ class CopyInfo:
     entries: int
 
 
-def store_copy(conn: sqlite3.Connection, copy: IndexCopy, at: datetime) -> None:
+def store_copy(conn: Connection, copy: IndexCopy, at: datetime) -> None:
     """Replace the index copy as a whole, inside the caller's transaction: the old entries and
     the old file go only when the new ones are written in the same commit. Refuses (IndexError_)
     a copy signed before the one in force (:func:`rollback_problem`)."""
@@ -271,7 +270,7 @@ def store_copy(conn: sqlite3.Connection, copy: IndexCopy, at: datetime) -> None:
     )
 
 
-def copy_info(conn: sqlite3.Connection) -> CopyInfo | None:
+def copy_info(conn: Connection) -> CopyInfo | None:
     row = conn.execute(
         "SELECT source, kind, sha256, signer, signed_at, fetched, entries FROM index_copy WHERE id=1"
     ).fetchone()
@@ -282,7 +281,7 @@ def copy_info(conn: sqlite3.Connection) -> CopyInfo | None:
                     entries=row["entries"])
 
 
-def rollback_problem(conn: sqlite3.Connection, copy: IndexCopy) -> str | None:
+def rollback_problem(conn: Connection, copy: IndexCopy) -> str | None:
     """Why ``copy`` must not replace the one in force: it was signed before it. An older file,
     however well signed, may still list a certificate the authority has since withdrawn; whoever
     sits between us and the URL could serve it again."""
@@ -296,13 +295,13 @@ def rollback_problem(conn: sqlite3.Connection, copy: IndexCopy) -> str | None:
     return None
 
 
-def copy_raw(conn: sqlite3.Connection) -> bytes | None:
+def copy_raw(conn: Connection) -> bytes | None:
     """The signed file in force, as received (a re-check or an audit can verify it again)."""
     row = conn.execute("SELECT raw FROM index_copy WHERE id=1").fetchone()
     return None if row is None else bytes(row[0])
 
 
-def load_copy_entries(conn: sqlite3.Connection) -> list[Provider]:
+def load_copy_entries(conn: Connection) -> list[Provider]:
     providers = []
     for r in conn.execute("SELECT * FROM index_entries ORDER BY name, dn"):
         certs: list[str] = json.loads(r["certs"])
@@ -315,14 +314,14 @@ def load_copy_entries(conn: sqlite3.Connection) -> list[Provider]:
     return providers
 
 
-def version(conn: sqlite3.Connection) -> tuple[int, str, str]:
+def version(conn: Connection) -> tuple[int, str, str]:
     """Changes whenever a card or the index copy changes: the service reloads its view then."""
     row = conn.execute("SELECT count(*), coalesce(max(imported), '') FROM providers").fetchone()
     copy = conn.execute("SELECT coalesce(max(fetched || sha256), '') FROM index_copy").fetchone()
     return int(row[0]), str(row[1]), str(copy[0])
 
 
-def take_copy(conn: sqlite3.Connection, copy: IndexCopy, source: str, at: datetime) -> None:
+def take_copy(conn: Connection, copy: IndexCopy, source: str, at: datetime) -> None:
     """Put ``copy`` in force (:func:`store_copy`, which may refuse it) with its
     ``index-updated`` ledger row, in the caller's transaction. The CLI and the scheduled
     refresh both take copies through here."""
@@ -334,7 +333,7 @@ def take_copy(conn: sqlite3.Connection, copy: IndexCopy, source: str, at: dateti
         "providers": len(copy.providers), "skipped": list(copy.skipped)}), at)
 
 
-def refuse_copy(conn: sqlite3.Connection, source: str, at: datetime, reason: str) -> CopyInfo | None:
+def refuse_copy(conn: Connection, source: str, at: datetime, reason: str) -> CopyInfo | None:
     """The ``index-refused`` ledger row for a copy not taken, naming the copy that stays in
     force; returns that copy's description (None: there is none)."""
     from pecd.store.ledger import LedgerEvent, append
