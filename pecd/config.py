@@ -493,6 +493,21 @@ def _database_line(url: str | None) -> str:
     return f"url = {json.dumps(url)}   # PostgreSQL: queue, bodies, ledger, accounts"
 
 
+def use_database(conf_path: Path, url: str | None) -> None:
+    """Point an existing provider's configuration at ``url`` (None: back to the SQLite file):
+    the ``[database]`` table is rewritten, nothing else. The schema is made on first open
+    (``pecd.store.db.open_database``); moving the data is ``pecd db copy``'s job."""
+    text = conf_path.read_text()
+    line = _database_line(url)
+    pattern = re.compile(r"^\[database\]\n(?:(?!\[)[^\n]*\n?)*", re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: f"[database]\n{line}\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + f"\n\n[database]\n{line}\n"
+    conf_path.write_text(text)
+    load(conf_path)  # still a valid configuration
+
+
 def render(
     *,
     name: str,

@@ -41,7 +41,7 @@ from pecd.store import db as db_mod
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, Kind, Outcome, Queue, Recovery
-from pecd.store.spool import Spool
+from pecd.store.spool import open_bodies
 from pecd.trust import index as index_mod
 from pecd.trust import pki, revocation
 from pecd.trust.cms import Signer
@@ -67,11 +67,7 @@ def _index_version(conn: Connection) -> tuple[int, str, str]:
 
 
 def _rows_since_checkpoint(conn: Connection) -> int:
-    row = conn.execute(
-        "SELECT coalesce((SELECT max(seq) FROM ledger), 0)"
-        " - coalesce((SELECT max(seq_to) FROM ledger_checkpoint), 0)"
-    ).fetchone()
-    return int(row[0])
+    return ledger.rows_since_checkpoint(conn)
 
 
 class Runner:
@@ -202,7 +198,7 @@ class Service:
         self.config = config
         self.clock = clock or SystemClock()
         self.db = Database(config.paths.database)
-        self.spool = Spool(config.paths.spool)
+        self.spool = open_bodies(config.paths.database, config.paths.spool)
         self.queue = Queue(self.db, self.spool, self.clock)
         self.index = ProviderIndex(self.db.transact_sync(index_mod.load_all))
         self.trust_roots = pki.load_certs(config.paths.ca_certs)

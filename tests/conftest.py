@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner
@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from pecd import config
 from pecd.cli import main as cli_main
 from pecd.service import Service
+from pecd.store import db as db_mod
 from pecd.trust import cms, smime
 
 from . import pg_support
@@ -98,6 +99,14 @@ class ProviderDir:
 
     def cli(self, *args: str, input: str | None = None, ok: bool = True) -> str:
         return pecd("-c", str(self.conf), *args, input=input, ok=ok)
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        """Rows from the provider's own database, whichever backend it is on."""
+        conn = db_mod.connect(self.config.paths.database)
+        try:
+            return list(conn.execute(sql, params).fetchall())
+        finally:
+            conn.close()
 
     def add_user(self, address: str, password: str) -> None:
         self.cli("user", "add", address, "--password-stdin", input=password + "\n")

@@ -194,3 +194,52 @@ def test_connection_killed_mid_run_then_recovers(pg_url: str, pg_cluster: pg_sup
             db.close()
 
     asyncio.run(scenario())
+
+
+_RSS_PROBE = r"""
+import gc, os, sys
+from pecd.store import db as db_mod
+from pecd.store.chunks import ChunkSpool
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+url, size = sys.argv[1], int(sys.argv[2])
+db_mod.open_database(url).close()
+spool = ChunkSpool(url)
+data = os.urandom(size)
+digest = hash(data)
+name = spool.write_many([data])[0]
+del data
+gc.collect()
+spool.read(spool.write_many([b"warm-up" * 1000])[0])  # the connection's buffers, once
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS starts again from here
+    f.write("5")
+base = status("VmRSS")
+body = spool.read(name)
+peak = status("VmHWM")
+assert hash(body) == digest and len(body) == size
+with spool.open(name) as stream:
+    assert stream.read(10) == body[:10] and len(stream.read()) == size - 10
+assert spool.exists(name)
+spool.remove([name])
+assert not spool.exists(name)
+print(peak - base)
+"""
+
+
+def test_big_body_in_chunks_round_trip_costs_at_most_twice_its_size(pg_url: str) -> None:
+    """A 25 MB body goes into 1 MiB chunks and comes back whole; reading it grows the process
+    by at most twice its size (the chunks received, and the body they make)."""
+    import subprocess
+    import sys
+
+    size = 25 * 1024 * 1024
+    done = subprocess.run([sys.executable, "-c", _RSS_PROBE, pg_url, str(size)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    growth = int(done.stdout.split()[-1])
+    assert growth <= 2 * size, f"reading {size} bytes grew RSS by {growth}"

@@ -26,7 +26,7 @@ from pecd.format import daticert, envelope, headers, pec, receipts
 from pecd.format.pec import Issuer, Transaction
 from pecd.points import virus
 from pecd.points.relay import Router
-from pecd.store import Connection, readings
+from pecd.store import Connection, readings, tracking
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, NewItem, Outcome
 from pecd.trust import revocation as revocation_mod
@@ -446,12 +446,7 @@ def _track(column: str, pec_id: str, recipients: Sequence[str], at: float,
     assert column in ("delivered", "taken", "closed")
 
     def effect(conn: Connection) -> None:
-        for rcpt in recipients:
-            conn.execute(
-                f"UPDATE tracking SET {column}=coalesce({column}, ?),"
-                " outcome=coalesce(outcome, ?) WHERE pec_id=? AND lower(recipient)=lower(?)",
-                (at, outcome, pec_id, rcpt),
-            )
+        tracking.note(conn, column, pec_id, recipients, at, outcome)  # type: ignore[arg-type]
 
     return effect
 

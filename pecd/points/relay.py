@@ -26,7 +26,7 @@ from pecd.format.blob import Blob
 from pecd.format.compose import has_bare_eol
 from pecd.store import Connection
 from pecd.store.ledger import LedgerEvent
-from pecd.store.queue import Item, Kind, NewItem, Outcome, backoff
+from pecd.store.queue import Item, Kind, NewItem, Outcome, backoff, defer_destination
 from pecd.trust.index import ProviderIndex
 
 log = logging.getLogger("pecd.relay")
@@ -361,10 +361,6 @@ def _defer_destination(dest: str, until: float) -> Callable[[Connection], None]:
     operator's ``pecd queue retry`` still overrides it."""
 
     def effect(conn: Connection) -> None:
-        conn.execute(
-            "UPDATE queue SET state='deferred', next_at=max(next_at, ?)"
-            " WHERE dest=? AND state IN ('incoming', 'deferred')",
-            (until, dest),
-        )
+        defer_destination(conn, dest, until)
 
     return effect

@@ -22,7 +22,7 @@ from pecd.format.checks import FormalCheckFailed
 from pecd.format.pec import Issuer, ReceiptKind, Transaction
 from pecd.points import consultation, virus
 from pecd.points.relay import Router
-from pecd.store import Connection, readings, users
+from pecd.store import Connection, readings, tracking, users
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, NewItem, Outcome
@@ -121,12 +121,8 @@ class AccessPoint:
         tracked = [(r.address, r.kind) for r in tx.recipients]
 
         def track(conn: Connection) -> None:
-            conn.executemany(
-                "INSERT OR IGNORE INTO tracking (pec_id, recipient, sender, subject, ref_msgid,"
-                " kind, accepted) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(tx.identifier, addr, tx.sender, tx.subject, tx.ref_msgid, kind,
-                  at.timestamp()) for addr, kind in tracked],
-            )
+            tracking.open_rows(conn, tx.identifier, tx.sender, tx.subject, tx.ref_msgid,
+                               tracked, at.timestamp())
 
         return Outcome(
             outputs=outputs,

@@ -46,7 +46,7 @@ from pecd.clock import Clock
 from pecd.config import Config
 from pecd.format import daticert, receipts
 from pecd.format.pec import Issuer, Transaction
-from pecd.store import Connection
+from pecd.store import Connection, tracking
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Effect, NewItem, Queue
 
@@ -158,29 +158,17 @@ class Stale(Exception):
     """The tracking rows changed after the decision; the notice is no longer due."""
 
 
-_STILL_DUE = {
-    "warning": ("warned", "closed IS NULL AND warned IS NULL AND taken IS NULL"
-                          " AND delivered IS NULL"),
-    "final": ("closed", "closed IS NULL AND delivered IS NULL"),
-    "close-esterno": ("closed", "closed IS NULL"),
-}
 _OUTCOME = {"warning": None, "final": "timeout", "close-esterno": "esterno"}
 
 
 def mark(due: Due, at: float) -> Effect:
     """The tracking update of ``due``; raises :class:`Stale` (undoing the commit) when any of
     its rows is no longer in the state the decision saw."""
-    column, condition = _STILL_DUE[due.action]
     outcome = _OUTCOME[due.action]
 
     def effect(conn: Connection) -> None:
         for rcpt in due.recipients:
-            cur = conn.execute(
-                f"UPDATE tracking SET {column}=?, outcome=coalesce(?, outcome)"
-                f" WHERE pec_id=? AND recipient=? AND {condition}",
-                (at, outcome, due.pec_id, rcpt),
-            )
-            if cur.rowcount != 1:
+            if not tracking.mark_due(conn, due.action, due.pec_id, rcpt, at, outcome):
                 raise Stale(f"{due.pec_id} {rcpt}: no longer due for {due.action}")
 
     return effect
@@ -188,12 +176,7 @@ def mark(due: Due, at: float) -> Effect:
 
 def load_open(conn: Connection, accepted_before: float) -> list[Tracked]:
     """Every row of each transaction that has an open, undelivered row old enough to matter."""
-    rows = conn.execute(
-        "SELECT * FROM tracking WHERE pec_id IN (SELECT pec_id FROM tracking"
-        " WHERE closed IS NULL AND delivered IS NULL AND accepted <= ?) ORDER BY rowid",
-        (accepted_before,),
-    ).fetchall()
-    return [Tracked.from_row(r) for r in rows]
+    return [Tracked.from_row(r) for r in tracking.open_transactions(conn, accepted_before)]
 
 
 class TimeoutWorker:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pecd.store import Connection, ledger, users
+from pecd.store import Connection, dialect, ledger, users
 from pecd.store.ledger import LedgerEvent
 
 TOKEN_RE = re.compile(r"pecd_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -163,8 +163,9 @@ def access_outcome(conn: Connection, queue_id: int,
     once committed; looks only past the submission's own row."""
     row = conn.execute(
         "SELECT seq, at, event, msgid, recipients, related, detail FROM ledger WHERE seq > ?"
-        " AND event IN ('accepted', 'refused') AND json_extract(detail, '$.queue_id') = ?"
-        " ORDER BY seq LIMIT 1", (after_seq, queue_id)).fetchone()
+        f" AND event IN ('accepted', 'refused') AND {_json_field(conn, 'detail', 'queue_id')} = ?"
+        " ORDER BY seq LIMIT 1",
+        (after_seq, str(queue_id) if dialect(conn) == "postgresql" else queue_id)).fetchone()
     if row is None:
         return None
     return {"seq": int(row[0]), "at": str(row[1]), "event": str(row[2]), "msgid": row[3],
@@ -198,8 +199,8 @@ def messages_of(conn: Connection, mailbox: str, since: float, after: tuple[float
     a_time, a_id = after if after is not None else (since - 1.0, "")
     accepted = conn.execute(
         "SELECT pec_id, min(subject), min(ref_msgid), min(accepted),"
-        " group_concat(recipient, char(10)) FROM tracking"
-        " WHERE sender = ? COLLATE NOCASE AND accepted >= ? AND (accepted > ? OR"
+        f" {_joined(conn, 'recipient')} FROM tracking"
+        f" WHERE {_same_address(conn, 'sender')} AND accepted >= ? AND (accepted > ? OR"
         " (accepted = ? AND pec_id > ?))"
         " GROUP BY pec_id ORDER BY min(accepted), pec_id LIMIT ?",
         (mailbox, since, a_time, a_time, a_id, limit)).fetchall()
@@ -208,7 +209,7 @@ def messages_of(conn: Connection, mailbox: str, since: float, after: tuple[float
     # refusals are few: the partial index ledger_refused (pecd.store.ledger) finds them
     for msgid, subject, ref_msgid, at, rcpts in conn.execute(
             "SELECT msgid, subject, ref_msgid, at, recipients FROM ledger"
-            " WHERE event = 'refused' AND sender = ? COLLATE NOCASE", (mailbox,)):
+            f" WHERE event = 'refused' AND {_same_address(conn, 'sender')}", (mailbox,)):
         when = datetime.fromisoformat(str(at).replace("Z", "+00:00")).timestamp()
         if when >= since and (when, str(msgid)) > (a_time, a_id):
             found.append({"id": msgid, "status": "refused", "subject": subject,
@@ -228,7 +229,7 @@ def ledger_counts(conn: Connection, after_seq: int) -> tuple[dict[str, int], int
         counts[str(event)] = int(n)
         head = max(head, int(top))
     for verdict, n in conn.execute(
-            "SELECT json_extract(detail, '$.verdict'), count(*) FROM ledger WHERE seq > ?"
+            f"SELECT {_json_field(conn, 'detail', 'verdict')}, count(*) FROM ledger WHERE seq > ?"
             " AND seq <= ? AND event = 'anomaly' GROUP BY 1", (after_seq, head)):
         counts[f"anomaly:{verdict or 'none'}"] = int(n)
     return counts, head
@@ -249,7 +250,8 @@ def latencies(conn: Connection, after_seq: int, head: int
     delivery = [_seconds(start, end) for end, start in conn.execute(
         "SELECT r.at, (SELECT a.at FROM ledger a WHERE a.msgid = r.msgid AND a.event = 'accepted'"
         " ORDER BY a.seq LIMIT 1) FROM ledger r WHERE r.seq > ? AND r.seq <= ? AND"
-        " r.event = 'receipt-received' AND json_extract(r.detail, '$.type') = 'avvenuta-consegna'",
+        f" r.event = 'receipt-received' AND {_json_field(conn, 'r.detail', 'type')}"
+        " = 'avvenuta-consegna'",
         (after_seq, head)) if start is not None]
     return acceptance, delivery
 
@@ -313,8 +315,8 @@ def add_webhook(conn: Connection, mailbox: str, url: str, at: datetime) -> tuple
             c.isspace() for c in url):
         raise TokenError(f"not an http(s) URL: {url!r}")
     hook_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-    conn.execute("INSERT OR IGNORE INTO webhook_cursor (one, seq) VALUES"
-                 " (1, (SELECT coalesce(max(seq), 0) FROM ledger))")
+    conn.execute("INSERT INTO webhook_cursor (one, seq) VALUES"
+                 " (1, (SELECT coalesce(max(seq), 0) FROM ledger)) ON CONFLICT DO NOTHING")
     conn.execute("INSERT INTO webhooks (id, mailbox, url, secret, created) VALUES (?, ?, ?, ?, ?)",
                  (hook_id, address, url, secret, at.isoformat()))
     ledger.append(conn, LedgerEvent(event="webhook-added", sender=address,
@@ -412,7 +414,7 @@ def set_operator(conn: Connection, address: str, at: datetime) -> None:
     address = users.normalise(address)
     if users.mailbox_state(conn, address) == "unknown":
         raise TokenError(f"no such user: {address}")
-    conn.execute("INSERT OR IGNORE INTO operators (address, created) VALUES (?, ?)",
+    conn.execute("INSERT INTO operators (address, created) VALUES (?, ?) ON CONFLICT DO NOTHING",
                  (address, at.isoformat()))
 
 
@@ -441,3 +443,26 @@ def operator_view(conn: Connection, recent: int = 20) -> dict[str, Any]:
     return {"queue": queue_mod.figures(conn), "refusals": refusals,
             "head": None if head is None else {"seq": head[0], "at": head[1], "hash": head[2]},
             "checkpoint": None if cp is None else {"id": cp[0], "seq_to": cp[1], "at": cp[2]}}
+
+
+# --- the few expressions SQLite and PostgreSQL write differently --------------------------------
+
+def _json_field(conn: Connection, column: str, key: str) -> str:
+    """A top-level member of a JSON text column (PostgreSQL: as text)."""
+    if dialect(conn) == "postgresql":
+        return f"({column}::jsonb ->> '{key}')"
+    return f"json_extract({column}, '$.{key}')"
+
+
+def _joined(conn: Connection, column: str) -> str:
+    """The group's values joined by newlines."""
+    if dialect(conn) == "postgresql":
+        return f"string_agg({column}, chr(10))"
+    return f"group_concat({column}, char(10))"
+
+
+def _same_address(conn: Connection, column: str) -> str:
+    """``column`` equals the parameter, case aside, as the index on it is built."""
+    if dialect(conn) == "postgresql":
+        return f"lower({column}) = lower(?)"
+    return f"{column} = ? COLLATE NOCASE"

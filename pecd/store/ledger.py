@@ -728,6 +728,15 @@ def checkpoint(
 # ---------------------------------------------------------------------------------------- query
 
 
+def rows_since_checkpoint(conn: Connection) -> int:
+    """How many rows no checkpoint covers yet (the service timestamps the head past a limit)."""
+    row = conn.execute(
+        "SELECT coalesce((SELECT max(seq) FROM ledger), 0)"
+        " - coalesce((SELECT max(seq_to) FROM ledger_checkpoint), 0)"
+    ).fetchone()
+    return int(row[0])
+
+
 def events_for(conn: Connection, msgid: str) -> list[dict[str, object]]:
     """Rows about ``msgid``: as the message, as the client's original Message-ID, or as a
     related generated message; in ledger order (for ``pecd status``)."""

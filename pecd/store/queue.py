@@ -28,7 +28,7 @@ from pecd.format.blob import Blob
 from pecd.store import Connection, dialect, ledger
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
-from pecd.store.spool import Spool
+from pecd.store.spool import Bodies
 
 T = TypeVar("T")
 Kind = Literal["submission", "inbound", "deliver", "relay", "fallback"]
@@ -116,7 +116,7 @@ class Recovery:
 
 
 class Queue:
-    def __init__(self, db: Database, spool: Spool, clock: Clock) -> None:
+    def __init__(self, db: Database, spool: Bodies, clock: Clock) -> None:
         self.db = db
         self.spool = spool
         self.clock = clock
@@ -359,7 +359,7 @@ class Queue:
 
     def open(self, item: Item) -> BinaryIO:
         """The item's bytes as a file, to stream (blocking for a spool file: a worker thread)."""
-        return io.BytesIO(item.body) if item.body is not None else self.spool.path(item.spool).open("rb")
+        return io.BytesIO(item.body) if item.body is not None else self.spool.open(item.spool)
 
     def recover(self) -> Recovery:
         """Run once at start, before any listener: return dead leases, drop what nobody acknowledged."""
@@ -383,7 +383,7 @@ class Queue:
             for row in conn.execute(
                     "SELECT id, spool, state FROM queue WHERE body IS NULL").fetchall():
                 referenced.add(row[1])
-                if row[2] != "corrupt" and not self.spool.path(row[1]).exists():
+                if row[2] != "corrupt" and not self.spool.exists(row[1]):
                     conn.execute("UPDATE queue SET state='corrupt' WHERE id=?", (row[0],))
                     ledger.append(conn, LedgerEvent(event="corrupt", detail={
                         "queue_id": row[0], "reason": "spool file missing"}), at)
@@ -394,6 +394,15 @@ class Queue:
 
         self.spool.clear_tmp()
         return self.db.transact_sync(txn)
+
+
+def defer_destination(conn: Connection, dest: str, until: float) -> None:
+    """Every waiting item for ``dest`` waits at least until ``until`` (a hop that just failed)."""
+    conn.execute(
+        "UPDATE queue SET state='deferred', next_at=CASE WHEN next_at > ? THEN next_at ELSE ? END"
+        " WHERE dest=? AND state IN ('incoming', 'deferred')",
+        (until, until, dest),
+    )
 
 
 def _skip_locked(conn: Connection) -> str:

@@ -64,8 +64,8 @@ def record(conn: Connection, *, pec_id: str, recipient: str, sender: str,
            delivered: float, deadline: float) -> None:
     """A delivery to watch; a retried delivery of the same message changes nothing."""
     conn.execute(
-        "INSERT OR IGNORE INTO reading (pec_id, recipient, sender, subject, ref_msgid, mailbox,"
-        " file, delivered, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO reading (pec_id, recipient, sender, subject, ref_msgid, mailbox,"
+        " file, delivered, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (pec_id, recipient, sender, subject, ref_msgid, mailbox, file, delivered, deadline))
 
 
@@ -264,8 +264,8 @@ def record_stored(conn: Connection, *, pec_id: str, recipient: str, sender: str,
                   subject: str | None, delivered: float, mailbox: str, file: str) -> None:
     """A certified message stored for ``recipient``; a retried delivery changes nothing."""
     conn.execute(
-        "INSERT OR IGNORE INTO inbox (pec_id, recipient, sender, subject, delivered, mailbox,"
-        " file) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO inbox (pec_id, recipient, sender, subject, delivered, mailbox,"
+        " file) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (pec_id, users.normalise(recipient), sender, subject, delivered, mailbox, file))
 
 

@@ -46,7 +46,8 @@ def load_unknown(conn: Connection) -> dict[str, float]:
 
 def unknown_since(conn: Connection, fingerprint: str, now: float) -> float:
     """When the certificate's status was first found unknown (``now`` if it is now)."""
-    conn.execute("INSERT OR IGNORE INTO revocation_unknown (fingerprint, since) VALUES (?, ?)",
+    conn.execute("INSERT INTO revocation_unknown (fingerprint, since) VALUES (?, ?)"
+                 " ON CONFLICT DO NOTHING",
                  (fingerprint, now))
     row = conn.execute("SELECT since FROM revocation_unknown WHERE fingerprint=?",
                        (fingerprint,)).fetchone()
