@@ -193,7 +193,10 @@ def serve(ctx: Context) -> None:
     """Run every listener and stage until SIGTERM."""
     from pecd.service import serve as run
 
-    asyncio.run(run(ctx.config))
+    try:
+        asyncio.run(run(ctx.config))
+    except Unavailable as exc:  # PostgreSQL unreachable at start: one line, non-zero exit
+        raise click.ClickException(f"database unreachable: {exc}") from None
 
 
 # --- users ------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pecd.points.reception import ReceptionPoint
 from pecd.points.relay import Connections, RelayStage, Router
 from pecd.points.submission import AccessPoint
 from pecd.points.timeouts import TimeoutWorker
-from pecd.store import Connection, ledger, users
+from pecd.store import Connection, Unavailable, ledger, users
 from pecd.store import db as db_mod
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
@@ -85,6 +85,10 @@ class Runner:
     async def _process(self, item: Item) -> None:
         try:
             outcome = await self.handler(item)
+        except Unavailable as exc:  # the database is away: the lease runs out, then a retry
+            log.warning("%s stage: storage unavailable on queue item %s: %s", self.kind,
+                        item.id, exc)
+            return
         except Exception as exc:  # a stage bug parks the item; it is never dropped
             incident = uuid.uuid4().hex[:12]
             log.error("incident %s: %s stage failed on queue item %s", incident, self.kind,
@@ -107,7 +111,11 @@ class Runner:
     async def run(self) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
-            items = await self.queue.lease(self.kind, free) if free > 0 else []
+            try:
+                items = await self.queue.lease(self.kind, free) if free > 0 else []
+            except Unavailable as exc:  # PostgreSQL away: the writer reconnects; look again soon
+                log.warning("%s runner: storage unavailable: %s", self.kind, exc)
+                items = []
             for item in items:
                 task = asyncio.create_task(self._process(item))
                 self._inflight.add(task)

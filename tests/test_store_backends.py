@@ -243,3 +243,69 @@ def test_big_body_in_chunks_round_trip_costs_at_most_twice_its_size(pg_url: str)
     assert done.returncode == 0, done.stderr[-3000:]
     growth = int(done.stdout.split()[-1])
     assert growth <= 2 * size, f"reading {size} bytes grew RSS by {growth}"
+
+
+def test_serve_with_postgresql_unreachable_exits_with_one_line(tmp_path: Path,
+                                                               pg_url: str) -> None:
+    import subprocess
+    import sys
+
+    from pecd import config
+
+    root = tmp_path / "p"
+    pecd("init", str(root), "--domain", "p.test", "--ca", str(tmp_path / "ca"),
+         "--database-url", pg_url)
+    config.use_database(root / "pecd.toml", f"postgresql://pecd@127.0.0.1:{_closed_port()}/x")
+    done = subprocess.run([sys.executable, "-m", "pecd.cli", "-c", str(root / "pecd.toml"),
+                           "serve"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0
+    assert "database unreachable" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_database_lost_mid_run_answers_4xx_then_recovers_without_restart(
+        tmp_path: Path, pg_cluster: pg_support.Cluster) -> None:
+    """PostgreSQL refuses connections and drops the live ones while a client sends: DATA is
+    answered 451 (never 250 without a commit); once it is back, the same running pecd takes
+    and certifies the next message."""
+    import smtplib
+
+    from .conftest import ProviderDir, _two_providers, client_tls, running, wait_for
+    from .test_end_to_end import ORIGINAL
+
+    a, b = _two_providers(tmp_path, (pg_cluster.database(), pg_cluster.database()))
+    dbname = str(a.config.paths.database).rsplit("/", 1)[1]
+
+    def cut(off: bool) -> None:
+        pg_cluster.psql("postgres", f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS {not off}")
+        if off:
+            pg_cluster.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            f" WHERE datname = '{dbname}'")
+
+    def session(p: ProviderDir, port: int, during_cut: bool) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+            s.starttls(context=client_tls(p.ca))
+            s.login("alice@a.test", "alice-secret")
+            s.mail("alice@a.test")
+            s.rcpt("bob@b.test")
+            if during_cut:
+                cut(True)
+            try:
+                return s.data(ORIGINAL)
+            finally:
+                if during_cut:
+                    cut(False)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with running(a, b) as (svc_a, _svc_b):
+            port = svc_a.ports.submission
+            code, reply = await loop.run_in_executor(None, session, a, port, True)
+            assert code == 451 and b"Storage temporarily unavailable" in reply, reply
+            code, reply = await loop.run_in_executor(None, session, a, port, False)
+            assert code == 250, reply
+            await wait_for(lambda: len(b.messages("bob@b.test")) == 1, 60)
+
+    asyncio.run(scenario())
+    assert len(b.messages("bob@b.test")) == 1  # the refused one was not delivered after all
+    assert "ledger ok" in a.cli("ledger", "verify")

@@ -125,9 +125,14 @@ def errors() -> Iterator[None]:
     try:
         yield
     except (psycopg.errors.IntegrityError, psycopg.errors.RaiseException) as exc:
-        raise Conflict(str(exc).strip()) from exc
+        raise Conflict(_one_line(exc)) from exc
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise Unavailable(f"PostgreSQL: {str(exc).strip() or type(exc).__name__}") from exc
+        raise Unavailable(f"PostgreSQL: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """libpq's message folded onto one line (it adds hints on lines of their own)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class Cursor:
