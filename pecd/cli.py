@@ -199,6 +199,50 @@ def serve(ctx: Context) -> None:
         raise click.ClickException(f"database unreachable: {exc}") from None
 
 
+# --- database ---------------------------------------------------------------------------------
+
+@main.group("db")
+def db_group() -> None:
+    """The provider's database (SQLite file or PostgreSQL)."""
+
+
+@db_group.command("copy")
+@click.option("--to", "url", required=True, metavar="URL",
+              help="An empty PostgreSQL database (postgresql://user@host/db).")
+@pass_ctx
+def db_copy(ctx: Context, url: str) -> None:
+    """Copy this SQLite provider (queue and its bodies included) to PostgreSQL.
+
+    Refuses a target that is not empty; verifies both ledgers before and after. Then set
+    `[database] url` in the configuration to URL and restart: that is the whole move."""
+    from pecd.store import copy as copy_mod
+    from pecd.store import is_postgres
+    from pecd.trust import tsa
+
+    cfg = ctx.config
+    if cfg.paths.database_url is not None:
+        raise click.ClickException("this provider already runs on PostgreSQL ([database] url)")
+    if not is_postgres(url):
+        raise click.ClickException("--to must be a postgresql:// URL")
+    roots = pki.load_certs(cfg.paths.ca_certs)
+
+    def check_token(token: bytes, data: bytes) -> None:
+        tsa.verify_token(token, data, roots)
+
+    try:
+        report = copy_mod.copy(cfg.paths.sqlite_file, cfg.paths.spool, url, check_token)
+    except (copy_mod.CopyRefused, Unavailable) as exc:
+        raise click.ClickException(str(exc)) from None
+    total = sum(report.rows.values())
+    click.echo(f"copied {total} rows from {len(report.rows)} tables and"
+               f" {report.spool_bodies} spool bodies; ledger ok on both sides:"
+               f" {report.ledger_rows} rows, {report.checkpoints} checkpoints")
+    for name in report.missing_bodies:
+        click.echo(f"warning: spool file {name} was missing; its item will be marked corrupt",
+                   err=True)
+    click.echo(f"now set [database] url to that URL in {ctx.config_path} and restart pecd")
+
+
 # --- users ------------------------------------------------------------------------------------
 
 @main.group()
