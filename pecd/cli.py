@@ -702,9 +702,8 @@ def status(ctx: Context, message_id: str | None) -> None:
             for key, n in queue_mod.figures(conn).items():
                 if n:
                     click.echo(f"queue {key}: {n}")
-            rows = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM ledger").fetchone()
-            cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()[0]
-            click.echo(f"ledger rows: {rows[0]} (head {rows[1]}), checkpoints: {cps}")
+            count, head, cps = ledger.figures(conn)
+            click.echo(f"ledger rows: {count} (head {head}), checkpoints: {cps}")
             return
         bare = message_id.strip().strip("<>")
         rows = ledger.events_for(conn, bare) or ledger.events_for(conn, f"<{bare}>")
@@ -892,10 +891,9 @@ def ledger_prune(ctx: Context, before: datetime | None, export_file: Path) -> No
         point = ledger.prune_point(conn, limit)
         if point is None:
             raise click.ClickException("nothing to prune: no checkpointed range is that old")
-        first = conn.execute("SELECT min(seq) FROM ledger").fetchone()[0]
+        first = ledger.first_seq(conn)
         for seq in (first, point):
-            live = conn.execute("SELECT hash FROM ledger WHERE seq=?", (seq,)).fetchone()
-            if seq not in by_seq or by_seq[seq]["hash"] != live[0]:
+            if seq not in by_seq or by_seq[seq]["hash"] != ledger.hash_at(conn, seq):
                 raise click.ClickException(
                     f"the export does not hold row {seq} as the ledger has it; export first")
         if any(s not in by_seq for s in range(first, point + 1)):

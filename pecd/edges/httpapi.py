@@ -709,7 +709,7 @@ class Api:
         if not self.ready():
             raise Problem(503, "Not ready", "starting or stopping", "not-ready")
         try:
-            await asyncio.wait_for(self._read(lambda c: c.execute("SELECT 1").fetchone()), 5.0)
+            await asyncio.wait_for(self._read(db_mod.ping), 5.0)
         except (TimeoutError, StoreError) as exc:
             raise Problem(503, "Not ready", f"database: {type(exc).__name__}", "database") from None
         return _answer(200, {"status": "ready"})

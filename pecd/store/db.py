@@ -463,6 +463,11 @@ def migrate(conn: Connection) -> None:
     ledger.install(conn)
 
 
+def ping(conn: Connection) -> None:
+    """A round trip to the database (readiness checks)."""
+    conn.execute("SELECT 1").fetchone()
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
 

@@ -733,6 +733,24 @@ def checkpoint(
 # ---------------------------------------------------------------------------------------- query
 
 
+def figures(conn: Connection) -> tuple[int, int, int]:
+    """(rows, head seq, checkpoints), for ``pecd status``."""
+    rows = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM ledger").fetchone()
+    cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()
+    return int(rows[0]), int(rows[1]), int(cps[0])
+
+
+def first_seq(conn: Connection) -> int:
+    """The oldest live row's seq (past a prune, not 1); 0 for an empty ledger."""
+    row = conn.execute("SELECT coalesce(min(seq), 0) FROM ledger").fetchone()
+    return int(row[0])
+
+
+def hash_at(conn: Connection, seq: int) -> str | None:
+    row = conn.execute("SELECT hash FROM ledger WHERE seq=?", (seq,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def rows_since_checkpoint(conn: Connection) -> int:
     """How many rows no checkpoint covers yet (the service timestamps the head past a limit)."""
     row = conn.execute(

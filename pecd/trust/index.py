@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from pecd.store import Connection, readings
+from pecd.store import Connection, providers, readings
 
 
 class IndexError_(Exception):
@@ -127,21 +127,15 @@ def parse_card(text: str) -> Provider:
 def store(conn: Connection, provider: Provider) -> None:
     """Insert or replace the entry for this certificate (several certificates may coexist)."""
     fp = provider.fingerprint
-    conn.execute("DELETE FROM providers WHERE fingerprint=?", (fp,))
-    conn.execute(
-        "INSERT INTO providers (fingerprint, name, host, port, service_address, cert_pem, imported)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (fp, provider.name, provider.host, provider.port, provider.service_address,
-         provider.cert_pem, datetime.now(UTC).isoformat()),
-    )
-    conn.executemany("INSERT INTO provider_domains (domain, fingerprint) VALUES (?, ?)",
-                     [(d, fp) for d in provider.domains])
+    providers.replace_card(conn, fp, provider.name, provider.host, provider.port,
+                           provider.service_address, provider.cert_pem, provider.domains,
+                           datetime.now(UTC).isoformat())
     if provider.read_evidence:
         readings.set_provider_flag(conn, fp, True)
 
 
 def remove(conn: Connection, fp: str) -> int:
-    return conn.execute("DELETE FROM providers WHERE fingerprint=?", (fp,)).rowcount
+    return providers.remove_card(conn, fp)
 
 
 def load_all(conn: Connection) -> list[Provider]:
@@ -151,15 +145,13 @@ def load_all(conn: Connection) -> list[Provider]:
 
 
 def load_cards(conn: Connection) -> list[Provider]:
-    domains: dict[str, list[str]] = {}
-    for d, fp in conn.execute("SELECT domain, fingerprint FROM provider_domains ORDER BY domain"):
-        domains.setdefault(fp, []).append(d)
+    rows, domains = providers.cards(conn)
     flags = readings.provider_flags(conn)
     return [
         Provider(name=r["name"], domains=tuple(domains.get(r["fingerprint"], ())), host=r["host"],
                  port=r["port"], service_address=r["service_address"], cert_pem=r["cert_pem"],
                  read_evidence=flags.get(r["fingerprint"], False))
-        for r in conn.execute("SELECT * FROM providers ORDER BY name, imported")
+        for r in rows
     ]
 
 
@@ -251,18 +243,11 @@ def store_copy(conn: Connection, copy: IndexCopy, at: datetime) -> None:
     problem = rollback_problem(conn, copy)
     if problem:
         raise IndexError_(problem)
-    conn.execute("DELETE FROM index_entries")
-    conn.execute("DELETE FROM index_copy")
-    conn.execute(
-        "INSERT INTO index_copy (id, source, kind, raw, sha256, signer, signed_at, fetched, entries)"
-        " VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+    providers.replace_copy(
+        conn,
         (copy.source, copy.kind, copy.raw, copy.sha256, copy.signer,
          copy.signed_at.isoformat() if copy.signed_at else None, at.isoformat(),
          len(copy.providers)),
-    )
-    conn.executemany(
-        "INSERT INTO index_entries (dn, name, unit, mail_receipt, domains, cert_hashes, certs,"
-        " ldif_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [(p.dn, p.name, p.unit, p.service_address, json.dumps(list(p.domains)),
           json.dumps(list(p.cert_hashes)),
           json.dumps(([p.cert_pem] if p.cert_pem else []) + list(p.more_certs_pem)), p.ldif_url)
@@ -271,9 +256,7 @@ def store_copy(conn: Connection, copy: IndexCopy, at: datetime) -> None:
 
 
 def copy_info(conn: Connection) -> CopyInfo | None:
-    row = conn.execute(
-        "SELECT source, kind, sha256, signer, signed_at, fetched, entries FROM index_copy WHERE id=1"
-    ).fetchone()
+    row = providers.copy_row(conn)
     if row is None:
         return None
     return CopyInfo(source=row["source"], kind=row["kind"], sha256=row["sha256"],
@@ -285,10 +268,10 @@ def rollback_problem(conn: Connection, copy: IndexCopy) -> str | None:
     """Why ``copy`` must not replace the one in force: it was signed before it. An older file,
     however well signed, may still list a certificate the authority has since withdrawn; whoever
     sits between us and the URL could serve it again."""
-    row = conn.execute("SELECT signed_at FROM index_copy WHERE id=1").fetchone()
-    if row is None or row[0] is None or copy.signed_at is None:
+    signed_at = providers.copy_signed_at(conn)
+    if signed_at is None or copy.signed_at is None:
         return None
-    in_force = datetime.fromisoformat(row[0])
+    in_force = datetime.fromisoformat(signed_at)
     if copy.signed_at < in_force:
         return (f"signed {copy.signed_at.isoformat()}, before the copy in force "
                 f"(signed {in_force.isoformat()}): an old index replayed")
@@ -297,28 +280,25 @@ def rollback_problem(conn: Connection, copy: IndexCopy) -> str | None:
 
 def copy_raw(conn: Connection) -> bytes | None:
     """The signed file in force, as received (a re-check or an audit can verify it again)."""
-    row = conn.execute("SELECT raw FROM index_copy WHERE id=1").fetchone()
-    return None if row is None else bytes(row[0])
+    return providers.copy_raw(conn)
 
 
 def load_copy_entries(conn: Connection) -> list[Provider]:
-    providers = []
-    for r in conn.execute("SELECT * FROM index_entries ORDER BY name, dn"):
+    found = []
+    for r in providers.copy_entries(conn):
         certs: list[str] = json.loads(r["certs"])
-        providers.append(Provider(
+        found.append(Provider(
             name=r["name"], domains=tuple(json.loads(r["domains"])), host="", port=DEFAULT_PORT,
             service_address=r["mail_receipt"], cert_pem=certs[0] if certs else "",
             more_certs_pem=tuple(certs[1:]), cert_hashes=tuple(json.loads(r["cert_hashes"])),
             unit=r["unit"], ldif_url=r["ldif_url"], dn=r["dn"],
         ))
-    return providers
+    return found
 
 
 def version(conn: Connection) -> tuple[int, str, str]:
     """Changes whenever a card or the index copy changes: the service reloads its view then."""
-    row = conn.execute("SELECT count(*), coalesce(max(imported), '') FROM providers").fetchone()
-    copy = conn.execute("SELECT coalesce(max(fetched || sha256), '') FROM index_copy").fetchone()
-    return int(row[0]), str(row[1]), str(copy[0])
+    return providers.version(conn)
 
 
 def take_copy(conn: Connection, copy: IndexCopy, source: str, at: datetime) -> None:
