@@ -394,8 +394,19 @@ class SqliteConflict(Conflict, sqlite3.IntegrityError):
     """SQLite's integrity error as the store's :class:`Conflict` (still a ``sqlite3`` one)."""
 
 
+class SqliteUnavailable(Unavailable, sqlite3.OperationalError):
+    """SQLite busy past its timeout, or its disk failing, as the store's :class:`Unavailable`."""
+
+
+# OperationalErrors that say "the database cannot serve now", not "this SQL is wrong"
+_SQLITE_AWAY = ("database is locked", "disk i/o error", "unable to open database",
+                "database or disk is full")
+
+
 class SqliteConnection(sqlite3.Connection):
-    """``sqlite3.Connection`` whose integrity errors are :class:`pecd.store.Conflict`."""
+    """``sqlite3.Connection`` whose errors are the store's: :class:`pecd.store.Conflict` for
+    integrity, :class:`pecd.store.Unavailable` for a locked or failing database (both still
+    ``sqlite3`` errors too)."""
 
     dialect = "sqlite"
 
@@ -404,12 +415,20 @@ class SqliteConnection(sqlite3.Connection):
             return super().execute(sql, parameters)
         except sqlite3.IntegrityError as exc:
             raise SqliteConflict(*exc.args) from exc
+        except sqlite3.OperationalError as exc:
+            if str(exc).lower().startswith(_SQLITE_AWAY):
+                raise SqliteUnavailable(*exc.args) from exc
+            raise
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         try:
             return super().executemany(sql, parameters)
         except sqlite3.IntegrityError as exc:
             raise SqliteConflict(*exc.args) from exc
+        except sqlite3.OperationalError as exc:
+            if str(exc).lower().startswith(_SQLITE_AWAY):
+                raise SqliteUnavailable(*exc.args) from exc
+            raise
 
 
 def connect(where: Where) -> Connection:
