@@ -309,3 +309,28 @@ def test_database_lost_mid_run_answers_4xx_then_recovers_without_restart(
     asyncio.run(scenario())
     assert len(b.messages("bob@b.test")) == 1  # the refused one was not delivered after all
     assert "ledger ok" in a.cli("ledger", "verify")
+
+
+def test_placeholders_rewritten_outside_quotes_only() -> None:
+    from pecd.store.pg import translate
+
+    assert translate("SELECT a FROM t WHERE b = ? AND c LIKE 'x?%' AND d = ?") == (
+        "SELECT a FROM t WHERE b = %s AND c LIKE 'x?%%' AND d = %s", False, False)
+    assert translate("SELECT 1 WHERE ?1 IS NULL OR at >= ?1")[0] == (
+        "SELECT 1 WHERE %(p1)s IS NULL OR at >= %(p1)s")
+    assert translate("BEGIN IMMEDIATE") == ("BEGIN", False, False)
+    assert translate("INSERT INTO queue (kind) VALUES (?)") == (
+        "INSERT INTO queue (kind) VALUES (%s) RETURNING id", False, True)
+
+
+def test_quoted_text_stays_data_on_postgresql(pg_url: str) -> None:
+    """A value full of SQL and placeholder syntax is stored and read back as it is."""
+    conn = db_mod.open_database(pg_url)
+    try:
+        nasty = "x'); DROP TABLE users; -- ? %s %(p1)s ?1 \\ '"
+        conn.execute("INSERT INTO operators (address, created) VALUES (?, ?)", (nasty, "now"))
+        row = conn.execute("SELECT address FROM operators WHERE address = ?", (nasty,)).fetchone()
+        assert row["address"] == nasty and row[0] == nasty
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+    finally:
+        conn.close()
