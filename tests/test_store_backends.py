@@ -334,3 +334,21 @@ def test_quoted_text_stays_data_on_postgresql(pg_url: str) -> None:
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_operator_commands_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """The CLI's nouns work the same on a provider kept in PostgreSQL."""
+    root = tmp_path / "p"
+    pecd("init", str(root), "--domain", "p.test", "--ca", str(tmp_path / "ca"),
+         "--database-url", pg_url)
+    conf = str(root / "pecd.toml")
+    pecd("-c", conf, "user", "add", "u@p.test", "--password-stdin", input="pw-secret\n")
+    assert "exists" in pecd("-c", conf, "user", "add", "u@p.test", "--password-stdin",
+                            input="pw-secret\n", ok=False)
+    assert "p.test" in pecd("-c", conf, "index", "list")
+    pecd("-c", conf, "queue", "list")
+    assert "ledger rows" in pecd("-c", conf, "status")
+    assert "ledger ok" in pecd("-c", conf, "ledger", "verify")
+    pecd("-c", conf, "ledger", "export", "-o", str(tmp_path / "l.jsonl"))
+    assert "hash chain intact" in pecd("-c", conf, "verify", str(tmp_path / "l.jsonl"))
+    assert not list((root / "data").glob("pecd.sqlite*"))
