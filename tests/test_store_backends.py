@@ -352,3 +352,35 @@ def test_operator_commands_on_postgresql(tmp_path: Path, pg_url: str) -> None:
     pecd("-c", conf, "ledger", "export", "-o", str(tmp_path / "l.jsonl"))
     assert "hash chain intact" in pecd("-c", conf, "verify", str(tmp_path / "l.jsonl"))
     assert not list((root / "data").glob("pecd.sqlite*"))
+
+
+def test_postgresql_restarted_immediately_then_the_writer_carries_on(
+        pg_url: str, pg_cluster: pg_support.Cluster, tmp_path: Path) -> None:
+    """``pg_ctl restart -m immediate`` (a crash and recovery of the server): what committed
+    before is there after, the first transaction may fail as Unavailable, later ones commit."""
+    clock = ManualClock(T0)
+
+    async def scenario() -> None:
+        db = Database(pg_url)
+        q = Queue(db, Spool(tmp_path / "spool"), clock)
+        try:
+            await q.enqueue([NewItem("relay", "a@a.test", ("b@b.test",), data=b"before")],
+                            [LedgerEvent(event="accepted", msgid="before")])
+            pg_cluster.pg_ctl("restart", "-m", "immediate", "-w", "-t", "60",
+                              "-l", str(pg_cluster.root / "log"))
+            for _ in range(3):
+                try:
+                    await q.enqueue([NewItem("relay", "a@a.test", ("b@b.test",), data=b"after")],
+                                    [LedgerEvent(event="accepted", msgid="after")])
+                    break
+                except Unavailable:
+                    continue
+            else:
+                raise AssertionError("the writer did not reconnect")
+            bodies = sorted(q.read(i) for i in await q.lease("relay", 10))
+            assert bodies == [b"after", b"before"]
+            assert (await db.transact(lambda c: ledger.verify(c))).ok
+        finally:
+            db.close()
+
+    asyncio.run(scenario())
