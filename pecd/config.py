@@ -7,13 +7,16 @@ TSA, loopback ports.
 
 from __future__ import annotations
 
+import json
 import re
 import ssl
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from pecd.trust.keys import Pkcs11Options, is_uri
 from pecd.trust.paths import AlgorithmPolicy
 
 
@@ -296,6 +299,75 @@ class Reception:
 
 
 @dataclass(frozen=True)
+class Keys:
+    """``[keys]``: where the provider's and the built-in TSA's private keys live.
+
+    ``provider`` / ``tsa``: a ``pkcs11:`` URI (RFC 7512, e.g. ``pkcs11:token=pecd;object=provider``)
+    or a PEM path; unset, ``[files] signing_key`` / ``tsa_key``. ``pkcs11_module``: the module's
+    path; the PIN comes from ``pin_file`` (a trailing newline is not part of it) or the
+    environment variable ``pin_env``, never from this file. Renewal without a gap: ``next_key``
+    and ``next_cert`` are the next pair, used for signing from ``switch_at`` on (both
+    certificates are published meanwhile)."""
+
+    provider: str | None = None
+    tsa: str | None = None
+    pkcs11_module: Path | None = None
+    pin_file: Path | None = None
+    pin_env: str | None = None
+    next_key: str | None = None
+    next_cert: Path | None = None
+    switch_at: datetime | None = None
+
+    @property
+    def pkcs11(self) -> Pkcs11Options:
+        return Pkcs11Options(self.pkcs11_module, self.pin_file, self.pin_env)
+
+
+_PIN_IN_CONFIG = ("pin", "pin_value", "user_pin", "so_pin", "pin-value")
+
+
+def _keys(values: dict[str, Any], base: Path) -> Keys:
+    values = dict(values)
+    for name in _PIN_IN_CONFIG:
+        if name in values:
+            raise ConfigError(f"[keys] {name}: a PIN must not be written in the configuration;"
+                              " put it in a file (pin_file, mode 0600) or an environment"
+                              " variable (pin_env)")
+    for key in ("provider", "tsa", "next_key"):
+        if values.get(key):
+            ref = str(values[key])
+            if "pin-value" in ref.lower():
+                raise ConfigError(f"[keys] {key}: a PIN must not be written in the key URI"
+                                  " (pin-value); use pin_file or pin_env")
+            values[key] = ref if is_uri(ref) else str((base / ref).resolve())
+    for key in ("pkcs11_module", "pin_file", "next_cert"):
+        if values.get(key):
+            values[key] = (base / str(values[key])).resolve()
+    if values.get("pin_file") and values.get("pin_env"):
+        raise ConfigError("[keys] pin_file and pin_env: give one of them")
+    if "switch_at" in values:
+        at = values["switch_at"]
+        if isinstance(at, str):
+            try:
+                at = datetime.fromisoformat(at)
+            except ValueError:
+                raise ConfigError(f"[keys] switch_at: not a date and time: {at!r}") from None
+        if not isinstance(at, datetime):
+            raise ConfigError("[keys] switch_at must be a date and time, e.g. 2027-03-01T00:00:00Z")
+        values["switch_at"] = at if at.tzinfo else at.replace(tzinfo=UTC)
+    keys: Keys = _build(Keys, values, "keys")
+    if (keys.next_key is None) != (keys.next_cert is None) or (
+            keys.next_key is not None and keys.switch_at is None):
+        raise ConfigError("[keys] renewal needs next_key, next_cert and switch_at together")
+    uses_token = any(is_uri(r) for r in (keys.provider, keys.tsa, keys.next_key) if r)
+    if uses_token and keys.pkcs11_module is None:
+        raise ConfigError("[keys] a pkcs11: key needs pkcs11_module (the module's path)")
+    if uses_token and keys.pin_file is None and keys.pin_env is None:
+        raise ConfigError("[keys] a pkcs11: key needs pin_file or pin_env")
+    return keys
+
+
+@dataclass(frozen=True)
 class Paths:
     data_dir: Path
     signing_key: Path
@@ -305,9 +377,17 @@ class Paths:
     tsa_key: Path
     tsa_cert: Path
     ca_certs: Path
+    # [database] url: a ``postgresql://`` URL; None keeps the SQLite file in data_dir
+    database_url: str | None = None
 
     @property
-    def database(self) -> Path:
+    def database(self) -> Path | str:
+        """Where the provider's state lives: the PostgreSQL URL if configured, else the SQLite
+        file (pecd.store.db.connect takes either)."""
+        return self.database_url or self.sqlite_file
+
+    @property
+    def sqlite_file(self) -> Path:
         return self.data_dir / "pecd.sqlite"
 
     @property
@@ -341,6 +421,7 @@ class Config:
     consultation: Consultation = field(default_factory=Consultation)
     fallback: Fallback = field(default_factory=Fallback)
     http: Http = field(default_factory=Http)
+    keys: Keys = field(default_factory=Keys)
     tsa_url: str | None = None
     workers: int = 4
 
@@ -391,6 +472,18 @@ def _http(values: dict[str, Any], base: Path) -> Http:
     return http
 
 
+def _database_url(values: dict[str, Any]) -> str | None:
+    unknown = set(values) - {"url"}
+    if unknown:
+        raise ConfigError(f"[database] has unknown keys: {', '.join(sorted(unknown))}")
+    url = values.get("url")
+    if url is None or url == "":
+        return None
+    if not isinstance(url, str) or url.split(":", 1)[0].lower() not in ("postgresql", "postgres"):
+        raise ConfigError("[database] url must be a postgresql:// URL (absent: SQLite in data_dir)")
+    return url
+
+
 def load(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
@@ -421,6 +514,7 @@ def load(path: Path) -> Config:
         tsa_key=resolve("tsa_key", "keys/tsa.key"),
         tsa_cert=resolve("tsa_cert", "keys/tsa.pem"),
         ca_certs=resolve("ca_certs", "keys/ca.pem"),
+        database_url=_database_url(_section(raw, "database")),
     )
     tsa = _section(raw, "tsa")
     http = _http(_section(raw, "http"), base)
@@ -459,9 +553,32 @@ def load(path: Path) -> Config:
         consultation=_consultation(_section(raw, "consultation")),
         fallback=_fallback(_section(raw, "fallback"), base),
         http=http,
+        keys=_keys(_section(raw, "keys"), base),
         tsa_url=str(tsa["url"]) if tsa.get("url") else None,
         workers=int(raw.get("workers", 4)),
     )
+
+
+def _database_line(url: str | None) -> str:
+    if url is None:
+        return ('# url = "postgresql://pecd@db.example/pecd"   # PostgreSQL instead of the SQLite'
+                ' file in data_dir')
+    return f"url = {json.dumps(url)}   # PostgreSQL: queue, bodies, ledger, accounts"
+
+
+def use_database(conf_path: Path, url: str | None) -> None:
+    """Point an existing provider's configuration at ``url`` (None: back to the SQLite file):
+    the ``[database]`` table is rewritten, nothing else. The schema is made on first open
+    (``pecd.store.db.open_database``); moving the data is ``pecd db copy``'s job."""
+    text = conf_path.read_text()
+    line = _database_line(url)
+    pattern = re.compile(r"^\[database\]\n(?:(?!\[)[^\n]*\n?)*", re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: f"[database]\n{line}\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + f"\n\n[database]\n{line}\n"
+    conf_path.write_text(text)
+    load(conf_path)  # still a valid configuration
 
 
 def render(
@@ -472,6 +589,7 @@ def render(
     listen: Listen,
     ca_certs: str,
     http_port: int = 10080,
+    database_url: str | None = None,
 ) -> str:
     """The commented configuration ``pecd init`` writes."""
     return f'''# pecd provider configuration. Paths are relative to this file.
@@ -491,6 +609,18 @@ tls_cert = "keys/tls.pem"
 tsa_key = "keys/tsa.key"               # built-in RFC 3161 TSA
 tsa_cert = "keys/tsa.pem"
 ca_certs = "{ca_certs}"                # CA(s) trusted for peers' TLS and signatures
+
+[keys]
+# provider = "pkcs11:token=pecd;object=provider"   # the signing key in an HSM (RFC 7512 URI)
+# tsa = "pkcs11:token=pecd;object=tsa"             # the built-in TSA's key likewise
+# pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
+# pin_file = "keys/token.pin"          # the user PIN (0600; trailing newline ignored), or:
+# pin_env = "PECD_TOKEN_PIN"           # never the PIN itself in this file
+# next_key = "pkcs11:token=pecd;object=provider-2027"  # renewal: the next key and certificate,
+# next_cert = "keys/signing-next.pem"  # published with the current one until switch_at,
+# switch_at = "2027-03-01T00:00:00Z"   # then used for signing
+[database]
+{_database_line(database_url)}
 
 [listen]
 host = "{listen.host}"

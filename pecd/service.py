@@ -14,7 +14,6 @@ import ctypes
 import logging
 import os
 import signal
-import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from pecd import keyring
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
 from pecd.edges import httpapi
@@ -37,17 +37,17 @@ from pecd.points.reception import ReceptionPoint
 from pecd.points.relay import Connections, RelayStage, Router
 from pecd.points.submission import AccessPoint
 from pecd.points.timeouts import TimeoutWorker
+from pecd.store import Connection, Unavailable, ledger, users
 from pecd.store import db as db_mod
-from pecd.store import ledger, users
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, Kind, Outcome, Queue, Recovery
-from pecd.store.spool import Spool
+from pecd.store.spool import open_bodies
 from pecd.trust import index as index_mod
 from pecd.trust import pki, revocation
-from pecd.trust.cms import Signer
 from pecd.trust.index import ProviderIndex
 from pecd.trust.index_sync import IndexRefresher
+from pecd.trust.keys import SigningUnavailable
 from pecd.trust.tsa import (
     FallbackTimestamper,
     FallbackUse,
@@ -61,18 +61,15 @@ from pecd.trust.tsa import (
 log = logging.getLogger("pecd")
 
 Handler = Callable[[Item], Awaitable[Outcome]]
+SIGNING_RETRY = 30.0  # seconds before an item deferred for an unavailable signing key is retried
 
 
-def _index_version(conn: sqlite3.Connection) -> tuple[int, str, str]:
+def _index_version(conn: Connection) -> tuple[int, str, str]:
     return index_mod.version(conn)
 
 
-def _rows_since_checkpoint(conn: sqlite3.Connection) -> int:
-    row = conn.execute(
-        "SELECT coalesce((SELECT max(seq) FROM ledger), 0)"
-        " - coalesce((SELECT max(seq_to) FROM ledger_checkpoint), 0)"
-    ).fetchone()
-    return int(row[0])
+def _rows_since_checkpoint(conn: Connection) -> int:
+    return ledger.rows_since_checkpoint(conn)
 
 
 class Runner:
@@ -90,6 +87,16 @@ class Runner:
     async def _process(self, item: Item) -> None:
         try:
             outcome = await self.handler(item)
+        except SigningUnavailable as exc:  # the token went away: retry later, never drop
+            log.warning("signing key unavailable, %s item %s deferred: %s", self.kind, item.id, exc)
+            outcome = Outcome(state="deferred", delay=SIGNING_RETRY, error=str(exc)[:500],
+                              events=[LedgerEvent(event="deferred", detail={
+                                  "queue_id": item.id, "stage": self.kind,
+                                  "reason": "signing key unavailable"})])
+        except Unavailable as exc:  # the database is away: the lease runs out, then a retry
+            log.warning("%s stage: storage unavailable on queue item %s: %s", self.kind,
+                        item.id, exc)
+            return
         except Exception as exc:  # a stage bug parks the item; it is never dropped
             incident = uuid.uuid4().hex[:12]
             log.error("incident %s: %s stage failed on queue item %s", incident, self.kind,
@@ -112,7 +119,11 @@ class Runner:
     async def run(self) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
-            items = await self.queue.lease(self.kind, free) if free > 0 else []
+            try:
+                items = await self.queue.lease(self.kind, free) if free > 0 else []
+            except Unavailable as exc:  # PostgreSQL away: the writer reconnects; look again soon
+                log.warning("%s runner: storage unavailable: %s", self.kind, exc)
+                items = []
             for item in items:
                 task = asyncio.create_task(self._process(item))
                 self._inflight.add(task)
@@ -162,9 +173,10 @@ def make_timestamper(config: Config, clock: Clock, db: Database | None = None) -
     """
     paths = config.paths
     if not config.tsa_url:
-        return LocalTSA(pki.load_key(paths.tsa_key), pki.load_cert(paths.tsa_cert), clock)
-    cert = pki.load_cert(paths.tsa_cert) if paths.tsa_cert.exists() else None
-    key = pki.load_key(paths.tsa_key) if paths.tsa_key.exists() else None
+        key, cert = keyring.tsa_pair(config)
+        assert key is not None and cert is not None
+        return LocalTSA(key, cert, clock)
+    key, cert = keyring.tsa_pair(config, required=False)
     if cert is None or key is None or not key_matches(key, cert):
         return RemoteTSA(config.tsa_url, cert)
 
@@ -191,10 +203,9 @@ def make_mailbox(config: Config) -> Mailbox:
 
 
 def make_issuer(config: Config, clock: Clock, timestamper: Timestamper) -> Issuer:
-    # signing.pem: the certificate, then any intermediates (an outside CA's), sent with each signature
-    cert, *chain = pki.load_certs(config.paths.signing_cert)
-    signer = Signer(pki.load_key(config.paths.signing_key), cert, clock, chain=chain,
-                    timestamper=timestamper)
+    # signing.pem (or the token): the certificate, then any intermediates sent with each signature;
+    # a file key or a token key ([keys]); during a renewal, the signer switches at [keys] switch_at
+    signer = keyring.make_signer(config, clock, timestamper)
     return Issuer(config.name, config.domain, config.service_address, signer)
 
 
@@ -203,7 +214,7 @@ class Service:
         self.config = config
         self.clock = clock or SystemClock()
         self.db = Database(config.paths.database)
-        self.spool = Spool(config.paths.spool)
+        self.spool = open_bodies(config.paths.database, config.paths.spool)
         self.queue = Queue(self.db, self.spool, self.clock)
         self.index = ProviderIndex(self.db.transact_sync(index_mod.load_all))
         self.trust_roots = pki.load_certs(config.paths.ca_certs)

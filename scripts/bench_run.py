@@ -83,6 +83,7 @@ class Settings:
     json: Path | None
     quick: bool
     certified_only: bool
+    keys: str = "file"  # "pkcs11": both providers sign in a SoftHSM2 token (keys_in_token)
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--profile-gil", action="store_true",
                    help="with --profile: sample only the thread holding the GIL (Python CPU), "
                         "not every active thread (which includes fsync and SQLite waits)")
+    p.add_argument("--keys", choices=["file", "pkcs11"], default="file",
+                   help="where the providers' signing and TSA keys live (pkcs11: SoftHSM2)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
     a = p.parse_args(argv)
@@ -141,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         keep=a.keep,
         json=a.json,
         quick=q,
+        keys=a.keys,
         certified_only=a.certified_only,
     )
     if s.messages < 1 or s.clients < 1 or s.deep < 1 or s.pairs < 1 or s.min_seconds < 0:
@@ -418,6 +422,35 @@ def wait_port(port: int, timeout: float, alive: Callable[[], bool], what: str) -
     raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
+def keys_in_token(tmp: Path, root: Path, ca_dir: Path) -> None:
+    """``--keys pkcs11``: the provider's signing and TSA keys made in a SoftHSM2 token (one token
+    ``bench`` under ``tmp`` for both providers; the daemons inherit SOFTHSM2_CONF), the key
+    files removed, ``[keys]`` pointing at the token."""
+    conf, pin = tmp / "softhsm2.conf", tmp / "token.pin"
+    if not conf.exists():
+        (tmp / "tokens").mkdir()
+        conf.write_text(f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\n"
+                        "log.level = ERROR\n")
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin",
+                        "1234", "--so-pin", "5678"], check=True, capture_output=True)
+        pin.write_text("1234\n")
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    cfg = root / "pecd.toml"
+    for what, purpose in (("signing", "signing"), ("tsa", "tsa")):
+        uri = f"pkcs11:token=bench;object={root.name}-{what}"
+        pecd_cli("-c", str(cfg), "keys", "generate", "--pkcs11", uri, "--purpose", purpose,
+                 "--module", module, "--pin-file", str(pin), "--ca", str(ca_dir),
+                 "--cert", str(root / "keys" / f"{what}.pem"))
+        (root / "keys" / f"{what}.key").unlink()
+    text = cfg.read_text().replace("[keys]\n", "[keys]\n" + "".join(
+        f'{k} = "{v}"\n' for k, v in (
+            ("provider", f"pkcs11:token=bench;object={root.name}-signing"),
+            ("tsa", f"pkcs11:token=bench;object={root.name}-tsa"),
+            ("pkcs11_module", module), ("pin_file", str(pin)))), 1)
+    cfg.write_text(text)
+
+
 def pecd_cli(*args: str, stdin: str | None = None) -> str:
     """Run a ``pecd`` command in this process (click's test runner, as tests/conftest.py does)."""
     sys.path.insert(0, str(ROOT))
@@ -651,6 +684,8 @@ class Bench:
             pecd_cli("init", str(p.root), "--domain", p.domain, "--ca", str(ca_dir),
                      "--submission-port", str(p.submission), "--smtps-port", str(free_port()),
                      "--inbound-port", str(p.inbound), "--http-port", str(free_port()))
+            if self.s.keys == "pkcs11":
+                keys_in_token(self.tmp, p.root, ca_dir)
         for p, q in ((self.a, self.b), (self.b, self.a)):
             card = self.tmp / f"{p.name}.card"
             card.write_text(pecd_cli("-c", str(p.conf), "index", "export"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +25,7 @@ from cryptography import x509
 
 from pecd.clock import Clock
 from pecd.config import Config, IndexSource
+from pecd.store import Connection
 from pecd.store.db import Database
 from pecd.trust import index, index_ldif, pki
 from pecd.trust.index import IndexCopy
@@ -172,7 +172,7 @@ class IndexRefresher:
             return await self._refused(where, f"unexpected error: {type(exc).__name__}: {exc}")
         at = self.clock.now()
 
-        def save(conn: sqlite3.Connection) -> list[index.Provider]:
+        def save(conn: Connection) -> list[index.Provider]:
             index.take_copy(conn, copy, where, at)
             return index.load_all(conn)
 
