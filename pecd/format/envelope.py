@@ -28,9 +28,11 @@ def _inherited(src: Message) -> list[HeaderField]:
             for name in _INHERITED for value in src.get_all(name, [])]
 
 
-def transport_envelope(tx: Transaction, original: bytes, issuer: Issuer, at: datetime) -> Blob:
-    """The signed envelope the access point sends to every recipient."""
-    src = headers.parse(original)
+def transport_envelope(tx: Transaction, original: bytes, issuer: Issuer, at: datetime,
+                       src: Message | None = None) -> Blob:
+    """The signed envelope the access point sends to every recipient. ``src``: the original's
+    header fields when the caller has already parsed them (only read here)."""
+    src = headers.parse(original) if src is None else src
     copied = _inherited(src)
     copied.append(compose.raw_header("Reply-To", str(src.get("Reply-To") or tx.sender)))
     when = daticert.format_human_time(tx.accepted_at)

@@ -8,6 +8,9 @@ arguments), so one temporal value serves the notice, the envelope and the ledger
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.message import Message
@@ -163,8 +166,40 @@ def _category(msg: Message) -> Category:
     return "ordinary"
 
 
+_MEMO_MAX = 256 * 1024  # only small messages are remembered: a Parsed holds its source...
+_MEMO_BYTES = 16 * 1024 * 1024  # ...and all of them together at most this much
+_memo: OrderedDict[bytes, tuple[Parsed, int]] = OrderedDict()
+_memo_size = 0
+_memo_lock = threading.Lock()
+
+
 def parse(data: bytes) -> Parsed:
-    """Split a PEC message into daticert and original. Raises NotPec when it has no such shape."""
+    """Split a PEC message into daticert and original. Raises NotPec when it has no such shape.
+
+    The reception point parses a message to verify it and the delivery point parses the same
+    bytes again, often hundreds of messages later when the queue is deep: recent small
+    messages' results are remembered by their SHA-256, up to 16 MiB of messages. A Parsed is
+    frozen and its callers only read it."""
+    global _memo_size
+    if len(data) > _MEMO_MAX:
+        return _parse(data)
+    key = hashlib.sha256(data).digest()
+    with _memo_lock:
+        known = _memo.get(key)
+        if known is not None:
+            _memo.move_to_end(key)
+            return known[0]
+    parsed = _parse(data)
+    with _memo_lock:
+        if key not in _memo:
+            _memo[key] = (parsed, len(data))
+            _memo_size += len(data)
+        while _memo_size > _MEMO_BYTES:
+            _memo_size -= _memo.popitem(last=False)[1][1]
+    return parsed
+
+
+def _parse(data: bytes) -> Parsed:
     msg = headers.parse(data)
     category = _category(msg)
     if category in ("ordinary", "anomaly-envelope"):

@@ -85,8 +85,16 @@ class Maildir:
 
     @staticmethod
     def _exists(box: Path, name: str) -> bool:
-        return ((box / "new" / name).exists() or any((box / "cur").glob(f"{name}:*"))
-                or (box / "cur" / name).exists())
+        """In ``new/``, or in ``cur/`` with or without the flags a reader added (``:2,S``);
+        one listing of ``cur/`` (pathlib's glob cost more than the rest of a store)."""
+        if (box / "new" / name).exists():
+            return True
+        flagged = name + ":"
+        try:
+            with os.scandir(box / "cur") as entries:
+                return any(e.name == name or e.name.startswith(flagged) for e in entries)
+        except FileNotFoundError:
+            return False
 
     def stored(self, address: str, key: str, created: float) -> bool:
         """Whether ``store`` with this key already happened (a retry after a crash)."""

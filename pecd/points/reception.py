@@ -163,7 +163,7 @@ class ReceptionPoint:
         loop = asyncio.get_running_loop()
         found = None
         if self.scanner is not None:  # I/O first, then the CPU part in the executor
-            data = await loop.run_in_executor(self.cpu, self.read, item)
+            data = await self._data(item)
             if pec.classify(data) == "envelope":
                 try:
                     found = await self.scanner.scan(data)
@@ -185,9 +185,15 @@ class ReceptionPoint:
         applied (material fetched here, on the event loop's terms, not in ``_handle``)."""
         if self.revocation is None:
             return None
-        loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self.cpu, self.read, item)
+        data = await self._data(item)
         return await self.revocation.check(data, datetime.fromtimestamp(item.created, UTC))
+
+    async def _data(self, item: Item) -> bytes:
+        """The item's bytes: read in the executor from a spool file, taken as they are from
+        the queue row (no worker-thread hop for what is already in memory)."""
+        if item.body is not None:
+            return self.read(item)
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, self.read, item)
 
     def _handle(self, item: Item, found: str | None = None,
                 decision: revocation_mod.Decision | None = None,

@@ -150,12 +150,15 @@ class Connections:
         return _Conn(client), False
 
     async def send(self, hop: Hop, mail_from: str, rcpts: Sequence[str],
-                   source: Callable[[], BinaryIO]) -> None:
-        """One transaction; ``source`` opens the message (in a worker thread) for each try."""
+                   source: Callable[[], BinaryIO], *, in_memory: bool = False) -> None:
+        """One transaction; ``source`` opens the message (in a worker thread) for each try.
+        ``in_memory``: ``source`` gives bytes already in memory (a queue row's), read on the
+        event loop: nothing there blocks, and two worker-thread hops per message cost more
+        than the reading."""
         async with self._slots.setdefault(hop, asyncio.Semaphore(PER_HOP)):
             conn, reused = await self._checkout(hop)
             try:
-                await self._transaction(hop, conn, mail_from, rcpts, source)
+                await self._transaction(hop, conn, mail_from, rcpts, source, in_memory)
             except TemporaryFailure:
                 if not reused:
                     raise
@@ -163,16 +166,18 @@ class Connections:
                 # command limits): one more try on a fresh one before deferring. A duplicate
                 # that could result is recognised by the peer's reception point.
                 conn, _ = await self._checkout(hop)
-                await self._transaction(hop, conn, mail_from, rcpts, source)
+                await self._transaction(hop, conn, mail_from, rcpts, source, in_memory)
 
     async def _transaction(self, hop: Hop, conn: _Conn, mail_from: str,
-                           rcpts: Sequence[str], source: Callable[[], BinaryIO]) -> None:
+                           rcpts: Sequence[str], source: Callable[[], BinaryIO],
+                           in_memory: bool = False) -> None:
         client = conn.client
         errors: dict[str, aiosmtplib.SMTPRecipientRefused] = {}
         loop = asyncio.get_running_loop()
         reader: _DataReader | None = None
         try:
-            reader = await loop.run_in_executor(None, lambda: _DataReader(source()))
+            reader = (_DataReader(source()) if in_memory
+                      else await loop.run_in_executor(None, lambda: _DataReader(source())))
             if client.last_ehlo_response is None:
                 await client.ehlo()  # its extensions say whether SIZE may be declared
             options = [f"SIZE={reader.size}"] if client.supports_extension("size") else []
@@ -184,7 +189,7 @@ class Connections:
                     errors[rcpt] = exc
             if len(errors) == len(rcpts):
                 raise aiosmtplib.SMTPRecipientsRefused(list(errors.values()))
-            await _send_data(client, reader)
+            await _send_data(client, reader, in_memory)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             client.close()
             if all(r.code >= 500 for r in exc.recipients):
@@ -262,7 +267,7 @@ def _stuff(lines: bytes) -> bytes:
     return b"." + stuffed if stuffed[:1] == b"." else stuffed
 
 
-async def _send_data(client: aiosmtplib.SMTP, reader: _DataReader) -> None:
+async def _send_data(client: aiosmtplib.SMTP, reader: _DataReader, in_memory: bool = False) -> None:
     """DATA streamed from the spool file, paced by the peer (transport flow control).
 
     aiosmtplib's ``data()`` takes the whole message as one bytes object and copies it three
@@ -278,8 +283,8 @@ async def _send_data(client: aiosmtplib.SMTP, reader: _DataReader) -> None:
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     last = False
-    while not last:  # one worker-thread hop per piece: a small message is one piece
-        piece, last = await loop.run_in_executor(None, reader.next)
+    while not last:  # one worker-thread hop per piece of a file: a small message is one piece
+        piece, last = reader.next() if in_memory else await loop.run_in_executor(None, reader.next)
         protocol.write(piece)
         await asyncio.wait_for(protocol._drain_helper(), timeout)
     protocol.write(b".\r\n")
@@ -318,7 +323,8 @@ class RelayStage:
         try:
             hop = self.hop(item)
             await self.connections.send(hop, item.mail_from, item.rcpts,
-                                        lambda: self.open_item(item))
+                                        lambda: self.open_item(item),
+                                        in_memory=item.body is not None)
         except TemporaryFailure as exc:
             if item.attempts + 1 >= self.config.relay.max_attempts:
                 return Outcome(state="hold", error=str(exc), events=[LedgerEvent(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
 from datetime import datetime
+from email.message import Message
 
 from pecd.clock import Clock
 from pecd.config import Config
@@ -33,10 +34,12 @@ RECEIPT_KINDS: dict[str, ReceiptKind] = {
 
 
 def transaction_for(data: bytes, mail_from: str, rcpts: tuple[str, ...], router: Router,
-                    issuer: Issuer, at: datetime, reading_default: bool = False) -> Transaction:
+                    issuer: Issuer, at: datetime, reading_default: bool = False,
+                    msg: Message | None = None) -> Transaction:
     """The certification facts of a submission; the PEC id is new, the rest comes from it.
-    Reading evidence: the message's ``X-Presa-Visione`` header, else ``reading_default``."""
-    msg = headers.parse(data)
+    Reading evidence: the message's ``X-Presa-Visione`` header, else ``reading_default``.
+    ``msg``: the header fields of ``data`` when the caller has parsed them already."""
+    msg = headers.parse(data) if msg is None else msg
     asked = consultation.requested(msg.get(consultation.REQUEST_HEADER))
     kind = RECEIPT_KINDS.get(str(msg.get("X-TipoRicevuta", "")).strip().lower(), "completa")
     reply_to = (headers.addresses(msg, "Reply-To") or [mail_from])[0]
@@ -96,13 +99,14 @@ class AccessPoint:
     def _handle(self, item: Item, reading_default: bool = False) -> Outcome:
         data = self.read(item)
         at = self.clock.now()
+        msg = headers.parse(data)  # once: the transaction, the checks and the envelope read it
         tx = transaction_for(data, item.mail_from, item.rcpts, self.router, self.issuer, at,
-                             reading_default)
+                             reading_default, msg)
         base = LedgerEvent(event="accepted", msgid=tx.identifier, ref_msgid=tx.ref_msgid,
                            sender=tx.sender, recipients=item.rcpts, subject=tx.subject,
                            provider=self.issuer.name)
         try:
-            checks.formal_checks(headers.parse(data), item.mail_from, item.rcpts, len(data),
+            checks.formal_checks(msg, item.mail_from, item.rcpts, len(data),
                                  self.limits, headers.header_block(data))
         except FormalCheckFailed as exc:
             notice_id, notice = receipts.non_acceptance(tx, self.issuer, at, str(exc))
@@ -113,7 +117,7 @@ class AccessPoint:
                                 detail={"reason": str(exc), "queue_id": item.id})],
             )
         acc_id, acc = receipts.acceptance(tx, self.issuer, at)
-        env = envelope.transport_envelope(tx, data, self.issuer, at)
+        env = envelope.transport_envelope(tx, data, self.issuer, at, msg)
         outputs = [NewItem("deliver", self.issuer.service_address, (tx.sender,), data=acc,
                            meta={"mode": "plain", "msgid": acc_id})]
         outputs += self.router.items(tx.sender, item.rcpts, env, local_kind="inbound",

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from pecd.clock import Clock
 from pecd.format.blob import Blob
+from pecd.trust import der as _d
 from pecd.trust.paths import DEFAULT_POLICY, AlgorithmPolicy, RevocationInfo, validate_path
 from pecd.trust.pki import PrivateKey
 from pecd.trust.verdict import AlgorithmRefused, ContentAltered, TimestampProblem
@@ -143,8 +144,24 @@ def der_time(when: datetime) -> bytes:
     """RFC 5652 §11.3: UTCTime for 1950-2049, GeneralizedTime otherwise; whole seconds."""
     when = when.astimezone(UTC).replace(microsecond=0)
     if 1950 <= when.year < 2050:
-        return bytes(core.UTCTime(when).dump())
-    return bytes(core.GeneralizedTime(when).dump())
+        return _der_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return der_generalized_time(when)
+
+
+def der_generalized_time(when: datetime) -> bytes:
+    """GeneralizedTime in UTC, the fraction without trailing zeros (X.690 §11.7), as
+    asn1crypto writes it: joined here, as it is written for every signature and token."""
+    when = when.astimezone(UTC)
+    text = when.strftime("%Y%m%d%H%M%S")
+    if when.microsecond:
+        text += f".{when.microsecond:06d}".rstrip("0")
+    return _der_tlv(0x18, (text + "Z").encode("ascii"))
+
+
+def der_integer(value: int) -> bytes:
+    """A DER INTEGER: two's complement, minimal length."""
+    length = (value + (value < 0)).bit_length() // 8 + 1
+    return _der_tlv(0x02, value.to_bytes(length, "big", signed=True))
 
 
 # --------------------------------------------------------------------------- signing
@@ -323,7 +340,7 @@ class _Checked:
     econtent: bytes | None
     signature: bytes
     signing_time: datetime | None
-    unsigned: dict[str, list[Any]]
+    unsigned: dict[str, list[bytes]]  # attribute type → each value's DER
     digest: str
 
 
@@ -476,7 +493,28 @@ def check_signed_data(
 
     Checks: structure, contentType and messageDigest attributes, ESS signing certificate when
     present (required with ``require_ess``), and the signature with the named certificate's key.
+
+    The usual shape (plain DER, issuerAndSerialNumber, names byte-equal, PKCS#1 v1.5 or ECDSA)
+    is read by :func:`_check_fast` without an object tree. It only ever accepts: anything else it
+    meets, a failed check included, goes to the generic asn1crypto path, whose answer (and error
+    message) is the one given.
     """
+    try:
+        return _check_fast(der, detached, extra_certs, require_ess, policy)
+    except (_d.NotDer, _Unusual, SignatureInvalid, ValueError, TypeError, KeyError, IndexError,
+            UnsupportedAlgorithm):
+        pass
+    return _check_generic(der, detached, extra_certs, require_ess, policy)
+
+
+def _check_generic(
+    der: bytes,
+    detached: bytes | memoryview | None,
+    extra_certs: Sequence[x509.Certificate],
+    require_ess: bool,
+    policy: AlgorithmPolicy,
+) -> _Checked:
+    """check_signed_data through asn1crypto's object tree: any shape CMS allows."""
     try:
         ci = cms.ContentInfo.load(der, strict=True)
         if ci["content_type"].dotted != ID_SIGNED_DATA:
@@ -511,10 +549,11 @@ def check_signed_data(
             if oid in attrs:
                 raise SignatureInvalid(f"signed attribute {oid} appears twice")
             attrs[oid] = list(attr["values"])
-        unsigned: dict[str, list[Any]] = {}
+        unsigned: dict[str, list[bytes]] = {}
         if not isinstance(si["unsigned_attrs"], core.Void):
             for attr in si["unsigned_attrs"]:
-                unsigned.setdefault(attr["type"].dotted, []).extend(attr["values"])
+                unsigned.setdefault(attr["type"].dotted, []).extend(
+                    bytes(v.dump()) for v in attr["values"])
         signature = si["signature"].native
         sig_oid = si["signature_algorithm"]["algorithm"].dotted
         sig_params = si["signature_algorithm"]["parameters"]
@@ -568,6 +607,322 @@ def check_signed_data(
     )
 
 
+# --------------------------------------------------------------------------- fast path
+
+
+class _Unusual(Exception):
+    """Well-formed perhaps, but not the usual shape: the generic path decides."""
+
+
+_DIGEST_OIDS = {
+    "1.3.14.3.2.26": "sha1",
+    "2.16.840.1.101.3.4.2.4": "sha224",
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+}
+_SEQ, _SET, _OCTETS, _OID_TAG, _INT = 0x30, 0x31, 0x04, 0x06, 0x02
+_OID_TEXT: dict[bytes, str] = {}
+_READ_ATTRS = frozenset({ID_CONTENT_TYPE, ID_MESSAGE_DIGEST, ID_SIGNING_TIME,
+                         ID_AA_SIGNING_CERTIFICATE, ID_AA_SIGNING_CERTIFICATE_V2})
+
+
+def _oid_text(contents: bytes) -> str:
+    text = _OID_TEXT.get(contents)
+    if text is None:
+        text = _d.oid_dotted(contents)
+        if len(_OID_TEXT) < 1024:
+            _OID_TEXT[contents] = text
+    return text
+
+
+def _algorithm(buf: bytes, start: int, end: int) -> tuple[str, bytes]:
+    """AlgorithmIdentifier contents → (OID text, parameters' DER or b"")."""
+    tag, ostart, oend = _d.read(buf, start, end)
+    if tag != _OID_TAG:
+        raise _d.NotDer("AlgorithmIdentifier without an OID")
+    return _oid_text(buf[ostart:oend]), buf[oend:end]
+
+
+@functools.lru_cache(maxsize=512)
+def _issuer_der(cert: x509.Certificate) -> bytes:
+    """The issuer Name exactly as encoded in the certificate (tag and length included)."""
+    der = _cert_der(cert)
+    start, end = _d.whole(der, _SEQ)
+    tstart, tend = _d.expect(der, start, end, _SEQ)
+    pos = tstart
+    kids = _d.children(der, tstart, tend)
+    tag, pos, _, cend = next(kids)
+    if tag == 0xA0:  # [0] version
+        tag, pos, _, cend = next(kids)
+    # serialNumber, then signature AlgorithmIdentifier, then issuer
+    _, pos, _, cend = next(kids)
+    tag, pos, _, cend = next(kids)
+    if tag != _SEQ:
+        raise _d.NotDer("issuer is not a Name")
+    return der[pos:cend]
+
+
+@functools.lru_cache(maxsize=512)
+def _public_key(cert: x509.Certificate) -> Any:
+    return cert.public_key()
+
+
+def _attributes(buf: bytes, start: int, end: int, unique: bool) -> dict[str, list[bytes]]:
+    """SET OF Attribute contents → type → each value's DER."""
+    out: dict[str, list[bytes]] = {}
+    for tag, _, astart, aend in _d.children(buf, start, end):
+        if tag != _SEQ:
+            raise _d.NotDer("Attribute is not a SEQUENCE")
+        ttag, _, tstart, tend = next(_d.children(buf, astart, aend))
+        if ttag != _OID_TAG:
+            raise _d.NotDer("Attribute without a type")
+        vstart, vend = _d.expect(buf, tend, aend, _SET)
+        if vend != aend:
+            raise _d.NotDer("bytes after an Attribute's values")
+        oid = _oid_text(buf[tstart:tend])
+        if unique and oid in out:
+            raise _Unusual("attribute twice")
+        out.setdefault(oid, []).extend(buf[p:e] for _, p, _, e in _d.children(buf, vstart, vend))
+    return out
+
+
+def _time_value(value: bytes) -> datetime:
+    if value[:1] == b"\x17":
+        when = core.UTCTime.load(value, strict=True).native
+    elif value[:1] == b"\x18":
+        when = core.GeneralizedTime.load(value, strict=True).native
+    else:
+        raise _d.NotDer("signingTime is neither UTCTime nor GeneralizedTime")
+    if not isinstance(when, datetime):
+        raise _Unusual("signingTime without a date")
+    return when
+
+
+def _check_ess_fast(value: bytes, v2: bool, signer: x509.Certificate) -> None:
+    """The first ESSCertID(v2) names ``signer`` by hash and, when given, by issuer and serial
+    (issuer compared byte for byte: other spellings of the same name go the generic way)."""
+    start, end = _d.whole(value, _SEQ)
+    cstart, cend = _d.expect(value, start, end, _SEQ)  # certs
+    if cstart == cend:
+        raise _Unusual("no ESSCertID")
+    istart, iend = _d.expect(value, cstart, cend, _SEQ)  # the first ESSCertID(v2)
+    kids = list(_d.children(value, istart, iend))
+    algo = "sha1"
+    if v2:
+        algo = "sha256"
+        if kids and kids[0][0] == _SEQ:
+            name = _DIGEST_OIDS.get(_algorithm(value, kids[0][2], kids[0][3])[0])
+            if name is None:
+                raise _Unusual("ESS digest not known")
+            algo = name
+            kids = kids[1:]
+    if not kids or kids[0][0] != _OCTETS:
+        raise _d.NotDer("ESSCertID without certHash")
+    cert_hash = value[kids[0][2]:kids[0][3]]
+    if not hmac.compare_digest(hashlib.new(algo, _cert_der(signer)).digest(), cert_hash):
+        raise _Unusual("ESS hash differs")
+    if len(kids) == 1:
+        return
+    if len(kids) != 2 or kids[1][0] != _SEQ:
+        raise _Unusual("ESSCertID with more than issuerSerial")
+    sstart, send = kids[1][2], kids[1][3]
+    names_start, names_end = _d.expect(value, sstart, send, _SEQ)
+    serial_start, serial_end = _d.expect(value, names_end, send, _INT)
+    if serial_end != send or _d.integer(value, serial_start, serial_end) != signer.serial_number:
+        raise _Unusual("ESS serial differs")
+    issuer = _issuer_der(signer)
+    for tag, _, gstart, gend in _d.children(value, names_start, names_end):
+        if tag == 0xA4 and value[gstart:gend] == issuer:  # directoryName [4] EXPLICIT Name
+            return
+    raise _Unusual("ESS issuer not byte-equal")
+
+
+@dataclass
+class _Layout:
+    """Where the parts of a plain-DER SignedData with one SignerInfo lie (see _layout)."""
+
+    der: bytes
+    econtent_type: str
+    econtent: bytes | None
+    certificates: list[x509.Certificate]
+    si: list[tuple[int, int, int, int]]  # the SignerInfo's fields, as _d.children gives them
+    want_issuer: bytes  # issuerAndSerialNumber
+    want_serial: int
+
+
+def _layout(der: bytes) -> _Layout:
+    """The usual SignedData shape, cut into its parts without an object tree; NotDer or
+    _Unusual for anything else (the generic path then reads it)."""
+    start, end = _d.whole(der, _SEQ)
+    tag, _, ostart, oend = next(_d.children(der, start, end))
+    if tag != _OID_TAG or der[ostart:oend] != _OID_DER[ID_SIGNED_DATA][2:]:
+        raise _Unusual("not SignedData")
+    xstart, xend = _d.expect(der, oend, end, 0xA0)
+    if xend != end:
+        raise _d.NotDer("bytes after the content")
+    sstart, send = _d.expect(der, xstart, xend, _SEQ)
+    if send != xend:
+        raise _d.NotDer("bytes after SignedData")
+    kids = list(_d.children(der, sstart, send))
+    # version, digestAlgorithms, encapContentInfo, [0] certificates?, [1] crls?, signerInfos
+    if len(kids) < 4 or kids[0][0] != _INT or kids[1][0] != _SET or kids[2][0] != _SEQ:
+        raise _d.NotDer("SignedData shape")
+    if kids[-1][0] != _SET:
+        raise _d.NotDer("signerInfos")
+    optional = kids[3:-1]
+    if any(k[0] not in (0xA0, 0xA1) for k in optional) or len(optional) > 2:
+        raise _d.NotDer("SignedData optional fields")
+    # encapContentInfo
+    _, _, estart, eend = kids[2]
+    etag, _, et_start, et_end = next(_d.children(der, estart, eend))
+    if etag != _OID_TAG:
+        raise _d.NotDer("eContentType")
+    econtent_type = _oid_text(der[et_start:et_end])
+    if der[kids[0][2]:kids[0][3]] != (b"\x01" if econtent_type == ID_DATA else b"\x03"):
+        raise _Unusual("SignedData version")  # RFC 5652 §5.1; asn1crypto reads others its own way
+    econtent: bytes | None = None
+    if et_end < eend:
+        wstart, wend = _d.expect(der, et_end, eend, 0xA0)
+        cstart, cend = _d.expect(der, wstart, wend, _OCTETS)  # constructed (BER) goes generic
+        if wend != eend or cend != wend:
+            raise _d.NotDer("bytes after eContent")
+        econtent = der[cstart:cend]
+    certificates: list[x509.Certificate] = []
+    for k in optional:
+        if k[0] != 0xA0:
+            raise _Unusual("CRLs included")
+        for ctag, cpos, _, cend in _d.children(der, k[2], k[3]):
+            if ctag != _SEQ:
+                raise _Unusual("a certificate choice other than a plain certificate")
+            certificates.append(_cert_from_der(der[cpos:cend]))
+    if len(certificates) > _MAX_CERTIFICATES:
+        raise _Unusual("too many certificates")
+    signer_infos = list(_d.children(der, kids[-1][2], kids[-1][3]))
+    if len(signer_infos) != 1 or signer_infos[0][0] != _SEQ:
+        raise _Unusual("not one SignerInfo")
+    si = list(_d.children(der, signer_infos[0][2], signer_infos[0][3]))
+    # version, sid, digestAlgorithm, [0] signedAttrs, signatureAlgorithm, signature, [1]?
+    if len(si) not in (6, 7) or [k[0] for k in si[:6]] != [_INT, _SEQ, _SEQ, 0xA0, _SEQ, _OCTETS]:
+        raise _Unusual("SignerInfo shape")
+    if len(si) == 7 and si[6][0] != 0xA1:
+        raise _d.NotDer("SignerInfo trailer")
+    # sid: issuerAndSerialNumber ::= SEQUENCE { issuer Name, serialNumber INTEGER }
+    sid = list(_d.children(der, si[1][2], si[1][3]))
+    if len(sid) != 2 or sid[0][0] != _SEQ or sid[1][0] != _INT:
+        raise _d.NotDer("issuerAndSerialNumber")
+    return _Layout(der, econtent_type, econtent, certificates, si, der[sid[0][1]:sid[0][3]],
+                   _d.integer(der, sid[1][2], sid[1][3]))
+
+
+def included_signer(der: bytes) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """(signer, every certificate included) of the usual SignedData shape, found among the
+    included certificates by issuer (byte-equal) and serial, nothing verified: a cheap look
+    before the real judgement. NotDer or _Unusual when the shape is another or the signer is
+    not included byte for byte (the caller then looks the generic way)."""
+    lay = _layout(der)
+    for cert in lay.certificates:
+        if cert.serial_number == lay.want_serial and _issuer_der(cert) == lay.want_issuer:
+            return cert, lay.certificates
+    raise _Unusual("signer not included byte for byte")
+
+
+def _check_fast(
+    der: bytes,
+    detached: bytes | memoryview | None,
+    extra_certs: Sequence[x509.Certificate],
+    require_ess: bool,
+    policy: AlgorithmPolicy,
+) -> _Checked:
+    """check_signed_data for the usual shape, reading only what is checked (see there)."""
+    lay = _layout(bytes(der))
+    der, si, certificates = lay.der, lay.si, lay.certificates
+    econtent_type, econtent = lay.econtent_type, lay.econtent
+    want_issuer, want_serial = lay.want_issuer, lay.want_serial
+    digest_oid, digest_params = _algorithm(der, si[2][2], si[2][3])
+    hash_name = _DIGEST_OIDS.get(digest_oid)
+    if hash_name is None or digest_params not in (b"", b"\x05\x00"):
+        raise _Unusual("digest algorithm")
+    policy.check_digest(hash_name)
+    signed_der = _d_tlv_set(der[si[3][2]:si[3][3]])
+    if si[3][2] == si[3][3]:
+        raise _Unusual("signed attributes missing")
+    attrs = _attributes(der, si[3][2], si[3][3], unique=True)
+    sig_oid, sig_params = _algorithm(der, si[4][2], si[4][3])
+    if sig_oid == ID_RSASSA_PSS or sig_params not in (b"", b"\x05\x00"):
+        raise _Unusual("signature parameters")
+    signature = der[si[5][2]:si[5][3]]
+    unsigned = _attributes(der, si[6][2], si[6][3], unique=False) if len(si) == 7 else {}
+    # asn1crypto checks each value's tag against its type when it lists them: only SEQUENCEs
+    # pass here unread, and of the unsigned attributes only timestamp tokens
+    for oid, values in attrs.items():
+        if oid not in _READ_ATTRS and any(v[:1] != b"\x30" for v in values):
+            raise _Unusual("a signed attribute that is not a SEQUENCE")
+    for oid, values in unsigned.items():
+        if oid != ID_AA_SIGNATURE_TIME_STAMP_TOKEN or any(v[:1] != b"\x30" for v in values):
+            raise _Unusual("an unsigned attribute other than a timestamp token")
+
+    signer = None
+    for cert in [*certificates, *extra_certs]:  # the generic path's order: the same first match
+        if cert.serial_number == want_serial:
+            if _issuer_der(cert) != want_issuer:
+                raise _Unusual("issuer not byte-equal: RFC 5280 comparison")
+            signer = cert
+            break
+    if signer is None:
+        raise _Unusual("signer not found")
+    if econtent is not None and detached is not None:
+        raise _Unusual("content twice")
+    content = econtent if econtent is not None else detached
+    if content is None:
+        raise _Unusual("no content")
+    ct = attrs.get(ID_CONTENT_TYPE)
+    if ct is None or len(ct) != 1:
+        raise _Unusual("contentType")
+    tstart, tend = _d.whole(ct[0], _OID_TAG)
+    if _oid_text(ct[0][tstart:tend]) != econtent_type:
+        raise _Unusual("contentType differs")
+    md = attrs.get(ID_MESSAGE_DIGEST)
+    if md is None or len(md) != 1:
+        raise _Unusual("messageDigest")
+    mstart, mend = _d.whole(md[0], _OCTETS)
+    if not hmac.compare_digest(md[0][mstart:mend], hashlib.new(hash_name, content).digest()):
+        raise _Unusual("messageDigest differs")
+    signing_time = None
+    st = attrs.get(ID_SIGNING_TIME)
+    if st is not None:
+        if len(st) != 1:
+            raise _Unusual("signingTime")
+        signing_time = _time_value(st[0])
+    if ID_AA_SIGNING_CERTIFICATE_V2 in attrs:
+        ess = attrs[ID_AA_SIGNING_CERTIFICATE_V2]
+        if len(ess) != 1:
+            raise _Unusual("ESS values")
+        _check_ess_fast(ess[0], True, signer)
+    elif ID_AA_SIGNING_CERTIFICATE in attrs:
+        ess = attrs[ID_AA_SIGNING_CERTIFICATE]
+        if len(ess) != 1:
+            raise _Unusual("ESS values")
+        _check_ess_fast(ess[0], False, signer)
+    elif require_ess:
+        raise _Unusual("ESS missing")
+    verify_raw(_public_key(signer), signature, signed_der, hash_name, sig_oid)
+    return _Checked(
+        signer=signer,
+        certificates=certificates,
+        econtent_type=econtent_type,
+        econtent=econtent,
+        signature=signature,
+        signing_time=signing_time,
+        unsigned=unsigned,
+        digest=hash_name,
+    )
+
+
+def _d_tlv_set(contents: bytes) -> bytes:
+    return _der_tlv(0x31, contents)
+
+
 # --------------------------------------------------------------------------- public verification
 
 
@@ -587,7 +942,7 @@ def _finish(
     for token in tokens:
         try:
             when = verify_token(
-                token.dump(),
+                token,
                 checked.signature,
                 tsa_roots if tsa_roots is not None else trust_roots,
             )

@@ -97,10 +97,12 @@ class Provider:
         }, indent=2) + "\n"
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every message's signer: the same few certificates
 def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+@functools.lru_cache(maxsize=1024)
 def sha1_hex(cert: x509.Certificate) -> str:
     """providerCertificateHash: SHA-1 of the DER certificate (RFC 6109 §4.5), an identifier here,
     never a signature digest."""

@@ -7,6 +7,7 @@ a production provider loads its accredited certificates with ``load_key`` / ``lo
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import secrets
@@ -112,6 +113,7 @@ def load_cert(path: Path) -> x509.Certificate:
     return load_certs(path)[0]
 
 
+@functools.lru_cache(maxsize=1024)  # the same few certificates, asked for on every message
 def cert_fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the DER certificate, lower-case hex: the key of the provider index."""
     return cert.fingerprint(hashes.SHA256()).hex()

@@ -21,6 +21,7 @@ nothing the HTTP servers say beyond that.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import threading
@@ -45,7 +46,7 @@ from pecd.clock import Clock
 from pecd.config import Reception
 from pecd.store import revocation_store as store
 from pecd.store.db import Database
-from pecd.trust import smime
+from pecd.trust import cms, smime
 from pecd.trust.index import ProviderIndex
 from pecd.trust.paths import DEFAULT_POLICY, AlgorithmPolicy, RevocationInfo, validate_path
 from pecd.trust.pki import cert_fingerprint
@@ -138,7 +139,13 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 def signed_by(signature_der: bytes) -> Signed | None:
     """The signer certificate of a SignedData and the certificates it carries, without
-    verifying anything: a cheap look before the real judgement."""
+    verifying anything: a cheap look before the real judgement. The usual shape is read
+    without an object tree (cms.included_signer), any other through asn1crypto."""
+    try:
+        signer, included = cms.included_signer(signature_der)
+        return Signed(signer, tuple(c for c in included if c != signer))
+    except Exception:  # any surprise: the generic reading below decides
+        pass
     try:
         ci = asn1_cms.ContentInfo.load(signature_der)
         sd = ci["content"]
@@ -167,13 +174,54 @@ def _ski(cert: x509.Certificate) -> bytes | None:
         return None
 
 
+class _Memo:
+    """Recent messages' answers, by the SHA-256 of the bytes: the SMTP pre-check and the
+    reception point ask about the same message one after the other, and splitting the MIME
+    and reading the CMS cost more than the signature check itself. Thread-safe."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: OrderedDict[bytes, Signed | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[bool, Signed | None]:
+        with self._lock:
+            if key not in self._entries:
+                return False, None
+            self._entries.move_to_end(key)
+            return True, self._entries[key]
+
+    def put(self, key: bytes, value: Signed | None) -> None:
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+_SIGNERS = _Memo()  # a few hundred kB: the queue may hold thousands in between
+
+
 def signer_of_message(data: bytes) -> Signed | None:
     """:func:`signed_by` for an S/MIME message; None when it is not one."""
+    key = hashlib.sha256(data).digest()
+    known, answer = _SIGNERS.get(key)
+    if known:
+        return answer
+    # pec.parse remembers its answer, and the reception point parses the same bytes next
+    from pecd.format import pec  # pec builds on pecd.trust
+
     try:
-        signed = smime.split_signed(data)
-    except smime.NotSigned:
-        return None
-    return signed_by(signed.signature)
+        signed = pec.parse(data).signed
+    except pec.NotPec:
+        signed = None
+    if signed is None:  # not PEC: any S/MIME signer still counts, as before
+        try:
+            signed = smime.split_signed(data)
+        except smime.NotSigned:
+            signed = None
+    answer = None if signed is None else signed_by(signed.signature)
+    _SIGNERS.put(key, answer)
+    return answer
 
 
 def path_of(signed: Signed, roots: Sequence[x509.Certificate], at: datetime,
@@ -574,12 +622,10 @@ class Checker:
         ``full=False`` (the SMTP pre-check) only asks whether material is in force for every
         certificate that names a source: the CRL itself is read once, by the reception point."""
         loop = asyncio.get_running_loop()
-        signed = await loop.run_in_executor(self.cpu, signer_of_message, data)
-        if signed is None or self.index.for_certificate(signed.signer) is None:
+        found = await loop.run_in_executor(self.cpu, self._signer_and_path, data, at)
+        if found is None:
             return None
-        path = await loop.run_in_executor(self.cpu, path_of, signed, self.roots, at, self.policy)
-        if path is None:
-            return None
+        signed, path = found
         materials = await asyncio.gather(*(self.sources.material(cert, issuer)
                                            for cert, issuer in itertools.pairwise(path)))
         if not full:
@@ -587,9 +633,21 @@ class Checker:
             if early is None or early.state == "unchecked":
                 return Decision("accept", early or Status("good", "material in force"))
             return await self.decide(signed.signer, early)
-        status = await loop.run_in_executor(self.cpu, judge, path, self.roots, materials, at,
-                                            self.policy)
+        status = incomplete(materials)  # judge's own first answer, without a thread hop
+        if status is None:
+            status = await loop.run_in_executor(self.cpu, judge, path, self.roots, materials,
+                                                at, self.policy)
         return await self.decide(signed.signer, status)
+
+    def _signer_and_path(self, data: bytes, at: datetime
+                         ) -> tuple[Signed, list[x509.Certificate]] | None:
+        """The signer of a message in the index and its validated path, in one worker-thread
+        call; None when it is not signed, the signer is no provider, or it has no path."""
+        signed = signer_of_message(data)
+        if signed is None or self.index.for_certificate(signed.signer) is None:
+            return None
+        path = path_of(signed, self.roots, at, self.policy)
+        return None if path is None else (signed, path)
 
     async def decide(self, signer: x509.Certificate, status: Status) -> Decision:
         """Apply ``[reception] revocation`` to a status; the start of an unknown period is kept

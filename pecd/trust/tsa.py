@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import re
 import secrets
 import threading
 import time
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pecd.clock import Clock
+from pecd.trust import der as _d
 from pecd.trust.cms import (
     ID_CONTENT_TYPE,
     ID_CT_TST_INFO,
@@ -37,6 +39,8 @@ from pecd.trust.cms import (
     _SignerCore,
     check_signed_data,
     der_attribute,
+    der_generalized_time,
+    der_integer,
 )
 from pecd.trust.paths import check_purpose, validate_path
 from pecd.trust.pki import PrivateKey
@@ -140,10 +144,10 @@ class LocalTSA:
             b"\x02\x01\x01"  # version v1
             + self._policy_der
             + imprint_der
-            + bytes(core.Integer(self._serial_base | next(self._counter)).dump())
-            + bytes(core.GeneralizedTime(now).dump())
+            + der_integer(self._serial_base | next(self._counter))
+            + der_generalized_time(now)
             + self._accuracy_der
-            + (bytes(core.Integer(nonce).dump()) if nonce is not None else b"")
+            + (der_integer(nonce) if nonce is not None else b"")
         )
         tst_der = _der_tlv(0x30, tst)
         signed_attrs, signature = self._core.sign_attrs(
@@ -211,15 +215,9 @@ def _check_token(
     if checked.econtent_type != ID_CT_TST_INFO or checked.econtent is None:
         raise TimestampInvalid(f"content is {checked.econtent_type}, not TSTInfo")
     try:
-        tst = tsp.TSTInfo.load(checked.econtent, strict=True)
-        if tst["version"].native != "v1":
-            raise TimestampInvalid(f"TSTInfo version {tst['version'].native}")
-        hash_name = tst["message_imprint"]["hash_algorithm"]["algorithm"].native
-        hashed = tst["message_imprint"]["hashed_message"].native
-        gen_time = tst["gen_time"].native
-        token_nonce = tst["nonce"].native
-    except (ValueError, TypeError, KeyError) as exc:
-        raise TimestampInvalid(f"malformed TSTInfo: {exc}") from exc
+        hash_name, hashed, gen_time, token_nonce = _tst_info_fast(checked.econtent)
+    except (_d.NotDer, ValueError, KeyError, IndexError):
+        hash_name, hashed, gen_time, token_nonce = _tst_info(checked.econtent)
     if hash_name not in VERIFY_HASHES:
         raise TimestampInvalid(f"imprint digest {hash_name} not accepted")
     if not hmac.compare_digest(hashed, hashlib.new(hash_name, data).digest()):
@@ -233,6 +231,66 @@ def _check_token(
     except SignatureInvalid as exc:
         raise TimestampInvalid(str(exc)) from exc
     return gen_time, checked.signer
+
+
+def _tst_info(econtent: bytes) -> tuple[str, bytes, Any, int | None]:
+    """(imprint digest name, imprint, genTime, nonce) of a TSTInfo, through asn1crypto."""
+    try:
+        tst = tsp.TSTInfo.load(econtent, strict=True)
+        if tst["version"].native != "v1":
+            raise TimestampInvalid(f"TSTInfo version {tst['version'].native}")
+        return (tst["message_imprint"]["hash_algorithm"]["algorithm"].native,
+                tst["message_imprint"]["hashed_message"].native,
+                tst["gen_time"].native, tst["nonce"].native)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise TimestampInvalid(f"malformed TSTInfo: {exc}") from exc
+
+
+_IMPRINT_OIDS = {
+    "1.3.14.3.2.26": "sha1",
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+}
+# RFC 3161 §2.4.2: GeneralizedTime in UTC, fraction without trailing zeros
+_GEN_TIME = re.compile(rb"(\d{4})(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)(?:\.(\d{0,5}[1-9]))?Z")
+
+
+def _tst_info_fast(econtent: bytes) -> tuple[str, bytes, datetime, int | None]:
+    """_tst_info for the usual shape, without an object tree: v1, a known imprint digest with
+    absent or NULL parameters, a genTime of whole seconds or up to six decimals, nothing but
+    optional fields after it. Anything else raises NotDer and goes the generic way."""
+    start, end = _d.whole(econtent, 0x30)
+    kids = list(_d.children(econtent, start, end))
+    tags = [k[0] for k in kids]
+    if tags[:5] != [0x02, 0x06, 0x30, 0x02, 0x18] or econtent[kids[0][2]:kids[0][3]] != b"\x01":
+        raise _d.NotDer("TSTInfo head")
+    optional = [(t, k) for t, k in zip(tags[5:], kids[5:], strict=True)]
+    order = [0x30, 0x01, 0x02, 0xA0, 0xA1]  # accuracy, ordering, nonce, tsa, extensions
+    at = 0
+    nonce: int | None = None
+    for tag, k in optional:
+        if tag not in order[at:]:
+            raise _d.NotDer("TSTInfo optional fields")
+        at = order.index(tag) + 1
+        if tag == 0x02:
+            nonce = _d.integer(econtent, k[2], k[3])
+    imprint = list(_d.children(econtent, kids[2][2], kids[2][3]))
+    if len(imprint) != 2 or imprint[0][0] != 0x30 or imprint[1][0] != 0x04:
+        raise _d.NotDer("MessageImprint")
+    alg = list(_d.children(econtent, imprint[0][2], imprint[0][3]))
+    if not alg or alg[0][0] != 0x06 or len(alg) > 2 or (
+            len(alg) == 2 and econtent[alg[1][1]:alg[1][3]] != b"\x05\x00"):
+        raise _d.NotDer("imprint AlgorithmIdentifier")
+    hash_name = _IMPRINT_OIDS[_d.oid_dotted(econtent[alg[0][2]:alg[0][3]])]
+    m = _GEN_TIME.fullmatch(econtent[kids[4][2]:kids[4][3]])
+    if m is None:
+        raise _d.NotDer("genTime")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    fraction = m.group(7) or b""
+    gen_time = datetime(year, month, day, hour, minute, second,
+                        int(fraction.ljust(6, b"0")) if fraction else 0, tzinfo=UTC)
+    return hash_name, econtent[imprint[1][2]:imprint[1][3]], gen_time, nonce
 
 
 def verify_token(token_der: bytes, data: bytes, trust_roots: Sequence[x509.Certificate]) -> datetime:
