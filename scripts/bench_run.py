@@ -84,6 +84,8 @@ class Settings:
     quick: bool
     certified_only: bool
     keys: str = "file"  # "pkcs11": both providers sign in a SoftHSM2 token (keys_in_token)
+    database: str = "sqlite"  # "postgresql": phase 6 also runs the certified cycle on PostgreSQL
+    workers: int = 1  # phase 6: `pecd serve --workers N` beside one worker
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -119,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         "not every active thread (which includes fsync and SQLite waits)")
     p.add_argument("--keys", choices=["file", "pkcs11"], default="file",
                    help="where the providers' signing and TSA keys live (pkcs11: SoftHSM2)")
+    p.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
+                   help="postgresql: phase 6 runs the certified max-rate phase again with both "
+                        "providers on a throwaway PostgreSQL cluster (Debian's binaries), with 1 "
+                        "and --workers worker processes, beside SQLite")
+    p.add_argument("--workers", type=int, default=1,
+                   help="phase 6: also run the providers as `pecd serve --workers N` (on SQLite, "
+                        "and on PostgreSQL with --database postgresql)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
     a = p.parse_args(argv)
@@ -145,10 +154,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         json=a.json,
         quick=q,
         keys=a.keys,
+        database=a.database,
+        workers=a.workers,
         certified_only=a.certified_only,
     )
-    if s.messages < 1 or s.clients < 1 or s.deep < 1 or s.pairs < 1 or s.min_seconds < 0:
-        p.error("--messages, --clients, --deep and --pairs must be positive")
+    if s.messages < 1 or s.clients < 1 or s.deep < 1 or s.pairs < 1 or s.min_seconds < 0 \
+            or s.workers < 1:
+        p.error("--messages, --clients, --deep, --pairs and --workers must be positive")
     return s
 
 
@@ -196,6 +208,26 @@ def machine_busy() -> float:
     another guest is not spent here)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return sum(values[:3] + values[5:7]) / CLK_TCK
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and of its live and reaped descendants (a `--workers` supervisor's
+    workers, PostgreSQL's backends)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += proc_cpu(p, children=True)
+        todo.extend(children_of(p))
+    return total
+
+
+def tree_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children_of(p))
+    return out
 
 
 def children_of(pid: int) -> list[int]:
@@ -667,6 +699,9 @@ class Bench:
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     ca: Path | None = None
+    urls: dict[str, str] = field(default_factory=dict)  # provider name → PostgreSQL URL
+    workers: int = 1  # `pecd serve --workers N`
+    pg_pid: int | None = None  # the PostgreSQL postmaster whose CPU counts as server CPU
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -681,9 +716,13 @@ class Bench:
             Provider(n.upper(), f"{n}.test", self.tmp / n, free_port(), free_port())
             for n in ("a", "b")]
         for p in (self.a, self.b):
+            url = self.urls.get(p.name)
             pecd_cli("init", str(p.root), "--domain", p.domain, "--ca", str(ca_dir),
                      "--submission-port", str(p.submission), "--smtps-port", str(free_port()),
-                     "--inbound-port", str(p.inbound), "--http-port", str(free_port()))
+                     "--inbound-port", str(p.inbound), "--http-port", str(free_port()),
+                     *(["--database-url", url] if url else []))
+            if url:
+                DATABASE_URLS[p.root] = url
             if self.s.keys == "pkcs11":
                 keys_in_token(self.tmp, p.root, ca_dir)
         for p, q in ((self.a, self.b), (self.b, self.a)):
@@ -696,7 +735,8 @@ class Bench:
         self.ca = self.a.root / "keys" / "ca.pem"
 
     def start_pecd(self, p: Provider) -> None:
-        proc = self.procs.start(p.name, [PECD, "-c", str(p.conf), "serve"])
+        workers = ["--workers", str(self.workers)] if self.workers > 1 else []
+        proc = self.procs.start(p.name, [PECD, "-c", str(p.conf), "serve", *workers])
         alive = lambda: proc.poll() is None  # noqa: E731
         try:
             wait_port(p.submission, 60, alive, f"provider {p.name}")
@@ -704,7 +744,7 @@ class Bench:
         except BenchError as exc:
             raise BenchError(f"{exc}\n{self.procs.tail(p.name)}") from None
         pid = proc.pid
-        self.meter.watch(p.name, lambda: [pid])
+        self.meter.watch(p.name, lambda: tree_pids(pid))
 
     def stop_pecd(self, p: Provider) -> None:
         self.meter.unwatch(p.name)
@@ -828,8 +868,12 @@ class Bench:
         if profile is not None:
             spies = self.start_profiles(profile, label)
         try:
+            cpu = {"A": lambda: tree_cpu(a_pid), "B": lambda: tree_cpu(b_pid)}
+            if self.pg_pid is not None:
+                pg = self.pg_pid
+                cpu["PostgreSQL"] = lambda: tree_cpu(pg)
             out = self.measure(label, small_message(label), count, self.a.submission, watch,
-                               cpu={"A": lambda: proc_cpu(a_pid), "B": lambda: proc_cpu(b_pid)},
+                               cpu=cpu,
                                rss=["A", "B"], idle=self.pecd_idle, rate=rate,
                                min_seconds=min_seconds)
         finally:
@@ -1057,15 +1101,31 @@ class Bench:
         }
 
 
-def queue_counts(root: Path) -> dict[str, int] | None:
-    """``kind/state`` → count, read-only (the daemon keeps writing meanwhile)."""
-    db = root / "data" / "pecd.sqlite"
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+DATABASE_URLS: dict[Path, str] = {}  # provider root → PostgreSQL URL (phase 6); else SQLite
+
+
+def _query(root: Path, sql: str) -> list[Any]:
+    """Rows of one read-only query on a provider's database, SQLite file or PostgreSQL."""
+    url = DATABASE_URLS.get(root)
+    if url is None:
+        conn = sqlite3.connect(f"file:{root / 'data' / 'pecd.sqlite'}?mode=ro", uri=True,
+                               timeout=10)
         try:
-            rows = conn.execute("SELECT kind, state, count(*) FROM queue GROUP BY 1, 2").fetchall()
+            return conn.execute(sql).fetchall()
         finally:
             conn.close()
+    import psycopg
+    try:
+        with psycopg.connect(url, connect_timeout=10) as pg:
+            return pg.execute(sql).fetchall()  # type: ignore[arg-type]
+    except psycopg.Error as exc:
+        raise sqlite3.OperationalError(str(exc)) from exc
+
+
+def queue_counts(root: Path) -> dict[str, int] | None:
+    """``kind/state`` → count, read-only (the daemon keeps writing meanwhile)."""
+    try:
+        rows = _query(root, "SELECT kind, state, count(*) FROM queue GROUP BY 1, 2")
     except sqlite3.Error:
         return None
     return {f"{k}/{s}": c for k, s, c in rows}
@@ -1083,13 +1143,8 @@ STAGES = (
 
 
 def _ledger(root: Path) -> list[tuple[str, str, str, str, str, str]]:
-    db = root / "data" / "pecd.sqlite"
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute("SELECT at, event, coalesce(msgid, ''), coalesce(ref_msgid, ''),"
-                            " related, detail FROM ledger").fetchall()
-    finally:
-        conn.close()
+    return _query(root, "SELECT at, event, coalesce(msgid, ''), coalesce(ref_msgid, ''),"
+                        " related, detail FROM ledger")
 
 
 def _ts(at: str) -> float:
@@ -1492,6 +1547,23 @@ def report(results: dict[str, Any], notes: list[str]) -> str:
             out.append(f"  left at A: {_counts(d['queue_left_a'])}; at B: "
                        f"{_counts(d['queue_left_b'])}")
         out.append(f"  items in hold or corrupt: {d['held_or_corrupt']}")
+    rows = results.get("scaling")
+    if rows:
+        out.append("")
+        out.append("6. Storage and workers: certified max-rate phase, fresh providers each "
+                   "(server CPU = A + B + PostgreSQL)")
+        out.append(f"  {'database':<11} {'workers':>7} {'cycles/s':>9} {'A ms':>7} {'B ms':>7} "
+                   f"{'PG ms':>7} {'server ms/cycle':>16} {'DATA→250 p99':>13} {'outside':>8}"
+                   f" {'missing':>8}")
+        for r in rows:
+            if "error" in r:
+                out.append(f"  {r['database']:<11} {r['workers']:>7}  failed: {r['error']}")
+                continue
+            cpu = r["cpu_ms_per_cycle"]
+            out.append(f"  {r['database']:<11} {r['workers']:>7} {num(r['cycles_per_s']):>9} "
+                       f"{num(cpu.get('A')):>7} {num(cpu.get('B')):>7} "
+                       f"{num(cpu.get('PostgreSQL')):>7} {num(r['server_ms_per_cycle']):>16} "
+                       f"{ms(r['p99']):>13} {num(r['outside_cores']):>8} {r['missing']:>8}")
     out.append("")
     out.append("Targets")
     for t in results.get("targets", []):
@@ -1661,6 +1733,58 @@ def interrupts_as_exceptions() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def scaling(s: Settings, tmp: Path, procs: Procs, meter: Meter,
+            say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Phase 6: the certified max-rate phase again on fresh providers, with `--workers N` on
+    SQLite and with 1 and N workers on a throwaway PostgreSQL cluster (the tests' own, from
+    Debian's binaries; fsync on), whose CPU counts as server CPU."""
+    combos = [("sqlite", s.workers)] if s.workers > 1 else []
+    if s.database == "postgresql":
+        combos += [("postgresql", w) for w in sorted({1, s.workers})]
+    cluster = None
+    rows: list[dict[str, Any]] = []
+    try:
+        if s.database == "postgresql":
+            sys.path.insert(0, str(ROOT / "tests"))
+            import pg_support  # type: ignore[import-not-found]  # the tests' throwaway cluster
+            bin_dir = pg_support.bindir()
+            if bin_dir is None:
+                raise BenchError("PostgreSQL binaries missing: apt install postgresql")
+            cluster = pg_support.Cluster(bin_dir, free_port())
+            cluster.start()
+        for db, w in combos:
+            say(f"6. {db}, {w} worker(s): certified, max rate")
+            sub = Bench(s, tmp / f"{db}-{w}", procs, meter, workers=w)
+            sub.tmp.mkdir()
+            if cluster is not None and db == "postgresql":
+                sub.urls = {"A": cluster.database(), "B": cluster.database()}
+                sub.pg_pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+            try:
+                sub.make_providers()
+                assert sub.a and sub.b
+                sub.start_pecd(sub.a)
+                sub.start_pecd(sub.b)
+                out = sub.certified(f"{db}{w}", s.messages, min_seconds=s.min_seconds)
+            except BenchError as exc:
+                rows.append({"database": db, "workers": w, "error": str(exc)[:300]})
+                continue
+            finally:
+                for p in (sub.a, sub.b):
+                    if p is not None and procs.running(p.name):
+                        sub.stop_pecd(p)
+            per = out["server_cpu_s_per_msg"]
+            rows.append({
+                "database": db, "workers": w, "cycles_per_s": out["end_to_end_per_s"],
+                "cpu_ms_per_cycle": {k: v * 1000 for k, v in out["cpu_s_per_msg"].items()},
+                "server_ms_per_cycle": per * 1000 if per is not None else None,
+                "p99": out["data_end_to_250_s"]["p99"], "missing": out["missing"],
+                "outside_cores": out["others_cpu_share"]})
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     s = parse_args(argv)
     started = time.monotonic()
@@ -1728,6 +1852,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["big"] = bench.big()
                 bench.say(f"5. deep queue: {s.deep} messages")
                 results["deep"] = bench.deep()
+            if s.database == "postgresql" or s.workers > 1:
+                for p in (bench.a, bench.b):
+                    if procs.running(p.name):
+                        bench.stop_pecd(p)
+                results["scaling"] = scaling(s, tmp, procs, meter, bench.say)
     except KeyboardInterrupt:
         bench.say("interrupted: stopping every process started")
         status = 130
