@@ -886,8 +886,10 @@ class _GatedSite(web_runner.BaseSite):
     """aiohttp's TCP site with :class:`_Gate` before each connection."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None,
-                 limiter: ConnectionLimiter, refused: Callable[[str], None]) -> None:
+                 limiter: ConnectionLimiter, refused: Callable[[str], None],
+                 reuse_port: bool = False) -> None:
         super().__init__(runner, ssl_context=ssl_context)
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.limiter = limiter
@@ -904,17 +906,18 @@ class _GatedSite(web_runner.BaseSite):
         make: Callable[[], asyncio.Protocol] = server
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Gate(make, self.limiter, self.refused), self.host, self.port,
-            ssl=self._ssl_context)
+            ssl=self._ssl_context, reuse_port=self.reuse_port or None)
 
 
-async def start(api: Api, config: Config) -> tuple[web.AppRunner, int]:
-    """The listener on ``[http]`` host and port; returns the runner (to clean up) and the port."""
+async def start(api: Api, config: Config, reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+    """The listener on ``[http]`` host and port; returns the runner (to clean up) and the port.
+    ``reuse_port``: shared with other pecd processes (``SO_REUSEPORT``)."""
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=10.0)
     await runner.setup()
     site = _GatedSite(runner, config.http.host, config.http.port or 0, server_tls(config),
                       ConnectionLimiter(config.limits.max_connections_per_address),
-                      api.connection_refused)
+                      api.connection_refused, reuse_port)
     await site.start()
     port = int(runner.addresses[0][1])
     log.info("http listening on %s:%s%s", config.http.host, port,

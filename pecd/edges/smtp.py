@@ -753,7 +753,10 @@ class InboundHandler(_Base):
 
 
 async def listen(handler: _Base, host: str, port: int, config: Config,
-                 tls: ssl.SSLContext, *, implicit_tls: bool, auth: bool) -> asyncio.Server:
+                 tls: ssl.SSLContext, *, implicit_tls: bool, auth: bool,
+                 reuse_port: bool = False) -> asyncio.Server:
+    """``reuse_port``: share the port with other pecd processes (``SO_REUSEPORT``; the kernel
+    spreads connections across them)."""
     loop = asyncio.get_running_loop()
     # a client that never finishes the implicit-TLS handshake is dropped like an idle one
     handshake = min(60.0, config.limits.session_timeout) if implicit_tls else None
@@ -775,4 +778,5 @@ async def listen(handler: _Base, host: str, port: int, config: Config,
             loop=loop,
         )
 
-    return await loop.create_server(factory, host, port)  # implicit TLS: PecdSMTP does it
+    # implicit TLS: PecdSMTP does it
+    return await loop.create_server(factory, host, port, reuse_port=reuse_port or None)

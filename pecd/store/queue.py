@@ -28,7 +28,7 @@ import sqlite_utils
 
 from pecd.clock import Clock
 from pecd.format.blob import Blob
-from pecd.store import ledger
+from pecd.store import ledger, nodes
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.spool import Spool
@@ -41,6 +41,9 @@ KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay", "fallbac
 # most of what a small message costs at each stage. Bigger ones stay in the spool, streamed.
 INLINE_MAX = 128 * 1024
 MAX_LEASES = 5  # leased this often with no outcome (each time the process died): park in hold
+# a spool file this old that no row names was never acknowledged, even with other processes
+# running beside the one that looks (a file being written is younger)
+ORPHAN_AGE = 3600.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class Item:
     spool: str  # '' when the bytes are in the row (``body``)
     created: float
     body: bytes | None = None
+    # this lease's expiry as written when it was taken: with ``owner``, what :meth:`Queue.finish`
+    # checks to be sure the lease is still this worker's (not taken over after it expired)
+    lease_until: float | None = None
 
     @property
     def name(self) -> str:
@@ -119,10 +125,11 @@ class Recovery:
 
 
 class Queue:
-    def __init__(self, db: Database, spool: Spool, clock: Clock) -> None:
+    def __init__(self, db: Database, spool: Spool, clock: Clock, owner: str | None = None) -> None:
         self.db = db
         self.spool = spool
         self.clock = clock
+        self.owner = owner or nodes.new_owner()  # whose leases this queue's are (lease_owner)
         self.wakeup: dict[str, asyncio.Event] = {}
         self._commits: set[asyncio.Future[Any]] = set()
 
@@ -230,24 +237,35 @@ class Queue:
         await self.db.transact(txn)
 
     async def lease(self, kind: Kind, limit: int, lease_seconds: float = 600.0) -> list[Item]:
-        now = self.clock.now().timestamp()
+        """Up to ``limit`` items due now, leased to this queue's owner until ``lease_seconds``
+        from now. An item whose lease expired (its node died, or hangs) is taken back first:
+        another node's lease returns once it expires, never before."""
+        at = self.clock.now()
+        now = at.timestamp()
+        until = now + lease_seconds
 
         def txn(conn: sqlite3.Connection) -> list[Item]:
-            rows = conn.execute(
-                "SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
-                " AND next_at <= ? ORDER BY next_at, id LIMIT ?", (kind, now, limit),
-            ).fetchall()
+            expired = conn.execute(
+                "SELECT * FROM queue WHERE state='active' AND kind=? AND lease_until <= ?"
+                " ORDER BY id LIMIT ?", (kind, now, limit)).fetchall()
+            rows = [r for r in expired if not _hold_if_worn(conn, r, at)]
+            if len(rows) < limit:
+                rows += conn.execute(
+                    "SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
+                    " AND next_at <= ? ORDER BY next_at, id LIMIT ?",
+                    (kind, now, limit - len(rows)),
+                ).fetchall()
             items = []
             for row in rows:
                 conn.execute(
-                    "UPDATE queue SET state='active', lease_until=?, leases=leases+1 WHERE id=?",
-                    (now + lease_seconds, row["id"]),
+                    "UPDATE queue SET state='active', lease_until=?, lease_owner=?,"
+                    " leases=leases+1 WHERE id=?", (until, self.owner, row["id"]),
                 )
-                items.append(_item(row))
+                items.append(_item(row, until))
             return items
 
         # a lease lost with the machine (power, kernel; a killed process loses nothing) costs
-        # nothing: recovery returns every lease to incoming, and MAX_LEASES counts process deaths
+        # nothing: recovery returns a dead process's leases, and MAX_LEASES counts process deaths
         return await self.db.transact(txn, durable=False)
 
     async def next_due(self, kind: Kind) -> float | None:
@@ -287,7 +305,9 @@ class Queue:
         at = self.clock.now()
         now = at.timestamp()
 
-        def txn(conn: sqlite3.Connection) -> Literal["fresh", "duplicate", "conflict"]:
+        def txn(conn: sqlite3.Connection) -> Literal["fresh", "duplicate", "conflict", "lost"]:
+            if not self._still_ours(conn, item):
+                return "lost"
             if outcome.claims is not None:
                 provider, keys = outcome.claims
                 if any(conn.execute("SELECT 1 FROM seen WHERE provider=? AND message_id=?",
@@ -338,6 +358,9 @@ class Queue:
 
         names = _files(stored)
         verdict = await self._commit(txn, names)
+        if verdict == "lost":  # another worker holds the item now: its outcome is the one
+            self.spool.remove(names)
+            return False
         if verdict != "fresh":
             self.spool.remove(names)
             self.wake(*KINDS)  # replayed replies may have been queued; a conflict is due again
@@ -347,6 +370,15 @@ class Queue:
             self.spool.remove([item.spool])
         self._notify(outcome.outputs)
         return verdict == "fresh"
+
+    def _still_ours(self, conn: sqlite3.Connection, item: Item) -> bool:
+        """Whether ``item`` is still leased to this queue's owner, by the lease it was given
+        (an item from elsewhere than :meth:`lease`, with no ``lease_until``, is not checked)."""
+        if item.lease_until is None:
+            return True
+        row = conn.execute("SELECT 1 FROM queue WHERE id=? AND state='active' AND lease_owner=?"
+                           " AND lease_until=?", (item.id, self.owner, item.lease_until)).fetchone()
+        return row is not None
 
     def _replay(self, conn: sqlite3.Connection, provider: str, message_id: str) -> None:
         row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
@@ -363,23 +395,36 @@ class Queue:
         """The item's bytes as a file, to stream (blocking for a spool file: a worker thread)."""
         return io.BytesIO(item.body) if item.body is not None else self.spool.path(item.spool).open("rb")
 
-    def recover(self) -> Recovery:
-        """Run once at start, before any listener: return dead leases, drop what nobody acknowledged."""
+    def recover(self, node: nodes.Node | None = None) -> Recovery:
+        """Run once at start, before any listener: take back the leases of dead processes, drop
+        what nobody acknowledged.
+
+        With ``node``, a lease is dead when it expired or its owner is a process of this host
+        that no longer runs (live nodes keep theirs), and unacknowledged spool files are removed
+        only when no other process runs on this data directory (``node.alone``; else only those
+        older than ``ORPHAN_AGE``). Without, this process is taken to be the only one."""
         at = self.clock.now()
+        now = at.timestamp()
+
+        def dead(owner: str | None, until: float | None) -> bool:
+            if owner == self.owner:
+                return False
+            if node is None or until is None or until <= now:
+                return True
+            return node.dead(owner)
 
         def txn(conn: sqlite3.Connection) -> Recovery:
-            held = 0
+            held = released = 0
             for row in conn.execute(
-                "SELECT id, leases FROM queue WHERE state='active' AND leases >= ?", (MAX_LEASES,)
-            ).fetchall():
-                conn.execute("UPDATE queue SET state='hold', lease_until=NULL,"
-                             " last_error='handling interrupted too often' WHERE id=?", (row[0],))
-                ledger.append(conn, LedgerEvent(event="held", detail={
-                    "queue_id": row[0], "reason": "handling interrupted too often"}), at)
-                held += 1
-            released = conn.execute(
-                "UPDATE queue SET state='incoming', lease_until=NULL WHERE state='active'"
-            ).rowcount
+                    "SELECT * FROM queue WHERE state='active'").fetchall():
+                if not dead(row["lease_owner"], row["lease_until"]):
+                    continue
+                if _hold_if_worn(conn, row, at):
+                    held += 1
+                    continue
+                conn.execute("UPDATE queue SET state='incoming', lease_until=NULL,"
+                             " lease_owner=NULL WHERE id=?", (row["id"],))
+                released += 1
             corrupt = 0
             referenced = set()
             for row in conn.execute(
@@ -390,12 +435,30 @@ class Queue:
                     ledger.append(conn, LedgerEvent(event="corrupt", detail={
                         "queue_id": row[0], "reason": "spool file missing"}), at)
                     corrupt += 1
-            orphans = self.spool.orphans(referenced)
+            orphans = self.spool.orphans(referenced, None if alone else now - ORPHAN_AGE)
             self.spool.remove(orphans)
             return Recovery(released, held, corrupt, len(orphans))
 
-        self.spool.clear_tmp()
+        alone = node is None or node.alone
+        if alone:
+            self.spool.clear_tmp()
+        else:
+            self.spool.clear_tmp(older_than=now - ORPHAN_AGE)
+        if node is not None:
+            node.sweep()
         return self.db.transact_sync(txn)
+
+
+def _hold_if_worn(conn: sqlite3.Connection, row: sqlite3.Row, at: datetime) -> bool:
+    """Park an item whose handling was cut off ``MAX_LEASES`` times (each time its process
+    died), with a ledger row; True when it was parked."""
+    if row["leases"] < MAX_LEASES:
+        return False
+    conn.execute("UPDATE queue SET state='hold', lease_until=NULL, lease_owner=NULL,"
+                 " last_error='handling interrupted too often' WHERE id=?", (row["id"],))
+    ledger.append(conn, LedgerEvent(event="held", detail={
+        "queue_id": row["id"], "reason": "handling interrupted too often"}), at)
+    return True
 
 
 def _replies_json(items: Sequence[NewItem]) -> str:
@@ -411,11 +474,12 @@ def _reply_item(raw: dict[str, Any]) -> NewItem:
                    data=base64.b64decode(raw["data"]), dest=raw["dest"], meta=raw["meta"])
 
 
-def _item(row: sqlite3.Row) -> Item:
+def _item(row: sqlite3.Row, lease_until: float | None = None) -> Item:
     return Item(
         id=row["id"], kind=row["kind"], mail_from=row["mail_from"],
         rcpts=tuple(json.loads(row["rcpts"])), dest=row["dest"], meta=json.loads(row["meta"]),
         attempts=row["attempts"], spool=row["spool"], created=row["created"], body=row["body"],
+        lease_until=lease_until,
     )
 
 
