@@ -1,0 +1,263 @@
+"""Two nodes per provider on one database, killed at random under load: nothing acknowledged
+is lost, nothing is done twice, and both ledgers still verify.
+
+Providers a.test and b.test each run as two ``pecd serve --reuse-port`` processes on the same
+configuration (so the same database and the same ports, shared with ``SO_REUSEPORT``). Senders
+are real SMTP clients (aiosmtplib, STARTTLS with the providers' CA, AUTH) submitting certified
+mail from a.test to b.test over loopback. While they send, nodes are killed at random (SIGKILL,
+and now and then SIGTERM) and started again at once. Each submission carries a fresh
+Message-ID: one that got ``250`` must reach the recipient's Maildir exactly once, with exactly
+one acceptance, one take-charge and one delivery receipt; one cut off by a kill may arrive at
+most once. Then ``pecd ledger verify`` must pass on both providers.
+
+The message count is :data:`MESSAGES` (at least 1000 for the issue's figure; ``PECD_CRASH_MESSAGES``
+overrides it for a quick local run). The figures are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections import Counter
+from email.parser import BytesHeaderParser
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from pecd.format import pec
+
+from .conftest import ProviderDir, exchange_cards, make_provider
+from .pechelpers import configure
+
+MESSAGES = int(os.environ.get("PECD_CRASH_MESSAGES", "1000"))
+KILLS = 20  # SIGKILLs at least, spread over the sending time
+SIGTERMS = 3  # graceful stops mid-load (a node told to stop must lose nothing acknowledged)
+CLIENTS = 6
+RECIPIENT = "bob@b.test"
+SEED = int(os.environ.get("PECD_CRASH_SEED", "16"))
+_headers = BytesHeaderParser()
+
+pytestmark = pytest.mark.slow
+
+
+class Node:
+    """One ``pecd serve --reuse-port`` process of a provider."""
+
+    def __init__(self, name: str, provider: ProviderDir, log: Path) -> None:
+        self.name, self.provider, self.log = name, provider, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exits: list[int] = []
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pecd", "-c", str(self.provider.conf), "serve", "--reuse-port"],
+                stdout=out, stderr=subprocess.STDOUT)
+
+    def serving(self) -> int:
+        """How many times this node has come up (its log says so once per start)."""
+        return self.log.read_text().count("pecd serving") if self.log.exists() else 0
+
+    def signal(self, sig: signal.Signals, wait: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=wait)
+        self.exits.append(code)
+        return code
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return 0
+        try:
+            return self.signal(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return -9
+
+
+def _providers(base: Path) -> tuple[ProviderDir, ProviderDir]:
+    ca_dir = base / "ca"
+    a = make_provider(base, "a.test", ca_dir)
+    b = make_provider(base, "b.test", ca_dir)
+    for p in (a, b):  # retries soon, and never give up during the run
+        configure(p, "relay", retry_base=0.2, retry_max=2.0, max_attempts=1000)
+    exchange_cards(a, b)
+    for i in range(CLIENTS):
+        a.add_user(f"sender{i}@a.test", "pw")
+    b.add_user(RECIPIENT, "pw")
+    return a, b
+
+
+def _message(sender: str, msgid: str) -> bytes:
+    return (f"From: {sender}\r\nTo: {RECIPIENT}\r\nSubject: crash {msgid}\r\n"
+            f"Message-ID: {msgid}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+            f"body of {msgid}\r\n").encode()
+
+
+class Sender:
+    """One client: keeps one authenticated session, sends until its share is acknowledged."""
+
+    def __init__(self, index: int, share: int, port: int, tls: ssl.SSLContext) -> None:
+        self.user = f"sender{index}@a.test"
+        self.index, self.share, self.port, self.tls = index, share, port, tls
+        self.acked: list[str] = []
+        self.unacked: list[str] = []
+        self.refused: Counter[int | str] = Counter()  # reply codes / errors (never counted as sent)
+
+    async def run(self, deadline: float) -> None:
+        smtp: aiosmtplib.SMTP | None = None
+        attempt = 0
+        while len(self.acked) < self.share and time.monotonic() < deadline:
+            attempt += 1
+            msgid = f"<crash-{self.index}-{attempt}@client.test>"
+            try:
+                if smtp is None:
+                    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, timeout=30,
+                                           tls_context=self.tls, start_tls=True)
+                    await smtp.connect()
+                    await smtp.login(self.user, "pw")
+                await smtp.sendmail(self.user, [RECIPIENT], _message(self.user, msgid))
+                self.acked.append(msgid)
+            except (OSError, aiosmtplib.SMTPException) as exc:
+                self.unacked.append(msgid)
+                code = getattr(exc, "code", None)
+                self.refused[code if isinstance(code, int) else type(exc).__name__] += 1
+                if smtp is not None:
+                    with contextlib.suppress(Exception):
+                        smtp.close()
+                smtp = None
+                await asyncio.sleep(0.1)
+        if smtp is not None:
+            with contextlib.suppress(Exception):
+                await smtp.quit()
+
+
+def _scan(maildir: Path) -> list[tuple[str, str]]:
+    """(kind, the client's Message-ID it refers to) for every stored file."""
+    new = maildir / "new"
+    out = []
+    for path in new.iterdir() if new.exists() else ():
+        data = path.read_bytes()
+        h = _headers.parsebytes(data)
+        kind = str(h.get("X-Ricevuta") or h.get("X-Trasporto") or "?").strip()
+        ref = str(h.get("X-Riferimento-Message-ID", "")).strip()
+        if kind == "avvenuta-consegna":
+            cd = pec.parse(data).certdata
+            assert cd is not None and cd.delivered_to == RECIPIENT
+        out.append((kind, ref))
+    return out
+
+
+def _verify(p: ProviderDir) -> str:
+    """``pecd ledger verify``'s answer, as a separate process (the way an auditor runs it)."""
+    proc = subprocess.run([sys.executable, "-m", "pecd", "-c", str(p.conf), "ledger", "verify"],
+                          capture_output=True, text=True, check=False)
+    return f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()}"
+
+
+def _queue_empty(p: ProviderDir) -> bool:
+    return not any(line.startswith("queue ") for line in p.cli("status").splitlines())
+
+
+async def _crash_run(base: Path) -> dict[str, object]:
+    rng = random.Random(SEED)
+    a, b = _providers(base)
+    nodes = [Node(f"{p.domain}#{i}", p, base / f"{p.domain}-{i}.log") for p in (a, b) for i in (1, 2)]
+    started = time.monotonic()
+    for node in nodes:
+        node.start()
+    while not all(n.serving() for n in nodes):
+        assert all(n.proc is not None and n.proc.poll() is None for n in nodes), "a node died at start"
+        assert time.monotonic() < started + 120, "nodes did not start"
+        await asyncio.sleep(0.1)
+    tls = ssl.create_default_context(cafile=str(a.ca))
+    port = a.config.listen.submission_port
+    shares = [MESSAGES // CLIENTS + (i < MESSAGES % CLIENTS) for i in range(CLIENTS)]
+    senders = [Sender(i, n, port, tls) for i, n in enumerate(shares)]
+    deadline = started + 600
+    sending = asyncio.gather(*(s.run(deadline) for s in senders))
+    kills: Counter[str] = Counter()
+    terms: Counter[str] = Counter()
+    # kinds of interruption, in a random order: KILLS SIGKILLs and SIGTERMS graceful stops
+    plan = [signal.SIGKILL] * KILLS + [signal.SIGTERM] * SIGTERMS
+    rng.shuffle(plan)
+    try:
+        while plan and not sending.done():
+            acked = sum(len(s.acked) for s in senders)
+            # spread the interruptions over the sending: the next one after ~1/len(plan) of what is left
+            target = acked + max(1, (MESSAGES - acked) // (len(plan) + 1))
+            while sum(len(s.acked) for s in senders) < target and not sending.done():
+                await asyncio.sleep(0.05)
+            victim = rng.choice(nodes)
+            sig = plan.pop()
+            await asyncio.to_thread(victim.signal, sig)
+            (kills if sig == signal.SIGKILL else terms)[victim.name] += 1
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            victim.start()
+        await sending
+        acked_msgs = [m for s in senders for m in s.acked]
+        # drain: every acknowledged message with its receipts, and nothing left in the queues
+        sender_boxes = [a.maildir(f"sender{i}@a.test") for i in range(CLIENTS)]
+        while time.monotonic() < deadline:
+            receipts = sum(len(list((d / "new").iterdir())) for d in sender_boxes if (d / "new").exists())
+            if (receipts >= 2 * len(acked_msgs)
+                    and await asyncio.to_thread(_queue_empty, a)
+                    and await asyncio.to_thread(_queue_empty, b)):
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        stops = {n.name: n.stop() for n in nodes}
+    seconds = time.monotonic() - started
+    acked_msgs = [m for s in senders for m in s.acked]
+    unacked = [m for s in senders for m in s.unacked]
+    sender_files = [f for i in range(CLIENTS) for f in _scan(a.maildir(f"sender{i}@a.test"))]
+    service_files = _scan(a.maildir("posta-certificata@a.test"))
+    envelopes = Counter(ref for kind, ref in _scan(b.maildir(RECIPIENT)) if kind == "posta-certificata")
+    acceptances = Counter(ref for kind, ref in sender_files if kind == "accettazione")
+    deliveries = Counter(ref for kind, ref in sender_files if kind == "avvenuta-consegna")
+    take_charge = Counter(ref for kind, ref in service_files if kind == "presa-in-carico")
+    problems = []
+    for m in acked_msgs:
+        for what, counter in (("envelope", envelopes), ("acceptance", acceptances),
+                              ("take-charge", take_charge), ("delivery receipt", deliveries)):
+            if counter[m] != 1:
+                problems.append(f"{m}: {what} x{counter[m]}")
+    for m in unacked:
+        if envelopes[m] > 1 or acceptances[m] > 1 or deliveries[m] > 1:
+            problems.append(f"{m} (unacknowledged): more than once")
+    attempted = set(acked_msgs) | set(unacked)
+    strangers = [m for m in envelopes if m not in attempted]
+    ledgers = {p.domain: _verify(p) for p in (a, b)}
+    figures: dict[str, object] = {
+        "messages": MESSAGES, "acknowledged": len(acked_msgs), "unacknowledged": len(unacked),
+        "unacknowledged_delivered": sum(1 for m in unacked if envelopes[m]),
+        "refusals": dict(sum((s.refused for s in senders), Counter())),
+        "kills": sum(kills.values()), "sigterms": sum(terms.values()),
+        "kills_per_node": dict(kills), "stops": stops, "seconds": round(seconds, 1),
+        "problems": problems[:20], "strangers": strangers[:5], "ledgers": ledgers,
+    }
+    print(json.dumps(figures, indent=2))
+    return figures
+
+
+def test_crash_two_nodes_per_provider_sqlite(tmp_path: Path) -> None:
+    figures = asyncio.run(_crash_run(tmp_path))
+    assert figures["acknowledged"] == MESSAGES, figures
+    assert figures["kills"] >= min(KILLS, 20) and figures["sigterms"] >= 1, figures
+    assert figures["problems"] == [] and figures["strangers"] == [], figures
+    ledgers = figures["ledgers"]
+    assert isinstance(ledgers, dict)
+    assert all(v.startswith("exit 0: ledger ok") for v in ledgers.values()), ledgers
+    # a node stopped with SIGTERM at the end stops cleanly
+    stops = figures["stops"]
+    assert isinstance(stops, dict) and all(code == 0 for code in stops.values()), stops
