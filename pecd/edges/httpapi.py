@@ -62,7 +62,8 @@ from pecd.store import queue as queue_mod
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent, format_at
 from pecd.store.queue import NewItem, Queue
-from pecd.throttle import AuthThrottle, ConnectionLimiter
+from pecd.store.throttle_store import SharedAuthThrottle
+from pecd.throttle import ConnectionLimiter
 
 log = logging.getLogger("pecd.http")
 
@@ -244,7 +245,7 @@ class Api:
     """The routes and what they share; :func:`start` puts them on a listener."""
 
     def __init__(self, config: Config, db: Database, queue: Queue, clock: Clock, cpu: Executor,
-                 authenticate: Authenticate, throttle: AuthThrottle,
+                 authenticate: Authenticate, throttle: SharedAuthThrottle,
                  roots: list[x509.Certificate], ready: Callable[[], bool],
                  reading: ReadingWorker | None = None, errors: Errors | None = None) -> None:
         self.config = config
@@ -370,7 +371,7 @@ class Api:
         token_id = match[1] if match else ""
         owner = await self._read(lambda c: apistore.token_mailbox(c, token_id)) if match else None
         account = (owner or f"token:{token_id}").lower()
-        verdict = self.throttle.check(account, peer)
+        verdict = await self.throttle.check(account, peer)
         if not verdict.allowed:
             if verdict.first:
                 await self.queue.record([LedgerEvent(event="auth-throttled", sender=account[:320],
@@ -380,12 +381,12 @@ class Api:
                           {"Retry-After": str(max(1, round(verdict.retry_after)))})
         mailbox = await self._read(lambda c: apistore.check_token(c, token))
         if mailbox is None:
-            self.throttle.failure(account, peer)
+            await self.throttle.failure(account, peer)
             await self.queue.record([LedgerEvent(event="auth-failed", sender=account[:320],
                                                  detail={"peer": peer, "via": "http",
                                                          "token_id": token_id})])
             raise unauthorized
-        self.throttle.success(account, peer)
+        await self.throttle.success(account, peer)
         return str(mailbox)
 
     # --- send ------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pecd.format import headers
 from pecd.replies import Refusal
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import NewItem, Queue
+from pecd.store.throttle_store import SharedAuthThrottle
 from pecd.store.users import Login
 from pecd.throttle import AuthThrottle, ConnectionLimiter, SlidingWindow
 from pecd.trust.index import ProviderIndex
@@ -565,13 +566,13 @@ class SubmissionHandler(_Base):
         super().__init__(config, queue, clock)
         self.check_password = check_password
         limits = config.limits
-        self.throttle = AuthThrottle(self.clock,
-                                     per_source=limits.auth_failures_per_source,
-                                     per_address=limits.auth_failures_per_address,
-                                     per_account=limits.auth_failures_per_account,
-                                     window=limits.auth_window,
-                                     slow_interval=limits.auth_slow_interval,
-                                     slow_max_wait=limits.auth_slow_max_wait)
+        # the counts are shared with every node on the database (pecd.store.throttle_store)
+        self.throttle = SharedAuthThrottle(AuthThrottle(
+            self.clock, per_source=limits.auth_failures_per_source,
+            per_address=limits.auth_failures_per_address,
+            per_account=limits.auth_failures_per_account, window=limits.auth_window,
+            slow_interval=limits.auth_slow_interval, slow_max_wait=limits.auth_slow_max_wait),
+            queue.db)
 
     async def authenticate(self, user: str, password: str, peer: object) -> bool:
         """True for a good login; False for a bad one; :class:`~pecd.replies.AuthThrottled`
@@ -580,7 +581,7 @@ class SubmissionHandler(_Base):
         the attempt waits its turn (see :class:`~pecd.throttle.AuthThrottle`)."""
         address = peer_address(peer)
         account = user.strip().lower()
-        verdict = self.throttle.check(account, address)
+        verdict = await self.throttle.check(account, address)
         if verdict.first:  # one ledger row per episode, not one per attempt
             what = address if verdict.scope == "address" else account[:320]
             event = "auth-throttled" if not verdict.allowed else "auth-slowed"
@@ -597,9 +598,9 @@ class SubmissionHandler(_Base):
             await asyncio.sleep(verdict.delay)
         login = await self.check_password(user, password)
         if login.ok:
-            self.throttle.success(account, address)
+            await self.throttle.success(account, address)
             return True
-        self.throttle.failure(account, address)
+        await self.throttle.failure(account, address)
         events = [LedgerEvent(event="auth-failed", sender=user[:320],
                               detail={"peer": address, "locked": login.locked})]
         if login.just_locked:
