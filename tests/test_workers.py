@@ -157,30 +157,40 @@ _RACER = textwrap.dedent("""
     from pecd.points import timeouts
     from pecd.service import Service
 
-    async def main(conf, at, ready, gun):
+    from pecd.store import readings
+
+    async def main(conf, at, ready, gun, what):
         svc = Service(config.load(Path(conf)), clock=ManualClock(datetime.fromtimestamp(at, UTC)))
-        worker = svc.timeouts
-        rows = await svc.db.transact(lambda c: timeouts.load_open(c, at))
-        dues = timeouts.decide(rows, at, worker.policy)
+        if what == "timeouts":
+            worker = svc.timeouts
+            rows = await svc.db.transact(lambda c: timeouts.load_open(c, at))
+            dues = timeouts.decide(rows, at, worker.policy)
+            names = [d.action for d in dues]
+            commit = worker.commit
+        else:  # the not-read deadline of reading evidence
+            dues = await svc.db.transact(lambda c: readings.due_not_read(c, at))
+            names = ["not-read" for _ in dues]
+            commit = lambda row: svc.reading._commit(row, "ContentHandoverFailure")
         Path(ready).touch()
         while not Path(gun).exists():
             time.sleep(0.01)
-        committed = [await worker.commit(d) for d in dues]
+        committed = [await commit(d) for d in dues]
         svc.cpu.shutdown()
         svc.db.close()
-        print(json.dumps({"due": [d.action for d in dues], "committed": sum(committed)}))
+        print(json.dumps({"due": names, "committed": sum(committed)}))
 
-    asyncio.run(main(sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]))
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]))
 """)
 
 
-def _race(p: ProviderDir, at: float, tmp: Path, name: str) -> list[dict[str, object]]:
+def _race(p: ProviderDir, at: float, tmp: Path, name: str,
+          what: str = "timeouts") -> list[dict[str, object]]:
     gun = tmp / f"{name}.go"
     procs = []
     for i in range(2):
         ready = tmp / f"{name}.{i}.ready"
         procs.append((ready, subprocess.Popen(
-            [sys.executable, "-c", _RACER, str(p.conf), str(at), str(ready), str(gun)],
+            [sys.executable, "-c", _RACER, str(p.conf), str(at), str(ready), str(gun), what],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     _wait(lambda: all(r.exists() or proc.poll() is not None for r, proc in procs),
           what="both racers decided")
@@ -229,6 +239,25 @@ def test_timeout_notices_fire_once_with_two_processes(
     finally:
         conn.close()
     assert notices == 2
+
+
+def test_not_read_evidence_fires_once_with_two_processes(
+        two_providers: tuple[ProviderDir, ProviderDir], tmp_path: Path) -> None:
+    """The read deadline passes with two processes running: both build the not-read evidence,
+    one commits it (the row's ``not_read`` set in the same transaction), the other nothing."""
+    _a, b = two_providers
+    conn = sqlite3.connect(b.root / "data" / "pecd.sqlite")
+    with conn:
+        conn.execute(
+            "INSERT INTO reading (pec_id, recipient, sender, subject, ref_msgid, mailbox, file,"
+            " delivered, deadline) VALUES ('race@a.test', 'bob@b.test', 'alice@a.test', 'x',"
+            " '<x@client>', ?, '1.race.localhost', 1000.0, 2000.0)",
+            (str(b.maildir("bob@b.test")),))
+    conn.close()
+    result = _race(b, 2001.0, tmp_path, "not-read", what="reading")
+    assert [r["due"] for r in result] == [["not-read"], ["not-read"]]
+    assert sorted(int(str(r["committed"])) for r in result) == [0, 1]
+    assert _events(b, "not-read") == 1
 
 
 class _serving:
