@@ -62,6 +62,7 @@ from pecd.trust.tsa import (
 log = logging.getLogger("pecd")
 
 Handler = Callable[[Item], Awaitable[Outcome]]
+TAKE_BACK_EVERY = 5.0  # seconds between looks for dead sibling processes' leases
 
 
 def _index_version(conn: sqlite3.Connection) -> tuple[int, str, str]:
@@ -314,10 +315,11 @@ class Service:
             self._http, self.ports.http = await httpapi.start(api, cfg, self.reuse_port)
 
     async def _housekeeping(self) -> None:
-        """Pick up operator changes to the index; checkpoint the ledger on schedule."""
+        """Pick up operator changes to the index; checkpoint the ledger on schedule; take back
+        the leases of a process of this host that died (several processes serve one provider)."""
         loop = asyncio.get_running_loop()
         index_version = await self.db.transact(_index_version)
-        last_checkpoint = self.clock.now().timestamp()
+        last_checkpoint = last_take_back = self.clock.now().timestamp()
         policy = self.config.ledger
         while True:
             await asyncio.sleep(1.0)
@@ -328,6 +330,10 @@ class Service:
                     self.index.replace(await self.db.transact(index_mod.load_all))
                     log.info("provider index reloaded")
                 now = self.clock.now().timestamp()
+                if self.node is not None and now - last_take_back >= TAKE_BACK_EVERY:
+                    last_take_back = now
+                    if await self.queue.take_back(self.node):
+                        log.info("took back the leases of a process that died")
                 pending = await self.db.transact(_rows_since_checkpoint)
                 if pending and (pending >= policy.checkpoint_rows
                                 or now - last_checkpoint >= policy.checkpoint_interval):

@@ -138,6 +138,17 @@ def test_start_takes_back_only_dead_processes_leases(tmp_path: Path) -> None:
         rows = await db.transact(lambda c: c.execute(
             "SELECT kind, body FROM queue ORDER BY id").fetchall())
         assert [(r[0], r[1]) for r in rows] == [("deliver", b"once")]
+        # a sibling that dies while others run: a live process takes its leases back at once
+        short_q = Queue(db, spool, clock)
+        short_node = nodes.Node(run, short_q.owner)
+        short_node.started()
+        await live_q.enqueue([NewItem("relay", "a@a.test", ("b@b.test",), data=b"3")])
+        (short_item,) = await short_q.lease("relay", 10)
+        assert await live_q.take_back(live_node) == 0  # it still runs
+        short_node.close()
+        assert await live_q.take_back(live_node) == 1
+        (back,) = await live_q.lease("relay", 10)
+        assert back.id == short_item.id
         new_node.close()
         live_node.close()
 

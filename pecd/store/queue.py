@@ -414,17 +414,7 @@ class Queue:
             return node.dead(owner)
 
         def txn(conn: sqlite3.Connection) -> Recovery:
-            held = released = 0
-            for row in conn.execute(
-                    "SELECT * FROM queue WHERE state='active'").fetchall():
-                if not dead(row["lease_owner"], row["lease_until"]):
-                    continue
-                if _hold_if_worn(conn, row, at):
-                    held += 1
-                    continue
-                conn.execute("UPDATE queue SET state='incoming', lease_until=NULL,"
-                             " lease_owner=NULL WHERE id=?", (row["id"],))
-                released += 1
+            released, held = _take_back(conn, dead, at)
             corrupt = 0
             referenced = set()
             for row in conn.execute(
@@ -440,13 +430,51 @@ class Queue:
             return Recovery(released, held, corrupt, len(orphans))
 
         alone = node is None or node.alone
+        if node is not None:
+            node.sweep()
         if alone:
             self.spool.clear_tmp()
         else:
             self.spool.clear_tmp(older_than=now - ORPHAN_AGE)
-        if node is not None:
-            node.sweep()
         return self.db.transact_sync(txn)
+
+    async def take_back(self, node: nodes.Node) -> int:
+        """While running: return to the queue the leases of processes of this host that died
+        since (a sibling worker killed, say), so they need not wait for its restart or for
+        their expiry. How many came back (parked ones included)."""
+        at = self.clock.now()
+        owners = await self.db.transact(lambda conn: [r[0] for r in conn.execute(
+            "SELECT DISTINCT lease_owner FROM queue WHERE state='active'").fetchall()],
+            durable=False)
+        gone = {o for o in owners if o != self.owner and node.dead(o)}
+        if not gone:
+            return 0
+
+        def txn(conn: sqlite3.Connection) -> int:
+            released, held = _take_back(conn, lambda owner, until: owner in gone, at)
+            return released + held
+
+        n = await self.db.transact(txn)
+        if n:
+            self.wake(*KINDS)
+        return n
+
+
+def _take_back(conn: sqlite3.Connection, dead: Callable[[str | None, float | None], bool],
+               at: datetime) -> tuple[int, int]:
+    """Leases whose (owner, expiry) ``dead`` judges dead go back to ``incoming``, or to
+    ``hold`` when worn out; (released, held)."""
+    released = held = 0
+    for row in conn.execute("SELECT * FROM queue WHERE state='active'").fetchall():
+        if not dead(row["lease_owner"], row["lease_until"]):
+            continue
+        if _hold_if_worn(conn, row, at):
+            held += 1
+            continue
+        conn.execute("UPDATE queue SET state='incoming', lease_until=NULL, lease_owner=NULL"
+                     " WHERE id=?", (row["id"],))
+        released += 1
+    return released, held
 
 
 def _hold_if_worn(conn: sqlite3.Connection, row: sqlite3.Row, at: datetime) -> bool:
