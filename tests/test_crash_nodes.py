@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from email.parser import BytesHeaderParser
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -85,10 +86,10 @@ class Node:
             return -9
 
 
-def _providers(base: Path) -> tuple[ProviderDir, ProviderDir]:
+def _providers(base: Path, urls: tuple[str | None, str | None]) -> tuple[ProviderDir, ProviderDir]:
     ca_dir = base / "ca"
-    a = make_provider(base, "a.test", ca_dir)
-    b = make_provider(base, "b.test", ca_dir)
+    a, b = (make_provider(base, domain, ca_dir, **({"--database-url": url} if url else {}))
+            for domain, url in (("a.test", urls[0]), ("b.test", urls[1])))
     for p in (a, b):  # retries soon, and never give up during the run
         configure(p, "relay", retry_base=0.2, retry_max=2.0, max_attempts=1000)
     exchange_cards(a, b)
@@ -169,9 +170,34 @@ def _queue_empty(p: ProviderDir) -> bool:
     return not any(line.startswith("queue ") for line in p.cli("status").splitlines())
 
 
-async def _crash_run(base: Path) -> dict[str, object]:
+async def _outage_replies(p: ProviderDir, port: int, tls: ssl.SSLContext, n: int = 3) -> list[int | str]:
+    """What fresh clients get while the database is away: each reply code, or the error."""
+    out: list[int | str] = []
+    for i in range(n):
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, tls_context=tls,
+                               start_tls=True)
+        try:
+            await smtp.connect()
+            await smtp.login("sender0@a.test", "pw")
+            msgid = f"<outage-{i}@client.test>"
+            await smtp.sendmail("sender0@a.test", [RECIPIENT], _message("sender0@a.test", msgid))
+            out.append(250)
+        except aiosmtplib.SMTPResponseException as exc:
+            out.append(exc.code)
+        except (OSError, aiosmtplib.SMTPException) as exc:
+            out.append(type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                smtp.close()
+    return out
+
+
+async def _crash_run(base: Path, urls: tuple[str | None, str | None] = (None, None),
+                     cluster: Any = None) -> dict[str, object]:
+    """The run; with ``cluster`` (tests/pg_support.Cluster, both providers on it) PostgreSQL is
+    also restarted once with ``-m immediate``, and stopped once for a while mid-run."""
     rng = random.Random(SEED)
-    a, b = _providers(base)
+    a, b = _providers(base, urls)
     nodes = [Node(f"{p.domain}#{i}", p, base / f"{p.domain}-{i}.log") for p in (a, b) for i in (1, 2)]
     started = time.monotonic()
     for node in nodes:
@@ -188,18 +214,44 @@ async def _crash_run(base: Path) -> dict[str, object]:
     sending = asyncio.gather(*(s.run(deadline) for s in senders))
     kills: Counter[str] = Counter()
     terms: Counter[str] = Counter()
-    # kinds of interruption, in a random order: KILLS SIGKILLs and SIGTERMS graceful stops
-    plan = [signal.SIGKILL] * KILLS + [signal.SIGTERM] * SIGTERMS
+    unplanned: list[str] = []  # nodes found dead that nobody stopped (PostgreSQL away, say)
+    outage: list[int | str] = []
+    # interruptions in a random order: KILLS SIGKILLs, SIGTERMS graceful stops and, on
+    # PostgreSQL, one immediate restart and one outage of the database
+    plan: list[str] = ["kill"] * KILLS + ["term"] * SIGTERMS
     rng.shuffle(plan)
+    if cluster is not None:
+        plan.insert(len(plan) * 2 // 3, "pg-restart")
+        plan.insert(len(plan) // 3, "pg-outage")
+    pg_log = str(base / "pg_ctl.log")
     try:
-        while plan and not sending.done():
+        while plan:
             acked = sum(len(s.acked) for s in senders)
-            # spread the interruptions over the sending: the next one after ~1/len(plan) of what is left
+            # spread the interruptions over the sending: the next after ~1/len(plan) of what is
+            # left; those left when the sending is over go into the drain, a second or so apart
             target = acked + max(1, (MESSAGES - acked) // (len(plan) + 1))
             while sum(len(s.acked) for s in senders) < target and not sending.done():
                 await asyncio.sleep(0.05)
+            if sending.done():
+                await asyncio.sleep(rng.uniform(0.5, 1.5))
+            for n in nodes:
+                if n.proc is not None and n.proc.poll() is not None:
+                    unplanned.append(f"{n.name} exit {n.proc.returncode}")
+                    n.start()
+            action = plan.pop()
+            if action == "pg-restart":
+                await asyncio.to_thread(cluster.pg_ctl, "restart", "-m", "immediate", "-w",
+                                        "-t", "60", "-l", pg_log)
+                continue
+            if action == "pg-outage":
+                await asyncio.to_thread(cluster.pg_ctl, "stop", "-m", "immediate", "-w")
+                try:
+                    outage = await _outage_replies(a, port, tls)
+                finally:
+                    await asyncio.to_thread(cluster.pg_ctl, "start", "-w", "-t", "60", "-l", pg_log)
+                continue
             victim = rng.choice(nodes)
-            sig = plan.pop()
+            sig = signal.SIGKILL if action == "kill" else signal.SIGTERM
             await asyncio.to_thread(victim.signal, sig)
             (kills if sig == signal.SIGKILL else terms)[victim.name] += 1
             await asyncio.sleep(rng.uniform(0.0, 0.3))
@@ -215,6 +267,9 @@ async def _crash_run(base: Path) -> dict[str, object]:
                     and await asyncio.to_thread(_queue_empty, b)):
                 break
             await asyncio.sleep(0.5)
+        for n in nodes:
+            if n.proc is not None and n.proc.poll() is not None:
+                unplanned.append(f"{n.name} exit {n.proc.returncode}")
     finally:
         stops = {n.name: n.stop() for n in nodes}
     seconds = time.monotonic() - started
@@ -245,19 +300,24 @@ async def _crash_run(base: Path) -> dict[str, object]:
         "kills": sum(kills.values()), "sigterms": sum(terms.values()),
         "kills_per_node": dict(kills), "stops": stops, "seconds": round(seconds, 1),
         "problems": problems[:20], "strangers": strangers[:5], "ledgers": ledgers,
+        "unplanned_exits": unplanned, "outage_replies": outage,
     }
     print(json.dumps(figures, indent=2))
     return figures
 
 
-def test_crash_two_nodes_per_provider_sqlite(tmp_path: Path) -> None:
-    figures = asyncio.run(_crash_run(tmp_path))
+def _check(figures: dict[str, object]) -> None:
     assert figures["acknowledged"] == MESSAGES, figures
     assert figures["kills"] >= min(KILLS, 20) and figures["sigterms"] >= 1, figures
     assert figures["problems"] == [] and figures["strangers"] == [], figures
+    assert figures["unplanned_exits"] == [], figures
     ledgers = figures["ledgers"]
     assert isinstance(ledgers, dict)
     assert all(v.startswith("exit 0: ledger ok") for v in ledgers.values()), ledgers
     # a node stopped with SIGTERM at the end stops cleanly
     stops = figures["stops"]
     assert isinstance(stops, dict) and all(code == 0 for code in stops.values()), stops
+
+
+def test_crash_two_nodes_per_provider_sqlite(tmp_path: Path) -> None:
+    _check(asyncio.run(_crash_run(tmp_path)))
