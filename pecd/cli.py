@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ import click
 from pecd import config as config_mod
 from pecd.clock import SystemClock
 from pecd.config import Config, ConfigError, Listen
-from pecd.store import apistore, durable, ledger, readings, users
+from pecd.store import Connection, Unavailable, Where, apistore, durable, ledger, readings, users
 from pecd.store import db as db_mod
 from pecd.store import queue as queue_mod
 from pecd.trust import index as index_mod
@@ -46,8 +45,8 @@ class Context:
                 raise click.ClickException(str(exc)) from None
         return self._config
 
-    def connect(self) -> sqlite3.Connection:
-        return db_mod.open_database(self.config.paths.database)
+    def connect(self) -> Connection:
+        return open_or_fail(self.config.paths.database)
 
     def write(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(conn, *args)`` in one write transaction; its exceptions pass through."""
@@ -65,6 +64,15 @@ class Context:
             return self.write(fn, *args)
         except (users.UserError, queue_mod.QueueError, index_mod.IndexError_) as exc:
             raise click.ClickException(str(exc)) from None
+
+
+def open_or_fail(where: Where) -> Connection:
+    """The database, schema brought up to date; an unreachable PostgreSQL is one clear line
+    and a non-zero exit, not a traceback."""
+    try:
+        return db_mod.open_database(where)
+    except Unavailable as exc:
+        raise click.ClickException(f"database unreachable: {exc}") from None
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -109,10 +117,13 @@ def main(ctx: click.Context, config_path: Path, verbose: bool) -> None:
               default=None, help="Signing certificate from that CA (PEM; with --key).")
 @click.option("--chain", "chain_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="The CA's intermediates (and root) for --cert (PEM bundle).")
+@click.option("--database-url", default=None, metavar="URL",
+              help="Keep the provider's state in this PostgreSQL database (postgresql://...; "
+                   "created schema and all) instead of a SQLite file in the data directory.")
 def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, data_dir: str,
          host: str, submission_port: int, smtps_port: int, inbound_port: int,
          http_port: int, key_type: str, key_file: Path | None, cert_file: Path | None,
-         chain_file: Path | None) -> None:
+         chain_file: Path | None, database_url: str | None) -> None:
     """Create a provider: config, keys and certificates from a dev CA, database.
 
     With --key and --cert the signing pair comes from an outside CA instead (the dev CA
@@ -158,9 +169,9 @@ def init(directory: Path, domain: str, name: str | None, ca_dir: Path | None, da
     listen = Listen(host, submission_port, smtps_port, inbound_port)
     conf_path.write_text(config_mod.render(name=name, domain=domain, data_dir=data_dir,
                                            listen=listen, ca_certs="keys/ca.pem",
-                                           http_port=http_port))
+                                           http_port=http_port, database_url=database_url))
     cfg = config_mod.load(conf_path)
-    conn = db_mod.open_database(cfg.paths.database)
+    conn = open_or_fail(cfg.paths.database)
     with conn:
         index_mod.store(conn, own_card(cfg))
     conn.close()
@@ -194,7 +205,54 @@ def serve(ctx: Context, workers: int, reuse_port: bool) -> None:
         raise SystemExit(supervisor.run(ctx.config_path, workers, verbose))
     from pecd.service import serve as run
 
-    asyncio.run(run(config, reuse_port=reuse_port))
+    try:
+        asyncio.run(run(config, reuse_port=reuse_port))
+    except Unavailable as exc:  # PostgreSQL unreachable at start: one line, non-zero exit
+        raise click.ClickException(f"database unreachable: {exc}") from None
+
+
+# --- database ---------------------------------------------------------------------------------
+
+@main.group("db")
+def db_group() -> None:
+    """The provider's database (SQLite file or PostgreSQL)."""
+
+
+@db_group.command("copy")
+@click.option("--to", "url", required=True, metavar="URL",
+              help="An empty PostgreSQL database (postgresql://user@host/db).")
+@pass_ctx
+def db_copy(ctx: Context, url: str) -> None:
+    """Copy this SQLite provider (queue and its bodies included) to PostgreSQL.
+
+    Refuses a target that is not empty; verifies both ledgers before and after. Then set
+    `[database] url` in the configuration to URL and restart: that is the whole move."""
+    from pecd.store import copy as copy_mod
+    from pecd.store import is_postgres
+    from pecd.trust import tsa
+
+    cfg = ctx.config
+    if cfg.paths.database_url is not None:
+        raise click.ClickException("this provider already runs on PostgreSQL ([database] url)")
+    if not is_postgres(url):
+        raise click.ClickException("--to must be a postgresql:// URL")
+    roots = pki.load_certs(cfg.paths.ca_certs)
+
+    def check_token(token: bytes, data: bytes) -> None:
+        tsa.verify_token(token, data, roots)
+
+    try:
+        report = copy_mod.copy(cfg.paths.sqlite_file, cfg.paths.spool, url, check_token)
+    except (copy_mod.CopyRefused, Unavailable) as exc:
+        raise click.ClickException(str(exc)) from None
+    total = sum(report.rows.values())
+    click.echo(f"copied {total} rows from {len(report.rows)} tables and"
+               f" {report.spool_bodies} spool bodies; ledger ok on both sides:"
+               f" {report.ledger_rows} rows, {report.checkpoints} checkpoints")
+    for name in report.missing_bodies:
+        click.echo(f"warning: spool file {name} was missing; its item will be marked corrupt",
+                   err=True)
+    click.echo(f"now set [database] url to that URL in {ctx.config_path} and restart pecd")
 
 
 # --- users ------------------------------------------------------------------------------------
@@ -292,7 +350,7 @@ def user_set(ctx: Context, address: str, read_evidence: bool | None, notify: str
     if notify:
         users.normalise(notify)  # a UserError says what is wrong with it
 
-    def apply(conn: sqlite3.Connection) -> bool:
+    def apply(conn: Connection) -> bool:
         found = True
         if read_evidence is not None:
             found = readings.set_user_default(conn, address, read_evidence)
@@ -656,9 +714,8 @@ def status(ctx: Context, message_id: str | None) -> None:
             for key, n in queue_mod.figures(conn).items():
                 if n:
                     click.echo(f"queue {key}: {n}")
-            rows = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM ledger").fetchone()
-            cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()[0]
-            click.echo(f"ledger rows: {rows[0]} (head {rows[1]}), checkpoints: {cps}")
+            count, head, cps = ledger.figures(conn)
+            click.echo(f"ledger rows: {count} (head {head}), checkpoints: {cps}")
             return
         bare = message_id.strip().strip("<>")
         rows = ledger.events_for(conn, bare) or ledger.events_for(conn, f"<{bare}>")
@@ -846,10 +903,9 @@ def ledger_prune(ctx: Context, before: datetime | None, export_file: Path) -> No
         point = ledger.prune_point(conn, limit)
         if point is None:
             raise click.ClickException("nothing to prune: no checkpointed range is that old")
-        first = conn.execute("SELECT min(seq) FROM ledger").fetchone()[0]
+        first = ledger.first_seq(conn)
         for seq in (first, point):
-            live = conn.execute("SELECT hash FROM ledger WHERE seq=?", (seq,)).fetchone()
-            if seq not in by_seq or by_seq[seq]["hash"] != live[0]:
+            if seq not in by_seq or by_seq[seq]["hash"] != ledger.hash_at(conn, seq):
                 raise click.ClickException(
                     f"the export does not hold row {seq} as the ledger has it; export first")
         if any(s not in by_seq for s in range(first, point + 1)):

@@ -7,6 +7,7 @@ TSA, loopback ports.
 
 from __future__ import annotations
 
+import json
 import re
 import ssl
 import tomllib
@@ -305,9 +306,17 @@ class Paths:
     tsa_key: Path
     tsa_cert: Path
     ca_certs: Path
+    # [database] url: a ``postgresql://`` URL; None keeps the SQLite file in data_dir
+    database_url: str | None = None
 
     @property
-    def database(self) -> Path:
+    def database(self) -> Path | str:
+        """Where the provider's state lives: the PostgreSQL URL if configured, else the SQLite
+        file (pecd.store.db.connect takes either)."""
+        return self.database_url or self.sqlite_file
+
+    @property
+    def sqlite_file(self) -> Path:
         return self.data_dir / "pecd.sqlite"
 
     @property
@@ -391,6 +400,18 @@ def _http(values: dict[str, Any], base: Path) -> Http:
     return http
 
 
+def _database_url(values: dict[str, Any]) -> str | None:
+    unknown = set(values) - {"url"}
+    if unknown:
+        raise ConfigError(f"[database] has unknown keys: {', '.join(sorted(unknown))}")
+    url = values.get("url")
+    if url is None or url == "":
+        return None
+    if not isinstance(url, str) or url.split(":", 1)[0].lower() not in ("postgresql", "postgres"):
+        raise ConfigError("[database] url must be a postgresql:// URL (absent: SQLite in data_dir)")
+    return url
+
+
 def load(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
@@ -421,6 +442,7 @@ def load(path: Path) -> Config:
         tsa_key=resolve("tsa_key", "keys/tsa.key"),
         tsa_cert=resolve("tsa_cert", "keys/tsa.pem"),
         ca_certs=resolve("ca_certs", "keys/ca.pem"),
+        database_url=_database_url(_section(raw, "database")),
     )
     tsa = _section(raw, "tsa")
     http = _http(_section(raw, "http"), base)
@@ -464,6 +486,28 @@ def load(path: Path) -> Config:
     )
 
 
+def _database_line(url: str | None) -> str:
+    if url is None:
+        return ('# url = "postgresql://pecd@db.example/pecd"   # PostgreSQL instead of the SQLite'
+                ' file in data_dir')
+    return f"url = {json.dumps(url)}   # PostgreSQL: queue, bodies, ledger, accounts"
+
+
+def use_database(conf_path: Path, url: str | None) -> None:
+    """Point an existing provider's configuration at ``url`` (None: back to the SQLite file):
+    the ``[database]`` table is rewritten, nothing else. The schema is made on first open
+    (``pecd.store.db.open_database``); moving the data is ``pecd db copy``'s job."""
+    text = conf_path.read_text()
+    line = _database_line(url)
+    pattern = re.compile(r"^\[database\]\n(?:(?!\[)[^\n]*\n?)*", re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: f"[database]\n{line}\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + f"\n\n[database]\n{line}\n"
+    conf_path.write_text(text)
+    load(conf_path)  # still a valid configuration
+
+
 def render(
     *,
     name: str,
@@ -472,6 +516,7 @@ def render(
     listen: Listen,
     ca_certs: str,
     http_port: int = 10080,
+    database_url: str | None = None,
 ) -> str:
     """The commented configuration ``pecd init`` writes."""
     return f'''# pecd provider configuration. Paths are relative to this file.
@@ -491,6 +536,9 @@ tls_cert = "keys/tls.pem"
 tsa_key = "keys/tsa.key"               # built-in RFC 3161 TSA
 tsa_cert = "keys/tsa.pem"
 ca_certs = "{ca_certs}"                # CA(s) trusted for peers' TLS and signatures
+
+[database]
+{_database_line(database_url)}
 
 [listen]
 host = "{listen.host}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import uuid
 
+from pecd.store import Unavailable
+
 log = logging.getLogger("pecd.smtp")
 
 OK_QUEUED = "250 2.0.0 Ok: queued as {}"
@@ -45,6 +47,7 @@ IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 TLS_FAILED = "454 4.7.0 TLS handshake failed"
 TOO_MANY_TLS_FAILURES = "421 4.7.0 Too many failed TLS handshakes from your address, try again later"
 UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
+STORE_UNAVAILABLE = "451 4.3.0 Storage temporarily unavailable, nothing was accepted: please retry"
 REVOCATION_UNKNOWN = ("451 4.7.5 Revocation status of the signing certificate unknown"
                       " (CRL/OCSP unreachable), try again later")
 
@@ -128,6 +131,9 @@ def reply_for(exc: BaseException) -> str:
     """The reply for any exception: refusals say what they are, anything else gets an incident id."""
     if isinstance(exc, Refusal):
         return exc.reply
+    if isinstance(exc, Unavailable):  # the database is away: nothing committed, the client retries
+        log.warning("storage unavailable: %s", exc)
+        return STORE_UNAVAILABLE
     incident = uuid.uuid4().hex[:12]
     log.error("incident %s: unexpected error", incident, exc_info=exc)
     return TEMPORARY.format(incident)

@@ -14,7 +14,6 @@ import ctypes
 import logging
 import os
 import signal
-import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,13 +36,13 @@ from pecd.points.reception import ReceptionPoint
 from pecd.points.relay import Connections, RelayStage, Router
 from pecd.points.submission import AccessPoint
 from pecd.points.timeouts import TimeoutWorker
+from pecd.store import Connection, Unavailable, ledger, users
 from pecd.store import db as db_mod
-from pecd.store import ledger, users
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.nodes import Node
 from pecd.store.queue import Item, Kind, Outcome, Queue, Recovery
-from pecd.store.spool import Spool
+from pecd.store.spool import open_bodies
 from pecd.trust import index as index_mod
 from pecd.trust import pki, revocation
 from pecd.trust.cms import Signer
@@ -65,16 +64,12 @@ Handler = Callable[[Item], Awaitable[Outcome]]
 TAKE_BACK_EVERY = 5.0  # seconds between looks for dead sibling processes' leases
 
 
-def _index_version(conn: sqlite3.Connection) -> tuple[int, str, str]:
+def _index_version(conn: Connection) -> tuple[int, str, str]:
     return index_mod.version(conn)
 
 
-def _rows_since_checkpoint(conn: sqlite3.Connection) -> int:
-    row = conn.execute(
-        "SELECT coalesce((SELECT max(seq) FROM ledger), 0)"
-        " - coalesce((SELECT max(seq_to) FROM ledger_checkpoint), 0)"
-    ).fetchone()
-    return int(row[0])
+def _rows_since_checkpoint(conn: Connection) -> int:
+    return ledger.rows_since_checkpoint(conn)
 
 
 class Runner:
@@ -92,6 +87,10 @@ class Runner:
     async def _process(self, item: Item) -> None:
         try:
             outcome = await self.handler(item)
+        except Unavailable as exc:  # the database is away: the lease runs out, then a retry
+            log.warning("%s stage: storage unavailable on queue item %s: %s", self.kind,
+                        item.id, exc)
+            return
         except Exception as exc:  # a stage bug parks the item; it is never dropped
             incident = uuid.uuid4().hex[:12]
             log.error("incident %s: %s stage failed on queue item %s", incident, self.kind,
@@ -114,7 +113,11 @@ class Runner:
     async def run(self) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
-            items = await self.queue.lease(self.kind, free) if free > 0 else []
+            try:
+                items = await self.queue.lease(self.kind, free) if free > 0 else []
+            except Unavailable as exc:  # PostgreSQL away: the writer reconnects; look again soon
+                log.warning("%s runner: storage unavailable: %s", self.kind, exc)
+                items = []
             for item in items:
                 task = asyncio.create_task(self._process(item))
                 self._inflight.add(task)
@@ -207,7 +210,7 @@ class Service:
         self.reuse_port = reuse_port
         self.clock = clock or SystemClock()
         self.db = Database(config.paths.database)
-        self.spool = Spool(config.paths.spool)
+        self.spool = open_bodies(config.paths.database, config.paths.spool)
         self.queue = Queue(self.db, self.spool, self.clock)
         self.index = ProviderIndex(self.db.transact_sync(index_mod.load_all))
         self.trust_roots = pki.load_certs(config.paths.ca_certs)

@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +22,10 @@ from click.testing import CliRunner
 from pecd import config
 from pecd.cli import main as cli_main
 from pecd.service import Service
+from pecd.store import db as db_mod
 from pecd.trust import cms, smime
+
+from . import pg_support
 
 if TYPE_CHECKING:
     from .revocation_support import CrlServer, RevocationCA
@@ -97,6 +100,14 @@ class ProviderDir:
     def cli(self, *args: str, input: str | None = None, ok: bool = True) -> str:
         return pecd("-c", str(self.conf), *args, input=input, ok=ok)
 
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        """Rows from the provider's own database, whichever backend it is on."""
+        conn = db_mod.connect(self.config.paths.database)
+        try:
+            return list(conn.execute(sql, params).fetchall())
+        finally:
+            conn.close()
+
     def add_user(self, address: str, password: str) -> None:
         self.cli("user", "add", address, "--password-stdin", input=password + "\n")
 
@@ -131,13 +142,51 @@ def exchange_cards(*providers: ProviderDir) -> None:
 
 @pytest.fixture
 def two_providers(tmp_path: Path) -> tuple[ProviderDir, ProviderDir]:
+    return _two_providers(tmp_path)
+
+
+def _two_providers(tmp_path: Path, urls: tuple[str | None, str | None] = (None, None)
+                   ) -> tuple[ProviderDir, ProviderDir]:
     ca_dir = tmp_path / "ca"
-    a = make_provider(tmp_path, "a.test", ca_dir)
-    b = make_provider(tmp_path, "b.test", ca_dir)
+    a, b = (make_provider(tmp_path, domain, ca_dir,
+                          **({"--database-url": url} if url else {}))
+            for domain, url in (("a.test", urls[0]), ("b.test", urls[1])))
     exchange_cards(a, b)
     a.add_user("alice@a.test", "alice-secret")
     b.add_user("bob@b.test", "bob-secret")
     return a, b
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg_support.Cluster]:
+    """One throwaway PostgreSQL for the whole session (skips without PostgreSQL, fails in CI)."""
+    cluster = pg_support.start_cluster(free_port())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: pg_support.Cluster) -> str:
+    """A fresh, empty PostgreSQL database for this test."""
+    return pg_cluster.database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Callable[[], str | None]:
+    """The backend under test: a factory of database URLs (None: SQLite in the data dir)."""
+    if request.param == "sqlite":
+        return lambda: None
+    cluster: pg_support.Cluster = request.getfixturevalue("pg_cluster")
+    return cluster.database
+
+
+@pytest.fixture
+def two_providers_db(tmp_path: Path, database: Callable[[], str | None]
+                     ) -> tuple[ProviderDir, ProviderDir]:
+    """``two_providers`` on each backend (each provider its own database)."""
+    return _two_providers(tmp_path, (database(), database()))
 
 
 def client_tls(ca: Path) -> ssl.SSLContext:

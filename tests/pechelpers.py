@@ -177,11 +177,7 @@ def ledger(provider: ProviderDir, event: str) -> list[dict[str, Any]]:
 
 def queued(provider: ProviderDir) -> int:
     """Items in the provider's queue, whatever their state."""
-    conn = sqlite3.connect(provider.root / "data" / "pecd.sqlite")
-    try:
-        return int(conn.execute("SELECT count(*) FROM queue").fetchone()[0])
-    finally:
-        conn.close()
+    return int(provider.query("SELECT count(*) FROM queue")[0][0])
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import sqlite3
 import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -161,11 +160,13 @@ def test_relay_streams_data_with_dots_and_line_ends_intact(
 
 @pytest.mark.parametrize("size", [2_000, INLINE_MAX + 50_000], ids=["in-rows", "in-spool-files"])
 def test_a_certified_cycle_through_either_queue_storage(
-        two_providers: tuple[ProviderDir, ProviderDir], size: int) -> None:
+        two_providers_db: tuple[ProviderDir, ProviderDir], size: int) -> None:
     """A message up to INLINE_MAX is queued in its row, a bigger one in spool files (each item
-    its own file or hard link); both complete the whole cycle, and across a restart: recovery
-    takes a row's bytes as present, not as a missing file."""
-    a, b = two_providers
+    its own file or hard link; on PostgreSQL in chunks of body_chunks, each item its own copy);
+    both complete the whole cycle, and across a restart: recovery takes a row's bytes as
+    present, not as a missing file."""
+    a, b = two_providers_db
+    on_pg = a.config.paths.database_url is not None
     original = _original(size).rstrip(b"\r\n") + b"\r\n"  # as SMTP carries it
 
     async def run() -> None:
@@ -181,7 +182,11 @@ def test_a_certified_cycle_through_either_queue_storage(
         spool, body = _queued_storage(a)
         if size <= INLINE_MAX:
             assert spool == "" and body is not None and len(body) == len(original)
-            assert not list((a.root / "data" / "spool" / "q").iterdir())
+            assert on_pg or not list((a.root / "data" / "spool" / "q").iterdir())
+        elif on_pg:
+            assert body is None and spool.startswith("pg-")
+            assert a.query("SELECT sum(length(data)) FROM body_chunks WHERE name = ?",
+                           (spool,))[0][0] == len(original)
         else:
             assert body is None
             assert (a.root / "data" / "spool" / "q" / spool).stat().st_size == len(original)
@@ -196,16 +201,16 @@ def test_a_certified_cycle_through_either_queue_storage(
     (b.root / "env.eml").write_bytes(delivered)
     assert openssl_verifies(b.root / "env.eml", b.ca)
     for p in (a, b):  # every item's bytes went with it
-        assert not list((p.root / "data" / "spool" / "q").iterdir())
+        if on_pg:
+            assert p.query("SELECT count(*) FROM body_chunks")[0][0] == 0
+            assert not (p.root / "data" / "spool").exists()  # nothing kept locally
+        else:
+            assert not list((p.root / "data" / "spool" / "q").iterdir())
     assert "ledger ok" in a.cli("ledger", "verify") and "ledger ok" in b.cli("ledger", "verify")
 
 
 def _queued_storage(p: ProviderDir) -> tuple[str, bytes | None]:
-    conn = sqlite3.connect(p.root / "data" / "pecd.sqlite")
-    try:
-        row = conn.execute("SELECT spool, body, state FROM queue").fetchall()
-    finally:
-        conn.close()
+    row = p.query("SELECT spool, body, state FROM queue")
     assert len(row) == 1 and row[0][2] == "incoming"
     return row[0][0], row[0][1]
 

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pecd.format import daticert, pec
@@ -61,9 +62,9 @@ async def _run_pipeline(a: ProviderDir, b: ProviderDir) -> dict[str, bytes]:
     return out
 
 
-def test_certified_mail_end_to_end(two_providers: tuple[ProviderDir, ProviderDir],
+def test_certified_mail_end_to_end(two_providers_db: tuple[ProviderDir, ProviderDir],
                                    tmp_path: Path) -> None:
-    a, b = two_providers
+    a, b = two_providers_db
     msgs = asyncio.run(_run_pipeline(a, b))
     assert set(msgs) == {"accettazione", "avvenuta-consegna", "posta-certificata",
                          "presa-in-carico"}
@@ -115,13 +116,22 @@ def test_certified_mail_end_to_end(two_providers: tuple[ProviderDir, ProviderDir
     assert "ledger ok" in a.cli("ledger", "verify")
     assert "ledger ok" in b.cli("ledger", "verify")
 
-    # editing a row with the sqlite3 shell is caught by the chain (triggers can be dropped)
-    db = b.root / "data" / "pecd.sqlite"
-    triggers = [r[0] for r in sqlite3.connect(db).execute(
-        "SELECT name FROM sqlite_master WHERE type='trigger' AND tbl_name='ledger'")]
-    script = "".join(f"DROP TRIGGER {t};" for t in triggers)
-    script += "UPDATE ledger SET subject='forged' WHERE seq=2;"
-    subprocess.run(["sqlite3", str(db), script], check=True)
+    url = b.config.paths.database_url
+    if url is None:
+        # editing a row with the sqlite3 shell is caught by the chain (triggers can be dropped)
+        db = b.root / "data" / "pecd.sqlite"
+        triggers = [r[0] for r in sqlite3.connect(db).execute(
+            "SELECT name FROM sqlite_master WHERE type='trigger' AND tbl_name='ledger'")]
+        script = "".join(f"DROP TRIGGER {t};" for t in triggers)
+        script += "UPDATE ledger SET subject='forged' WHERE seq=2;"
+        subprocess.run(["sqlite3", str(db), script], check=True)
+    else:
+        # nothing of the provider's state in a local SQLite file
+        assert not list((b.root / "data").glob("pecd.sqlite*"))
+        # the table owner can switch the triggers off: the chain still catches the edit
+        with psycopg.connect(url, autocommit=True) as pg:
+            pg.execute("ALTER TABLE ledger DISABLE TRIGGER USER")
+            pg.execute("UPDATE ledger SET subject='forged' WHERE seq=2")
     out = b.cli("ledger", "verify", ok=False)
     assert "row 2" in out
 

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import ssl
 import threading
 import time
@@ -56,7 +55,7 @@ from pecd.format import apimessage, headers
 from pecd.format.apimessage import Invalid
 from pecd.points.delivery import MailboxError, Maildir
 from pecd.points.reading import ReadingWorker
-from pecd.store import apistore, readings, users
+from pecd.store import Conflict, Connection, StoreError, apistore, readings, users
 from pecd.store import db as db_mod
 from pecd.store import queue as queue_mod
 from pecd.store.db import Database
@@ -329,7 +328,7 @@ class Api:
         self.latency.labels(name).observe(time.monotonic() - started)
         return response
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _read(self, fn: Callable[[Connection], Any]) -> Any:
         return await self.db.transact(fn, durable=False)
 
     async def _body(self, request: web.Request, limit: int) -> bytes:
@@ -518,7 +517,7 @@ class Api:
                              detail={"size": len(built.data), "peer": peer, "via": "http"})],
                 effects=[lambda c: apistore.record_submission(c, request_id, mailbox, key,
                                                               fingerprint, now)])
-        except sqlite3.IntegrityError:
+        except Conflict:
             if key is None:
                 raise
             # the same key raced us and won: its message is the only one
@@ -711,8 +710,8 @@ class Api:
         if not self.ready():
             raise Problem(503, "Not ready", "starting or stopping", "not-ready")
         try:
-            await asyncio.wait_for(self._read(lambda c: c.execute("SELECT 1").fetchone()), 5.0)
-        except (TimeoutError, sqlite3.Error) as exc:
+            await asyncio.wait_for(self._read(db_mod.ping), 5.0)
+        except (TimeoutError, StoreError) as exc:
             raise Problem(503, "Not ready", f"database: {type(exc).__name__}", "database") from None
         return _answer(200, {"status": "ready"})
 

@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import re
-import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -31,7 +30,7 @@ from pecd.format import daticert, headers, pec, receipts
 from pecd.format.pec import Issuer, Transaction
 from pecd.points import arrival, consultation
 from pecd.points.relay import Router
-from pecd.store import durable, readings, users
+from pecd.store import Connection, durable, readings, users
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Effect, Item, NewItem, Outcome, backoff
@@ -306,7 +305,7 @@ class DeliveryPoint:
         """The message in the recipient's list (the HTTP API's ``/api/v1/mailbox``)."""
         mailbox, file = str(stored.parent.parent), stored.name
 
-        def effect(conn: sqlite3.Connection) -> None:
+        def effect(conn: Connection) -> None:
             readings.record_stored(conn, pec_id=tx.identifier, recipient=rcpt,
                                    sender=tx.sender, subject=tx.subject, delivered=at,
                                    mailbox=mailbox, file=file)
@@ -320,7 +319,7 @@ class DeliveryPoint:
         mailbox, file = str(stored.parent.parent), stored.name
         deadline = at + (own_deadline or self.config.consultation.deadline)
 
-        def effect(conn: sqlite3.Connection) -> None:
+        def effect(conn: Connection) -> None:
             readings.record(conn, pec_id=tx.identifier, recipient=rcpt, sender=tx.sender,
                             subject=tx.subject, ref_msgid=tx.ref_msgid, mailbox=mailbox,
                             file=file, delivered=at, deadline=deadline)

@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import os
-import sqlite3
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +43,7 @@ from pecd.format import daticert
 from pecd.format.pec import Issuer, Transaction
 from pecd.points import consultation, fallback
 from pecd.points.relay import Router
-from pecd.store import ledger, readings
+from pecd.store import Connection, ledger, readings
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import NewItem, Queue
 from pecd.store.readings import Reading
@@ -202,7 +201,7 @@ class ReadingWorker:
                             detail={"reason": problem, "mailbox": row.mailbox})
         log.warning("reading evidence for %s to %s: %s", row.pec_id, row.recipient, problem)
 
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: Connection) -> None:
             if readings.note_problem(conn, row.rowid, problem):
                 ledger.append(conn, event, self.clock.now())
 

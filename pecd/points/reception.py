@@ -13,7 +13,6 @@ the signer's CRL / OCSP status only as far as its issuer signed it (:mod:`pecd.t
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pecd.format import daticert, envelope, headers, pec, receipts
 from pecd.format.pec import Issuer, Transaction
 from pecd.points import virus
 from pecd.points.relay import Router
-from pecd.store import readings
+from pecd.store import Connection, readings, tracking
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, NewItem, Outcome
 from pecd.trust import revocation as revocation_mod
@@ -319,7 +318,7 @@ class ReceptionPoint:
                                  "misaddressed")
         message_id = (v.parsed.headers.get("Message-ID") or "").strip().strip("<>")
         now = self.clock.now().timestamp()
-        effects: list[Callable[[sqlite3.Connection], None]] = []
+        effects: list[Callable[[Connection], None]] = []
         if cd.type == "avvenuta-consegna" and cd.delivered_to:
             effects.append(_track("delivered", cd.identifier, (cd.delivered_to,), now, "delivered"))
         elif cd.type == "presa-in-carico":
@@ -443,16 +442,11 @@ def _distinct(items: Iterable[NewItem]) -> list[NewItem]:
 
 
 def _track(column: str, pec_id: str, recipients: Sequence[str], at: float,
-           outcome: str | None = None) -> Callable[[sqlite3.Connection], None]:
+           outcome: str | None = None) -> Callable[[Connection], None]:
     assert column in ("delivered", "taken", "closed")
 
-    def effect(conn: sqlite3.Connection) -> None:
-        for rcpt in recipients:
-            conn.execute(
-                f"UPDATE tracking SET {column}=coalesce({column}, ?),"
-                " outcome=coalesce(outcome, ?) WHERE pec_id=? AND lower(recipient)=lower(?)",
-                (at, outcome, pec_id, rcpt),
-            )
+    def effect(conn: Connection) -> None:
+        tracking.note(conn, column, pec_id, recipients, at, outcome)  # type: ignore[arg-type]
 
     return effect
 
@@ -470,6 +464,6 @@ _PER_RECIPIENT = ("avvenuta-consegna", *_READING)
 
 
 def _reading(tipo: str, pec_id: str, recipient: str,
-             at: float) -> Callable[[sqlite3.Connection], None]:
+             at: float) -> Callable[[Connection], None]:
     event: readings.Event = "read" if tipo == "presa-visione" else "not_read"
     return lambda conn: readings.track(conn, pec_id, recipient, event, at)

@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import re
-import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,8 +24,9 @@ from pecd.clock import Clock
 from pecd.config import Config
 from pecd.format.blob import Blob
 from pecd.format.compose import has_bare_eol
+from pecd.store import Connection
 from pecd.store.ledger import LedgerEvent
-from pecd.store.queue import Item, Kind, NewItem, Outcome, backoff
+from pecd.store.queue import Item, Kind, NewItem, Outcome, backoff, defer_destination
 from pecd.trust.index import ProviderIndex
 
 log = logging.getLogger("pecd.relay")
@@ -355,16 +355,12 @@ class RelayStage:
         return Outcome(events=[event])
 
 
-def _defer_destination(dest: str, until: float) -> Callable[[sqlite3.Connection], None]:
+def _defer_destination(dest: str, until: float) -> Callable[[Connection], None]:
     """Per-destination backoff: the other messages waiting for a hop that just failed wait too,
     instead of each failing on its own. Kept in the queue, so it survives restarts and an
     operator's ``pecd queue retry`` still overrides it."""
 
-    def effect(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "UPDATE queue SET state='deferred', next_at=max(next_at, ?)"
-            " WHERE dest=? AND state IN ('incoming', 'deferred')",
-            (until, dest),
-        )
+    def effect(conn: Connection) -> None:
+        defer_destination(conn, dest, until)
 
     return effect

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -23,7 +22,7 @@ from pecd.format.checks import FormalCheckFailed
 from pecd.format.pec import Issuer, ReceiptKind, Transaction
 from pecd.points import consultation, virus
 from pecd.points.relay import Router
-from pecd.store import readings, users
+from pecd.store import Connection, readings, tracking, users
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Item, NewItem, Outcome
@@ -121,13 +120,9 @@ class AccessPoint:
                                      meta={"msgid": tx.identifier, "what": "envelope"})
         tracked = [(r.address, r.kind) for r in tx.recipients]
 
-        def track(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT OR IGNORE INTO tracking (pec_id, recipient, sender, subject, ref_msgid,"
-                " kind, accepted) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(tx.identifier, addr, tx.sender, tx.subject, tx.ref_msgid, kind,
-                  at.timestamp()) for addr, kind in tracked],
-            )
+        def track(conn: Connection) -> None:
+            tracking.open_rows(conn, tx.identifier, tx.sender, tx.subject, tx.ref_msgid,
+                               tracked, at.timestamp())
 
         return Outcome(
             outputs=outputs,

@@ -36,17 +36,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.format import daticert, receipts
 from pecd.format.pec import Issuer, Transaction
+from pecd.store import Connection, tracking
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import Effect, NewItem, Queue
 
@@ -74,7 +74,7 @@ class Tracked:
     outcome: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Tracked:
+    def from_row(cls, row: Any) -> Tracked:
         return cls(
             pec_id=row["pec_id"], recipient=row["recipient"], sender=row["sender"],
             subject=row["subject"], ref_msgid=row["ref_msgid"], kind=row["kind"],
@@ -158,42 +158,25 @@ class Stale(Exception):
     """The tracking rows changed after the decision; the notice is no longer due."""
 
 
-_STILL_DUE = {
-    "warning": ("warned", "closed IS NULL AND warned IS NULL AND taken IS NULL"
-                          " AND delivered IS NULL"),
-    "final": ("closed", "closed IS NULL AND delivered IS NULL"),
-    "close-esterno": ("closed", "closed IS NULL"),
-}
 _OUTCOME = {"warning": None, "final": "timeout", "close-esterno": "esterno"}
 
 
 def mark(due: Due, at: float) -> Effect:
     """The tracking update of ``due``; raises :class:`Stale` (undoing the commit) when any of
     its rows is no longer in the state the decision saw."""
-    column, condition = _STILL_DUE[due.action]
     outcome = _OUTCOME[due.action]
 
-    def effect(conn: sqlite3.Connection) -> None:
+    def effect(conn: Connection) -> None:
         for rcpt in due.recipients:
-            cur = conn.execute(
-                f"UPDATE tracking SET {column}=?, outcome=coalesce(?, outcome)"
-                f" WHERE pec_id=? AND recipient=? AND {condition}",
-                (at, outcome, due.pec_id, rcpt),
-            )
-            if cur.rowcount != 1:
+            if not tracking.mark_due(conn, due.action, due.pec_id, rcpt, at, outcome):
                 raise Stale(f"{due.pec_id} {rcpt}: no longer due for {due.action}")
 
     return effect
 
 
-def load_open(conn: sqlite3.Connection, accepted_before: float) -> list[Tracked]:
+def load_open(conn: Connection, accepted_before: float) -> list[Tracked]:
     """Every row of each transaction that has an open, undelivered row old enough to matter."""
-    rows = conn.execute(
-        "SELECT * FROM tracking WHERE pec_id IN (SELECT pec_id FROM tracking"
-        " WHERE closed IS NULL AND delivered IS NULL AND accepted <= ?) ORDER BY rowid",
-        (accepted_before,),
-    ).fetchall()
-    return [Tracked.from_row(r) for r in rows]
+    return [Tracked.from_row(r) for r in tracking.open_transactions(conn, accepted_before)]
 
 
 class TimeoutWorker:

@@ -18,12 +18,11 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pecd.store import ledger, users
+from pecd.store import Connection, dialect, ledger, users
 from pecd.store.ledger import LedgerEvent
 
 TOKEN_RE = re.compile(r"pecd_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -46,7 +45,7 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
-def create_token(conn: sqlite3.Connection, mailbox: str, name: str, at: datetime) -> tuple[str, str]:
+def create_token(conn: Connection, mailbox: str, name: str, at: datetime) -> tuple[str, str]:
     """A new token for an existing mailbox: (token id, the token itself, to show once)."""
     address = users.normalise(mailbox)
     if users.mailbox_state(conn, address) == "unknown":
@@ -60,7 +59,7 @@ def create_token(conn: sqlite3.Connection, mailbox: str, name: str, at: datetime
     return token_id, f"pecd_{token_id}_{secret}"
 
 
-def list_tokens(conn: sqlite3.Connection, mailbox: str | None = None) -> list[TokenInfo]:
+def list_tokens(conn: Connection, mailbox: str | None = None) -> list[TokenInfo]:
     rows = conn.execute(
         "SELECT id, mailbox, name, created, revoked FROM api_tokens"
         " WHERE ?1 IS NULL OR mailbox = ?1 ORDER BY mailbox, created, id",
@@ -68,7 +67,7 @@ def list_tokens(conn: sqlite3.Connection, mailbox: str | None = None) -> list[To
     return [TokenInfo(str(r[0]), str(r[1]), str(r[2]), str(r[3]), r[4]) for r in rows]
 
 
-def revoke_token(conn: sqlite3.Connection, token_id: str, at: datetime) -> str:
+def revoke_token(conn: Connection, token_id: str, at: datetime) -> str:
     """Revoke by id; returns the token's mailbox."""
     row = conn.execute("SELECT mailbox, revoked FROM api_tokens WHERE id = ?",
                        (token_id,)).fetchone()
@@ -81,13 +80,13 @@ def revoke_token(conn: sqlite3.Connection, token_id: str, at: datetime) -> str:
     return str(row[0])
 
 
-def token_mailbox(conn: sqlite3.Connection, token_id: str) -> str | None:
+def token_mailbox(conn: Connection, token_id: str) -> str | None:
     """The mailbox a token id names (revoked or not), for throttling by account."""
     row = conn.execute("SELECT mailbox FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
     return None if row is None else str(row[0])
 
 
-def check_token(conn: sqlite3.Connection, token: str) -> str | None:
+def check_token(conn: Connection, token: str) -> str | None:
     """The mailbox a token acts for; None when malformed, unknown, revoked, or its mailbox is
     disabled or gone."""
     m = TOKEN_RE.fullmatch(token)
@@ -117,7 +116,7 @@ class Submission:
     response: dict[str, Any] | None
 
 
-def record_submission(conn: sqlite3.Connection, request_id: str, mailbox: str,
+def record_submission(conn: Connection, request_id: str, mailbox: str,
                       idem_key: str | None, request_sha256: str, created: float) -> None:
     """An effect for :meth:`pecd.store.queue.Queue.enqueue`: runs in its transaction right after the
     queue row and the ``submitted`` ledger row went in, so the newest of each are this
@@ -130,7 +129,7 @@ def record_submission(conn: sqlite3.Connection, request_id: str, mailbox: str,
         (request_id, mailbox, idem_key, request_sha256, created))
 
 
-def _submission(row: sqlite3.Row | tuple[Any, ...] | None) -> Submission | None:
+def _submission(row: Any | tuple[Any, ...] | None) -> Submission | None:
     if row is None:
         return None
     return Submission(str(row[0]), str(row[1]), row[2], str(row[3]), int(row[4]), int(row[5]),
@@ -141,31 +140,32 @@ _SUBMISSION = ("SELECT request_id, mailbox, idem_key, request_sha256, queue_id, 
                " response FROM api_submissions")
 
 
-def submission_by_key(conn: sqlite3.Connection, mailbox: str, idem_key: str) -> Submission | None:
+def submission_by_key(conn: Connection, mailbox: str, idem_key: str) -> Submission | None:
     return _submission(conn.execute(f"{_SUBMISSION} WHERE mailbox = ? AND idem_key = ?",
                                     (mailbox, idem_key)).fetchone())
 
 
-def submission(conn: sqlite3.Connection, request_id: str) -> Submission | None:
+def submission(conn: Connection, request_id: str) -> Submission | None:
     return _submission(conn.execute(f"{_SUBMISSION} WHERE request_id = ?",
                                     (request_id,)).fetchone())
 
 
-def store_answer(conn: sqlite3.Connection, request_id: str, status: int,
+def store_answer(conn: Connection, request_id: str, status: int,
                  response: dict[str, Any]) -> None:
     """The final answer to a submission, kept for retries with the same Idempotency-Key."""
     conn.execute("UPDATE api_submissions SET status = ?, response = ? WHERE request_id = ?"
                  " AND status IS NULL", (status, json.dumps(response, sort_keys=True), request_id))
 
 
-def access_outcome(conn: sqlite3.Connection, queue_id: int,
+def access_outcome(conn: Connection, queue_id: int,
                    after_seq: int) -> dict[str, object] | None:
     """The access point's ledger row (``accepted`` or ``refused``) for a submission queue item,
     once committed; looks only past the submission's own row."""
     row = conn.execute(
         "SELECT seq, at, event, msgid, recipients, related, detail FROM ledger WHERE seq > ?"
-        " AND event IN ('accepted', 'refused') AND json_extract(detail, '$.queue_id') = ?"
-        " ORDER BY seq LIMIT 1", (after_seq, queue_id)).fetchone()
+        f" AND event IN ('accepted', 'refused') AND {_json_field(conn, 'detail', 'queue_id')} = ?"
+        " ORDER BY seq LIMIT 1",
+        (after_seq, str(queue_id) if dialect(conn) == "postgresql" else queue_id)).fetchone()
     if row is None:
         return None
     return {"seq": int(row[0]), "at": str(row[1]), "event": str(row[2]), "msgid": row[3],
@@ -175,8 +175,8 @@ def access_outcome(conn: sqlite3.Connection, queue_id: int,
 
 # --- reading ------------------------------------------------------------------------------------
 
-def message_events(conn: sqlite3.Connection, pec_id: str,
-                   mailbox: str) -> tuple[list[dict[str, object]], list[sqlite3.Row]] | None:
+def message_events(conn: Connection, pec_id: str,
+                   mailbox: str) -> tuple[list[dict[str, object]], list[Any]] | None:
     """A message's ledger rows and tracking rows, or None when ``mailbox`` did not send it (an
     unknown id and another mailbox's message look the same)."""
     rows = ledger.events_for(conn, pec_id)
@@ -190,7 +190,7 @@ def message_events(conn: sqlite3.Connection, pec_id: str,
     return rows, tracked
 
 
-def messages_of(conn: sqlite3.Connection, mailbox: str, since: float, after: tuple[float, str] | None,
+def messages_of(conn: Connection, mailbox: str, since: float, after: tuple[float, str] | None,
                 limit: int) -> list[dict[str, Any]]:
     """Everything the mailbox sent from ``since`` on, by SMTP or by the API: accepted messages
     (from tracking) and refused ones (the access point's ``refused`` ledger rows), oldest first
@@ -199,8 +199,8 @@ def messages_of(conn: sqlite3.Connection, mailbox: str, since: float, after: tup
     a_time, a_id = after if after is not None else (since - 1.0, "")
     accepted = conn.execute(
         "SELECT pec_id, min(subject), min(ref_msgid), min(accepted),"
-        " group_concat(recipient, char(10)) FROM tracking"
-        " WHERE sender = ? COLLATE NOCASE AND accepted >= ? AND (accepted > ? OR"
+        f" {_joined(conn, 'recipient')} FROM tracking"
+        f" WHERE {_same_address(conn, 'sender')} AND accepted >= ? AND (accepted > ? OR"
         " (accepted = ? AND pec_id > ?))"
         " GROUP BY pec_id ORDER BY min(accepted), pec_id LIMIT ?",
         (mailbox, since, a_time, a_time, a_id, limit)).fetchall()
@@ -209,7 +209,7 @@ def messages_of(conn: sqlite3.Connection, mailbox: str, since: float, after: tup
     # refusals are few: the partial index ledger_refused (pecd.store.ledger) finds them
     for msgid, subject, ref_msgid, at, rcpts in conn.execute(
             "SELECT msgid, subject, ref_msgid, at, recipients FROM ledger"
-            " WHERE event = 'refused' AND sender = ? COLLATE NOCASE", (mailbox,)):
+            f" WHERE event = 'refused' AND {_same_address(conn, 'sender')}", (mailbox,)):
         when = datetime.fromisoformat(str(at).replace("Z", "+00:00")).timestamp()
         if when >= since and (when, str(msgid)) > (a_time, a_id):
             found.append({"id": msgid, "status": "refused", "subject": subject,
@@ -218,7 +218,7 @@ def messages_of(conn: sqlite3.Connection, mailbox: str, since: float, after: tup
     return found[:limit]
 
 
-def ledger_counts(conn: sqlite3.Connection, after_seq: int) -> tuple[dict[str, int], int]:
+def ledger_counts(conn: Connection, after_seq: int) -> tuple[dict[str, int], int]:
     """Ledger rows per event past ``after_seq``, and the head seq they reach. Anomalies are
     also counted per verdict class, as ``anomaly:<verdict>``."""
     counts: dict[str, int] = {}
@@ -229,13 +229,13 @@ def ledger_counts(conn: sqlite3.Connection, after_seq: int) -> tuple[dict[str, i
         counts[str(event)] = int(n)
         head = max(head, int(top))
     for verdict, n in conn.execute(
-            "SELECT json_extract(detail, '$.verdict'), count(*) FROM ledger WHERE seq > ?"
+            f"SELECT {_json_field(conn, 'detail', 'verdict')}, count(*) FROM ledger WHERE seq > ?"
             " AND seq <= ? AND event = 'anomaly' GROUP BY 1", (after_seq, head)):
         counts[f"anomaly:{verdict or 'none'}"] = int(n)
     return counts, head
 
 
-def latencies(conn: sqlite3.Connection, after_seq: int, head: int
+def latencies(conn: Connection, after_seq: int, head: int
               ) -> tuple[list[float], list[float]]:
     """Seconds of the certified cycle, as the ledger rows from ``after_seq`` (excluded) to
     ``head`` saw it: submitted to accepted, per message accepted (the ``submitted`` row with
@@ -250,7 +250,8 @@ def latencies(conn: sqlite3.Connection, after_seq: int, head: int
     delivery = [_seconds(start, end) for end, start in conn.execute(
         "SELECT r.at, (SELECT a.at FROM ledger a WHERE a.msgid = r.msgid AND a.event = 'accepted'"
         " ORDER BY a.seq LIMIT 1) FROM ledger r WHERE r.seq > ? AND r.seq <= ? AND"
-        " r.event = 'receipt-received' AND json_extract(r.detail, '$.type') = 'avvenuta-consegna'",
+        f" r.event = 'receipt-received' AND {_json_field(conn, 'r.detail', 'type')}"
+        " = 'avvenuta-consegna'",
         (after_seq, head)) if start is not None]
     return acceptance, delivery
 
@@ -262,7 +263,7 @@ def _seconds(start: str, end: str) -> float:
 MAX_LINKS = 200_000  # chain links put in one evidence archive (about 30 MB of JSON)
 
 
-def evidence_ledger(conn: sqlite3.Connection, last_seq: int, first_seq: int
+def evidence_ledger(conn: Connection, last_seq: int, first_seq: int
                     ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The first checkpoint whose range reaches ``last_seq`` (None while none does), and the
     chain links (seq, prev_hash, hash) from ``first_seq`` to that checkpoint's head: enough to
@@ -304,7 +305,7 @@ class Delivery:
     attempts: int
 
 
-def add_webhook(conn: sqlite3.Connection, mailbox: str, url: str, at: datetime) -> tuple[str, str]:
+def add_webhook(conn: Connection, mailbox: str, url: str, at: datetime) -> tuple[str, str]:
     """A subscription for a mailbox's message events: (id, signing secret, shown once). Only
     events logged from now on are sent."""
     address = users.normalise(mailbox)
@@ -314,8 +315,8 @@ def add_webhook(conn: sqlite3.Connection, mailbox: str, url: str, at: datetime) 
             c.isspace() for c in url):
         raise TokenError(f"not an http(s) URL: {url!r}")
     hook_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-    conn.execute("INSERT OR IGNORE INTO webhook_cursor (one, seq) VALUES"
-                 " (1, (SELECT coalesce(max(seq), 0) FROM ledger))")
+    conn.execute("INSERT INTO webhook_cursor (one, seq) VALUES"
+                 " (1, (SELECT coalesce(max(seq), 0) FROM ledger)) ON CONFLICT DO NOTHING")
     conn.execute("INSERT INTO webhooks (id, mailbox, url, secret, created) VALUES (?, ?, ?, ?, ?)",
                  (hook_id, address, url, secret, at.isoformat()))
     ledger.append(conn, LedgerEvent(event="webhook-added", sender=address,
@@ -323,14 +324,14 @@ def add_webhook(conn: sqlite3.Connection, mailbox: str, url: str, at: datetime) 
     return hook_id, secret
 
 
-def list_webhooks(conn: sqlite3.Connection, mailbox: str | None = None) -> list[Webhook]:
+def list_webhooks(conn: Connection, mailbox: str | None = None) -> list[Webhook]:
     rows = conn.execute("SELECT id, mailbox, url, created, removed FROM webhooks"
                         " WHERE ?1 IS NULL OR mailbox = ?1 ORDER BY mailbox, created, id",
                         (users.normalise(mailbox) if mailbox else None,)).fetchall()
     return [Webhook(str(r[0]), str(r[1]), str(r[2]), str(r[3]), r[4]) for r in rows]
 
 
-def remove_webhook(conn: sqlite3.Connection, hook_id: str, at: datetime) -> str:
+def remove_webhook(conn: Connection, hook_id: str, at: datetime) -> str:
     row = conn.execute("SELECT mailbox FROM webhooks WHERE id = ?", (hook_id,)).fetchone()
     if row is None:
         raise TokenError(f"no such webhook: {hook_id}")
@@ -343,11 +344,13 @@ def remove_webhook(conn: sqlite3.Connection, hook_id: str, at: datetime) -> str:
     return str(row[0])
 
 
-def fan_out(conn: sqlite3.Connection, now: float, batch: int = 500) -> int:
+def fan_out(conn: Connection, now: float, batch: int = 500) -> int:
     """Turn ledger rows past the cursor into outbox deliveries for the subscriptions of their
     sender (rows about a message: with a msgid and a sender); the cursor moves in the same
     transaction, so each row is turned exactly once. Returns how many rows were read."""
-    cur = conn.execute("SELECT seq FROM webhook_cursor WHERE one = 1").fetchone()
+    # PostgreSQL: one node fans out at a time (SQLite's write lock does the same)
+    lock = " FOR UPDATE" if dialect(conn) == "postgresql" else ""
+    cur = conn.execute("SELECT seq FROM webhook_cursor WHERE one = 1" + lock).fetchone()
     if cur is None:  # no subscription was ever made
         return 0
     rows = conn.execute(
@@ -374,7 +377,7 @@ def fan_out(conn: sqlite3.Connection, now: float, batch: int = 500) -> int:
     return len(rows)
 
 
-def due_deliveries(conn: sqlite3.Connection, now: float, limit: int,
+def due_deliveries(conn: Connection, now: float, limit: int,
                    lease: float = 120.0) -> list[Delivery]:
     """Per (subscription, message), only its oldest pending delivery, and only when due: a
     message's events reach the receiver in ledger order, a failing one holding back the rest.
@@ -388,19 +391,21 @@ def due_deliveries(conn: sqlite3.Connection, now: float, limit: int,
         " FROM webhook_outbox o JOIN webhooks w ON w.id = o.hook_id"
         " WHERE o.id IN (SELECT min(id) FROM webhook_outbox WHERE state = 'pending'"
         "                GROUP BY hook_id, msgid)"
-        " AND o.next_at <= ? ORDER BY o.id LIMIT ?", (now, limit)).fetchall()
+        " AND o.next_at <= ? ORDER BY o.id LIMIT ?"
+        + (" FOR UPDATE OF o SKIP LOCKED" if dialect(conn) == "postgresql" else ""),
+        (now, limit)).fetchall()
     for r in rows:
         conn.execute("UPDATE webhook_outbox SET next_at = ? WHERE id = ?", (now + lease, r[0]))
     return [Delivery(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]),
                      int(r[7])) for r in rows]
 
 
-def delivered(conn: sqlite3.Connection, delivery_id: int) -> None:
+def delivered(conn: Connection, delivery_id: int) -> None:
     conn.execute("UPDATE webhook_outbox SET state = 'done', attempts = attempts + 1"
                  " WHERE id = ?", (delivery_id,))
 
 
-def delivery_failed(conn: sqlite3.Connection, delivery: Delivery, error: str, next_at: float,
+def delivery_failed(conn: Connection, delivery: Delivery, error: str, next_at: float,
                     give_up: bool, at: datetime) -> None:
     """One more failed attempt; past the last one the delivery is marked failed, logged, and
     the message's next event may go."""
@@ -416,16 +421,16 @@ def delivery_failed(conn: sqlite3.Connection, delivery: Delivery, error: str, ne
 
 # --- pages --------------------------------------------------------------------------------------
 
-def set_operator(conn: sqlite3.Connection, address: str, at: datetime) -> None:
+def set_operator(conn: Connection, address: str, at: datetime) -> None:
     """Let a mailbox account open the operator page."""
     address = users.normalise(address)
     if users.mailbox_state(conn, address) == "unknown":
         raise TokenError(f"no such user: {address}")
-    conn.execute("INSERT OR IGNORE INTO operators (address, created) VALUES (?, ?)",
+    conn.execute("INSERT INTO operators (address, created) VALUES (?, ?) ON CONFLICT DO NOTHING",
                  (address, at.isoformat()))
 
 
-def is_operator(conn: sqlite3.Connection, address: str) -> bool:
+def is_operator(conn: Connection, address: str) -> bool:
     return conn.execute("SELECT 1 FROM operators WHERE address = ?",
                         (users.normalise(address),)).fetchone() is not None
 
@@ -434,7 +439,7 @@ REFUSALS = ("refused", "smtp-refused", "submission-refused", "anomaly", "auth-th
             "account-locked", "held", "corrupt", "webhook-failed")
 
 
-def operator_view(conn: sqlite3.Connection, recent: int = 20) -> dict[str, Any]:
+def operator_view(conn: Connection, recent: int = 20) -> dict[str, Any]:
     """Queue by state, the latest refusals and incidents, ledger head, last checkpoint."""
     from pecd.store import queue as queue_mod  # storage module of the queue
 
@@ -450,3 +455,26 @@ def operator_view(conn: sqlite3.Connection, recent: int = 20) -> dict[str, Any]:
     return {"queue": queue_mod.figures(conn), "refusals": refusals,
             "head": None if head is None else {"seq": head[0], "at": head[1], "hash": head[2]},
             "checkpoint": None if cp is None else {"id": cp[0], "seq_to": cp[1], "at": cp[2]}}
+
+
+# --- the few expressions SQLite and PostgreSQL write differently --------------------------------
+
+def _json_field(conn: Connection, column: str, key: str) -> str:
+    """A top-level member of a JSON text column (PostgreSQL: as text)."""
+    if dialect(conn) == "postgresql":
+        return f"({column}::jsonb ->> '{key}')"
+    return f"json_extract({column}, '$.{key}')"
+
+
+def _joined(conn: Connection, column: str) -> str:
+    """The group's values joined by newlines."""
+    if dialect(conn) == "postgresql":
+        return f"string_agg({column}, chr(10))"
+    return f"group_concat({column}, char(10))"
+
+
+def _same_address(conn: Connection, column: str) -> str:
+    """``column`` equals the parameter, case aside, as the index on it is built."""
+    if dialect(conn) == "postgresql":
+        return f"lower({column}) = lower(?)"
+    return f"{column} = ? COLLATE NOCASE"

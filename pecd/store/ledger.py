@@ -1,4 +1,4 @@
-"""The PEC log (RFC 6109 §2.3): an append-only, hash-chained table in the queue's SQLite file.
+"""The PEC log (RFC 6109 §2.3): an append-only, hash-chained table in the queue's database.
 
 Receives events from the pipeline stages inside *their* transaction (the caller owns the
 connection, BEGIN IMMEDIATE and COMMIT), so that a state change and its log row commit or roll
@@ -28,11 +28,12 @@ import contextlib
 import hashlib
 import json
 import re
-import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
+
+from pecd.store import Connection
 
 GENESIS: Final = "0" * 64
 
@@ -211,8 +212,124 @@ _SCHEMA: Final = (
 )
 
 
+# PostgreSQL: the same tables and the same protection, by trigger functions. ``pecd db copy``
+# alone sets ``pecd.ledger_copy`` for its transaction, to move a chain (pruned or not) row for
+# row; ``verify`` judges the copy afterwards, as it judges any chain. Appends from
+# several processes are serialised by a transaction-scoped advisory lock (``append_many``), so
+# the head each one reads is the committed head; the trigger checks the chain regardless.
+_PG_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS ledger (
+    seq BIGINT PRIMARY KEY,
+    at TEXT NOT NULL,
+    event TEXT NOT NULL,
+    msgid TEXT,
+    ref_msgid TEXT,
+    sender TEXT,
+    recipients TEXT NOT NULL,
+    subject TEXT,
+    provider TEXT,
+    related TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_msgid ON ledger(msgid);
+CREATE INDEX IF NOT EXISTS ledger_refused ON ledger(lower(sender)) WHERE event = 'refused';
+CREATE INDEX IF NOT EXISTS ledger_ref_msgid ON ledger(ref_msgid);
+CREATE TABLE IF NOT EXISTS ledger_related (
+    msgid TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (msgid, seq)
+);
+CREATE TABLE IF NOT EXISTS ledger_checkpoint (
+    id BIGINT PRIMARY KEY,
+    seq_from BIGINT NOT NULL,
+    seq_to BIGINT NOT NULL,
+    head_hash TEXT NOT NULL,
+    at TEXT NOT NULL,
+    token BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_anchor (
+    seq BIGINT PRIMARY KEY,
+    hash TEXT NOT NULL,
+    at TEXT NOT NULL,
+    export_sha256 TEXT NOT NULL
+);
+-- UPDATE, DELETE and TRUNCATE refused; ledger.prune alone lifts DELETE, for its transaction
+CREATE OR REPLACE FUNCTION ledger_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND current_setting('pecd.ledger_prune', true) = 'on' THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP;
+END $$;
+CREATE OR REPLACE FUNCTION ledger_append_at_head() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE head_seq BIGINT; head_hash TEXT;
+BEGIN
+    IF current_setting('pecd.ledger_copy', true) = 'on' THEN RETURN NEW; END IF;
+    SELECT seq, hash INTO head_seq, head_hash FROM ledger ORDER BY seq DESC LIMIT 1;
+    IF NEW.seq IS DISTINCT FROM COALESCE(head_seq, 0) + 1
+       OR NEW.prev_hash IS DISTINCT FROM COALESCE(head_hash, '{GENESIS}')
+       OR NEW.hash IS NULL OR NEW.hash !~ '^[0-9a-f]{{64}}$' THEN
+        RAISE EXCEPTION 'ledger is append-only: a row must extend the chain head';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION ledger_related_matches() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('pecd.ledger_copy', true) = 'on' THEN RETURN NEW; END IF;
+    IF NOT EXISTS (SELECT 1 FROM ledger WHERE ledger.seq = NEW.seq
+                   AND jsonb_exists(ledger.related::jsonb, NEW.msgid)) THEN
+        RAISE EXCEPTION 'ledger_related: no such related id on that row';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION ledger_checkpoint_extends() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE last_id BIGINT; last_to BIGINT;
+BEGIN
+    IF current_setting('pecd.ledger_copy', true) = 'on' THEN RETURN NEW; END IF;
+    SELECT id, seq_to INTO last_id, last_to FROM ledger_checkpoint ORDER BY id DESC LIMIT 1;
+    IF NEW.id IS DISTINCT FROM COALESCE(last_id, 0) + 1
+       OR NEW.seq_from IS DISTINCT FROM COALESCE(last_to, 0) + 1
+       OR NEW.seq_to < NEW.seq_from
+       OR NEW.head_hash IS DISTINCT FROM (SELECT hash FROM ledger WHERE seq = NEW.seq_to) THEN
+        RAISE EXCEPTION 'ledger_checkpoint: must continue the last checkpoint and match the chain';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER ledger_no_change BEFORE UPDATE OR DELETE ON ledger
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse();
+CREATE OR REPLACE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse();
+CREATE OR REPLACE TRIGGER ledger_append_at_head BEFORE INSERT ON ledger
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_at_head();
+CREATE OR REPLACE TRIGGER ledger_related_no_change BEFORE UPDATE OR DELETE ON ledger_related
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse();
+CREATE OR REPLACE TRIGGER ledger_related_no_truncate BEFORE TRUNCATE ON ledger_related
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse();
+CREATE OR REPLACE TRIGGER ledger_related_matches BEFORE INSERT ON ledger_related
+    FOR EACH ROW EXECUTE FUNCTION ledger_related_matches();
+CREATE OR REPLACE TRIGGER ledger_checkpoint_no_change BEFORE UPDATE OR DELETE ON ledger_checkpoint
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse();
+CREATE OR REPLACE TRIGGER ledger_checkpoint_no_truncate BEFORE TRUNCATE ON ledger_checkpoint
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse();
+CREATE OR REPLACE TRIGGER ledger_checkpoint_extends BEFORE INSERT ON ledger_checkpoint
+    FOR EACH ROW EXECUTE FUNCTION ledger_checkpoint_extends();
+CREATE OR REPLACE TRIGGER ledger_anchor_no_change BEFORE UPDATE OR DELETE ON ledger_anchor
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse();
+CREATE OR REPLACE TRIGGER ledger_anchor_no_truncate BEFORE TRUNCATE ON ledger_anchor
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse();
+"""
+# the advisory lock key that orders appends to the chain across connections ("pecl")
+APPEND_LOCK: Final = 0x7065636C
+
+
+def _postgres(conn: Connection) -> bool:
+    return getattr(conn, "dialect", "sqlite") == "postgresql"
+
+
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: Connection) -> Iterator[None]:
     """Inside the caller's transaction if one is open (it commits or rolls back with it); else
     in a write transaction of our own, committed at the end and rolled back on any error."""
     if conn.in_transaction:
@@ -227,8 +344,12 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-def install(conn: sqlite3.Connection) -> None:
+def install(conn: Connection) -> None:
     """Create the tables, indexes and triggers if missing; idempotent."""
+    if _postgres(conn):
+        with transaction(conn):
+            conn.script(_PG_SCHEMA)  # type: ignore[attr-defined]
+        return
     with transaction(conn):
         for statement in _SCHEMA:
             conn.execute(statement)
@@ -286,7 +407,7 @@ _INSERT: Final = (
 _HEAD: Final = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
 
 
-def append(conn: sqlite3.Connection, event: LedgerEvent, at: datetime) -> int:
+def append(conn: Connection, event: LedgerEvent, at: datetime) -> int:
     """Log ``event`` at ``at`` inside the caller's open transaction; returns its seq.
 
     Begins and commits nothing, so the row lives or dies with the caller's state change. The
@@ -297,8 +418,17 @@ def append(conn: sqlite3.Connection, event: LedgerEvent, at: datetime) -> int:
     return append_many(conn, [(event, at)])[0]
 
 
+def serialize_with_appends(conn: Connection) -> None:
+    """Take now the lock an append would take (PostgreSQL; SQLite's write transaction already
+    serialises): what the caller reads next is what the last appender committed, and no other
+    node acts on the same reading before this transaction ends (the index refresh decides so
+    whether another node took the same copy)."""
+    if _postgres(conn):
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (APPEND_LOCK,))
+
+
 def append_many(
-    conn: sqlite3.Connection, events: Sequence[tuple[LedgerEvent, datetime]]
+    conn: Connection, events: Sequence[tuple[LedgerEvent, datetime]]
 ) -> list[int]:
     """``append`` for several events, in order, with one head lookup."""
     if not conn.in_transaction:
@@ -307,6 +437,8 @@ def append_many(
         )
     if not events:
         return []
+    if _postgres(conn):  # one appender at a time across processes, until this one commits
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (APPEND_LOCK,))
     head = _cursor(conn).execute(_HEAD).fetchone()
     seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
     rows: list[tuple[object, ...]] = []
@@ -364,7 +496,7 @@ def append_many(
 
 
 def verify(
-    conn: sqlite3.Connection,
+    conn: Connection,
     token_verifier: Callable[[bytes, bytes], None] | None = None,
 ) -> LedgerReport:
     """Recompute the chain from genesis and check every checkpoint against it; stop at the first
@@ -376,7 +508,8 @@ def verify(
     """
     own = not conn.in_transaction
     if own:
-        conn.execute("BEGIN")
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if _postgres(conn)
+                     else "BEGIN")
     try:
         return _verify(conn, token_verifier)
     finally:
@@ -385,7 +518,7 @@ def verify(
 
 
 def _verify(
-    conn: sqlite3.Connection, token_verifier: Callable[[bytes, bytes], None] | None
+    conn: Connection, token_verifier: Callable[[bytes, bytes], None] | None
 ) -> LedgerReport:
     checkpoints = (
         _cursor(conn)
@@ -509,13 +642,13 @@ class PruneRefused(LedgerError):
     """The rows asked for cannot leave the ledger (no checkpoint ends there, the head, ...)."""
 
 
-def _anchor(conn: sqlite3.Connection) -> tuple[int, str] | None:
+def _anchor(conn: Connection) -> tuple[int, str] | None:
     row = _cursor(conn).execute(
         "SELECT seq, hash FROM ledger_anchor ORDER BY seq DESC LIMIT 1").fetchone()
     return None if row is None else (int(row[0]), str(row[1]))
 
 
-def prune_point(conn: sqlite3.Connection, before: datetime) -> int | None:
+def prune_point(conn: Connection, before: datetime) -> int | None:
     """The last seq that may leave: the end of a checkpoint whose rows are all older than
     ``before``, short of the head (the chain must keep a row to extend)."""
     row = _cursor(conn).execute(
@@ -527,7 +660,7 @@ def prune_point(conn: sqlite3.Connection, before: datetime) -> int | None:
     return None if row[0] is None else int(row[0])
 
 
-def prune(conn: sqlite3.Connection, up_to: int, export_sha256: str, at: datetime) -> int:
+def prune(conn: Connection, up_to: int, export_sha256: str, at: datetime) -> int:
     """Remove rows ``..up_to`` (already exported, signed, kept by the operator) inside the
     caller's transaction; the anchor records where the live chain now starts. Returns the
     number of rows removed."""
@@ -545,13 +678,19 @@ def prune(conn: sqlite3.Connection, up_to: int, export_sha256: str, at: datetime
     if anchor is not None and up_to <= anchor[0]:
         raise PruneRefused(f"rows up to seq {anchor[0]} are already pruned")
     # the triggers stop accidents; this one deliberate removal lifts them inside the transaction
-    cur.execute("DROP TRIGGER ledger_no_delete")
-    cur.execute("DROP TRIGGER ledger_related_no_delete")
+    if _postgres(conn):
+        cur.execute("SELECT set_config('pecd.ledger_prune', 'on', true)")
+    else:
+        cur.execute("DROP TRIGGER ledger_no_delete")
+        cur.execute("DROP TRIGGER ledger_related_no_delete")
     cur.execute("DELETE FROM ledger_related WHERE seq <= ?", (up_to,))
     removed = cur.execute("DELETE FROM ledger WHERE seq <= ?", (up_to,)).rowcount
     cur.execute("INSERT INTO ledger_anchor (seq, hash, at, export_sha256) VALUES (?, ?, ?, ?)",
                 (up_to, str(cp[0]), format_at(at), export_sha256))
-    install(conn)
+    if _postgres(conn):
+        cur.execute("SELECT set_config('pecd.ledger_prune', 'off', true)")
+    else:
+        install(conn)
     return int(removed)
 
 
@@ -559,7 +698,7 @@ def prune(conn: sqlite3.Connection, up_to: int, export_sha256: str, at: datetime
 
 
 def checkpoint(
-    conn: sqlite3.Connection, at: datetime, timestamper: Callable[[bytes], bytes]
+    conn: Connection, at: datetime, timestamper: Callable[[bytes], bytes]
 ) -> int | None:
     """If rows were added since the last checkpoint, timestamp the head and record it.
 
@@ -603,7 +742,34 @@ def checkpoint(
 # ---------------------------------------------------------------------------------------- query
 
 
-def events_for(conn: sqlite3.Connection, msgid: str) -> list[dict[str, object]]:
+def figures(conn: Connection) -> tuple[int, int, int]:
+    """(rows, head seq, checkpoints), for ``pecd status``."""
+    rows = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM ledger").fetchone()
+    cps = conn.execute("SELECT count(*) FROM ledger_checkpoint").fetchone()
+    return int(rows[0]), int(rows[1]), int(cps[0])
+
+
+def first_seq(conn: Connection) -> int:
+    """The oldest live row's seq (past a prune, not 1); 0 for an empty ledger."""
+    row = conn.execute("SELECT coalesce(min(seq), 0) FROM ledger").fetchone()
+    return int(row[0])
+
+
+def hash_at(conn: Connection, seq: int) -> str | None:
+    row = conn.execute("SELECT hash FROM ledger WHERE seq=?", (seq,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def rows_since_checkpoint(conn: Connection) -> int:
+    """How many rows no checkpoint covers yet (the service timestamps the head past a limit)."""
+    row = conn.execute(
+        "SELECT coalesce((SELECT max(seq) FROM ledger), 0)"
+        " - coalesce((SELECT max(seq_to) FROM ledger_checkpoint), 0)"
+    ).fetchone()
+    return int(row[0])
+
+
+def events_for(conn: Connection, msgid: str) -> list[dict[str, object]]:
     """Rows about ``msgid``: as the message, as the client's original Message-ID, or as a
     related generated message; in ledger order (for ``pecd status``)."""
     cur = _cursor(conn).execute(
@@ -617,7 +783,7 @@ def events_for(conn: sqlite3.Connection, msgid: str) -> list[dict[str, object]]:
 
 
 def export_rows(
-    conn: sqlite3.Connection, since: datetime | None, until: datetime | None
+    conn: Connection, since: datetime | None, until: datetime | None
 ) -> Iterator[dict[str, object]]:
     """Rows with ``since <= at < until`` (either bound optional), in ledger order, JSON-ready.
 
@@ -642,8 +808,9 @@ def _decoded(values: Sequence[object]) -> dict[str, object]:
     return row
 
 
-def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
-    """A cursor yielding plain tuples whatever ``row_factory`` the caller's connection uses."""
+def _cursor(conn: Connection) -> Any:
+    """A cursor yielding plain tuples whatever ``row_factory`` the caller's connection uses
+    (PostgreSQL's rows are tuples already)."""
     cur = conn.cursor()
     cur.row_factory = None
     return cur

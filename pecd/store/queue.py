@@ -18,20 +18,17 @@ import base64
 import contextlib
 import io
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO, Literal, TypeVar
 
-import sqlite_utils
-
 from pecd.clock import Clock
 from pecd.format.blob import Blob
-from pecd.store import ledger, nodes
+from pecd.store import Connection, dialect, ledger, nodes
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
-from pecd.store.spool import Spool
+from pecd.store.spool import Bodies
 
 T = TypeVar("T")
 Kind = Literal["submission", "inbound", "deliver", "relay", "fallback"]
@@ -80,7 +77,7 @@ class Item:
         return self.spool or f"item-{self.id}"
 
 
-Effect = Callable[[sqlite3.Connection], None]
+Effect = Callable[[Connection], None]
 Stored = tuple[str, bytes | None]  # where an item's bytes went: (spool name, None) or ('', bytes)
 
 
@@ -125,7 +122,7 @@ class Recovery:
 
 
 class Queue:
-    def __init__(self, db: Database, spool: Spool, clock: Clock, owner: str | None = None) -> None:
+    def __init__(self, db: Database, spool: Bodies, clock: Clock, owner: str | None = None) -> None:
         self.db = db
         self.spool = spool
         self.clock = clock
@@ -164,7 +161,7 @@ class Queue:
             self.spool.sync_dir()
         return stored
 
-    def _insert(self, conn: sqlite3.Connection, items: Sequence[NewItem],
+    def _insert(self, conn: Connection, items: Sequence[NewItem],
                 stored: Sequence[Stored]) -> list[int]:
         now = self.clock.now().timestamp()
         ids = []
@@ -194,7 +191,7 @@ class Queue:
         stored = await self._write_outputs(items)
         at = self.clock.now()
 
-        def txn(conn: sqlite3.Connection) -> list[int]:
+        def txn(conn: Connection) -> list[int]:
             ids = self._insert(conn, items, stored)
             for ev in events:
                 ledger.append(conn, ev, at)
@@ -206,7 +203,7 @@ class Queue:
         self._notify(items)
         return ids
 
-    async def _commit(self, txn: Callable[[sqlite3.Connection], T], names: list[str]) -> T:
+    async def _commit(self, txn: Callable[[Connection], T], names: list[str]) -> T:
         """Run ``txn`` in the writer. A cancelled caller (client gone) does not cancel the
         transaction: it may still commit, so its spool files must stay; if it then fails they are
         orphans that recovery removes."""
@@ -230,7 +227,7 @@ class Queue:
         """Ledger rows for things that create no queue item (a refused session, say)."""
         at = self.clock.now()
 
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: Connection) -> None:
             for ev in events:
                 ledger.append(conn, ev, at)
 
@@ -244,15 +241,15 @@ class Queue:
         now = at.timestamp()
         until = now + lease_seconds
 
-        def txn(conn: sqlite3.Connection) -> list[Item]:
+        def txn(conn: Connection) -> list[Item]:
             expired = conn.execute(
                 "SELECT * FROM queue WHERE state='active' AND kind=? AND lease_until <= ?"
-                " ORDER BY id LIMIT ?", (kind, now, limit)).fetchall()
+                " ORDER BY id LIMIT ?" + _skip_locked(conn), (kind, now, limit)).fetchall()
             rows = [r for r in expired if not _hold_if_worn(conn, r, at)]
             if len(rows) < limit:
                 rows += conn.execute(
                     "SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
-                    " AND next_at <= ? ORDER BY next_at, id LIMIT ?",
+                    " AND next_at <= ? ORDER BY next_at, id LIMIT ?" + _skip_locked(conn),
                     (kind, now, limit - len(rows)),
                 ).fetchall()
             items = []
@@ -269,7 +266,7 @@ class Queue:
         return await self.db.transact(txn, durable=False)
 
     async def next_due(self, kind: Kind) -> float | None:
-        def txn(conn: sqlite3.Connection) -> float | None:
+        def txn(conn: Connection) -> float | None:
             row = conn.execute(
                 "SELECT min(next_at) FROM queue WHERE state IN ('incoming','deferred') AND kind=?",
                 (kind,),
@@ -287,7 +284,7 @@ class Queue:
     async def claimed(self, provider: str, keys: Sequence[str]) -> dict[str, list[NewItem]]:
         """Which of ``keys`` were already taken for ``provider`` (see ``Outcome.claims``), each
         with the outputs kept to send again (empty for all but a transaction's first key)."""
-        def txn(conn: sqlite3.Connection) -> dict[str, list[NewItem]]:
+        def txn(conn: Connection) -> dict[str, list[NewItem]]:
             found: dict[str, list[NewItem]] = {}
             for key in dict.fromkeys(keys):
                 row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
@@ -305,7 +302,7 @@ class Queue:
         at = self.clock.now()
         now = at.timestamp()
 
-        def txn(conn: sqlite3.Connection) -> Literal["fresh", "duplicate", "conflict", "lost"]:
+        def txn(conn: Connection) -> Literal["fresh", "duplicate", "conflict", "lost"]:
             if not self._still_ours(conn, item):
                 return "lost"
             if outcome.claims is not None:
@@ -371,16 +368,19 @@ class Queue:
         self._notify(outcome.outputs)
         return verdict == "fresh"
 
-    def _still_ours(self, conn: sqlite3.Connection, item: Item) -> bool:
+    def _still_ours(self, conn: Connection, item: Item) -> bool:
         """Whether ``item`` is still leased to this queue's owner, by the lease it was given
         (an item from elsewhere than :meth:`lease`, with no ``lease_until``, is not checked)."""
         if item.lease_until is None:
             return True
+        # PostgreSQL: the row stays locked until this commit, so no node takes the lease over
+        # in between; one that took it first is waited for, and then the row is not ours
         row = conn.execute("SELECT 1 FROM queue WHERE id=? AND state='active' AND lease_owner=?"
-                           " AND lease_until=?", (item.id, self.owner, item.lease_until)).fetchone()
+                           " AND lease_until=?" + _for_update(conn),
+                           (item.id, self.owner, item.lease_until)).fetchone()
         return row is not None
 
-    def _replay(self, conn: sqlite3.Connection, provider: str, message_id: str) -> None:
+    def _replay(self, conn: Connection, provider: str, message_id: str) -> None:
         row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
                            (provider, message_id)).fetchone()
         replies = [_reply_item(r) for r in json.loads(row[0] or "[]")]
@@ -393,7 +393,7 @@ class Queue:
 
     def open(self, item: Item) -> BinaryIO:
         """The item's bytes as a file, to stream (blocking for a spool file: a worker thread)."""
-        return io.BytesIO(item.body) if item.body is not None else self.spool.path(item.spool).open("rb")
+        return io.BytesIO(item.body) if item.body is not None else self.spool.open(item.spool)
 
     def recover(self, node: nodes.Node | None = None) -> Recovery:
         """Run once at start, before any listener: take back the leases of dead processes, drop
@@ -413,14 +413,14 @@ class Queue:
                 return True
             return node.dead(owner)
 
-        def txn(conn: sqlite3.Connection) -> Recovery:
+        def txn(conn: Connection) -> Recovery:
             released, held = _take_back(conn, dead, at)
             corrupt = 0
             referenced = set()
             for row in conn.execute(
                     "SELECT id, spool, state FROM queue WHERE body IS NULL").fetchall():
                 referenced.add(row[1])
-                if row[2] != "corrupt" and not self.spool.path(row[1]).exists():
+                if row[2] != "corrupt" and not self.spool.exists(row[1]):
                     conn.execute("UPDATE queue SET state='corrupt' WHERE id=?", (row[0],))
                     ledger.append(conn, LedgerEvent(event="corrupt", detail={
                         "queue_id": row[0], "reason": "spool file missing"}), at)
@@ -450,7 +450,7 @@ class Queue:
         if not gone:
             return 0
 
-        def txn(conn: sqlite3.Connection) -> int:
+        def txn(conn: Connection) -> int:
             released, held = _take_back(conn, lambda owner, until: owner in gone, at)
             return released + held
 
@@ -460,12 +460,14 @@ class Queue:
         return n
 
 
-def _take_back(conn: sqlite3.Connection, dead: Callable[[str | None, float | None], bool],
+def _take_back(conn: Connection, dead: Callable[[str | None, float | None], bool],
                at: datetime) -> tuple[int, int]:
     """Leases whose (owner, expiry) ``dead`` judges dead go back to ``incoming``, or to
     ``hold`` when worn out; (released, held)."""
     released = held = 0
-    for row in conn.execute("SELECT * FROM queue WHERE state='active'").fetchall():
+    # PostgreSQL: a row being finished right now is locked, and skipped (it is not dead)
+    for row in conn.execute("SELECT * FROM queue WHERE state='active'"
+                            + _skip_locked(conn)).fetchall():
         if not dead(row["lease_owner"], row["lease_until"]):
             continue
         if _hold_if_worn(conn, row, at):
@@ -477,7 +479,7 @@ def _take_back(conn: sqlite3.Connection, dead: Callable[[str | None, float | Non
     return released, held
 
 
-def _hold_if_worn(conn: sqlite3.Connection, row: sqlite3.Row, at: datetime) -> bool:
+def _hold_if_worn(conn: Connection, row: Any, at: datetime) -> bool:
     """Park an item whose handling was cut off ``MAX_LEASES`` times (each time its process
     died), with a ledger row; True when it was parked."""
     if row["leases"] < MAX_LEASES:
@@ -487,6 +489,24 @@ def _hold_if_worn(conn: sqlite3.Connection, row: sqlite3.Row, at: datetime) -> b
     ledger.append(conn, LedgerEvent(event="held", detail={
         "queue_id": row["id"], "reason": "handling interrupted too often"}), at)
     return True
+
+
+def defer_destination(conn: Connection, dest: str, until: float) -> None:
+    """Every waiting item for ``dest`` waits at least until ``until`` (a hop that just failed)."""
+    conn.execute(
+        "UPDATE queue SET state='deferred', next_at=CASE WHEN next_at > ? THEN next_at ELSE ? END"
+        " WHERE dest=? AND state IN ('incoming', 'deferred')",
+        (until, until, dest),
+    )
+
+
+def _for_update(conn: Connection) -> str:
+    return " FOR UPDATE" if dialect(conn) == "postgresql" else ""
+
+
+def _skip_locked(conn: Connection) -> str:
+    """PostgreSQL: rows another node is leasing right now are passed over, not waited for."""
+    return " FOR UPDATE SKIP LOCKED" if dialect(conn) == "postgresql" else ""
 
 
 def _replies_json(items: Sequence[NewItem]) -> str:
@@ -502,7 +522,7 @@ def _reply_item(raw: dict[str, Any]) -> NewItem:
                    data=base64.b64decode(raw["data"]), dest=raw["dest"], meta=raw["meta"])
 
 
-def _item(row: sqlite3.Row, lease_until: float | None = None) -> Item:
+def _item(row: Any, lease_until: float | None = None) -> Item:
     return Item(
         id=row["id"], kind=row["kind"], mail_from=row["mail_from"],
         rcpts=tuple(json.loads(row["rcpts"])), dest=row["dest"], meta=json.loads(row["meta"]),
@@ -523,33 +543,34 @@ class QueueError(Exception):
     """An operator action that does not apply (unknown id, wrong state)."""
 
 
-def figures(conn: sqlite3.Connection) -> dict[str, int]:
+def figures(conn: Connection) -> dict[str, int]:
     counts = {f"{k}/{s}": 0 for k in KINDS for s in ("incoming", "active", "deferred", "hold")}
     for kind, state, n in conn.execute("SELECT kind, state, count(*) FROM queue GROUP BY 1, 2"):
         counts[f"{kind}/{state}"] = n
     return counts
 
 
-def listing(conn: sqlite3.Connection, state: str | None = None) -> list[dict[str, Any]]:
-    table = sqlite_utils.Database(conn).table("queue")
-    columns = ["id", "kind", "state", "mail_from", "rcpts", "dest", "attempts", "next_at",
-               "last_error"]
-    where, args = ("state = ?", [state]) if state else (None, None)
-    return list(table.rows_where(where, args, select=", ".join(columns), order_by="id"))
+def listing(conn: Connection, state: str | None = None) -> list[dict[str, Any]]:
+    columns = "id, kind, state, mail_from, rcpts, dest, attempts, next_at, last_error"
+    if state:
+        rows = conn.execute(f"SELECT {columns} FROM queue WHERE state = ? ORDER BY id", (state,))
+    else:
+        rows = conn.execute(f"SELECT {columns} FROM queue ORDER BY id")
+    return [dict(row) for row in rows.fetchall()]
 
 
-def show(conn: sqlite3.Connection, item_id: int) -> dict[str, Any]:
+def show(conn: Connection, item_id: int) -> dict[str, Any]:
     """The item's row; its bytes only as a size (``pecd queue show`` prints it)."""
-    try:
-        row = dict(sqlite_utils.Database(conn).table("queue").get(item_id))
-    except sqlite_utils.db.NotFoundError:
-        raise QueueError(f"no queue item {item_id}") from None
+    found = conn.execute("SELECT * FROM queue WHERE id = ?", (item_id,)).fetchone()
+    if found is None:
+        raise QueueError(f"no queue item {item_id}")
+    row = dict(found)
     body = row.pop("body", None)
     row["inline_bytes"] = None if body is None else len(body)
     return row
 
 
-def _operator(conn: sqlite3.Connection, item_id: int, at: datetime, event: str,
+def _operator(conn: Connection, item_id: int, at: datetime, event: str,
               allowed: tuple[str, ...], sql: str, args: tuple[Any, ...]) -> None:
     row = show(conn, item_id)
     if row["state"] not in allowed:
@@ -559,19 +580,19 @@ def _operator(conn: sqlite3.Connection, item_id: int, at: datetime, event: str,
                                                          "was": row["state"]}), at)
 
 
-def retry(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+def retry(conn: Connection, item_id: int, at: datetime) -> None:
     """Try a deferred or held item now."""
     _operator(conn, item_id, at, "operator-retry", ("deferred", "hold"),
               "UPDATE queue SET state='incoming', next_at=? WHERE id=?", (at.timestamp(),))
 
 
-def hold(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+def hold(conn: Connection, item_id: int, at: datetime) -> None:
     """Park an item until an operator releases it."""
     _operator(conn, item_id, at, "operator-hold", ("incoming", "deferred"),
               "UPDATE queue SET state='hold' WHERE id=?", ())
 
 
-def release(conn: sqlite3.Connection, item_id: int, at: datetime) -> None:
+def release(conn: Connection, item_id: int, at: datetime) -> None:
     """Return a held item to the queue (its attempt count starts again)."""
     _operator(conn, item_id, at, "operator-release", ("hold",),
               "UPDATE queue SET state='incoming', attempts=0, next_at=? WHERE id=?",

@@ -16,11 +16,10 @@ Touches only those tables and columns; callers run these inside ``Database.trans
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pecd.store import users
+from pecd.store import Connection, users
 
 Event = Literal["read", "not_read"]
 
@@ -49,7 +48,7 @@ class Reading:
     problem: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Reading:
+    def from_row(cls, row: Any) -> Reading:
         return cls(rowid=row["rowid"], pec_id=row["pec_id"], recipient=row["recipient"],
                    sender=row["sender"], subject=row["subject"], ref_msgid=row["ref_msgid"],
                    mailbox=row["mailbox"], file=row["file"], delivered=row["delivered"],
@@ -60,43 +59,43 @@ class Reading:
 _COLUMNS = "rowid, *"
 
 
-def record(conn: sqlite3.Connection, *, pec_id: str, recipient: str, sender: str,
+def record(conn: Connection, *, pec_id: str, recipient: str, sender: str,
            subject: str | None, ref_msgid: str | None, mailbox: str, file: str,
            delivered: float, deadline: float) -> None:
     """A delivery to watch; a retried delivery of the same message changes nothing."""
     conn.execute(
-        "INSERT OR IGNORE INTO reading (pec_id, recipient, sender, subject, ref_msgid, mailbox,"
-        " file, delivered, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO reading (pec_id, recipient, sender, subject, ref_msgid, mailbox,"
+        " file, delivered, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (pec_id, recipient, sender, subject, ref_msgid, mailbox, file, delivered, deadline))
 
 
-def unread_since(conn: sqlite3.Connection, rowid: int) -> list[Reading]:
+def unread_since(conn: Connection, rowid: int) -> list[Reading]:
     """Rows not yet read, added after ``rowid`` (0: all of them, as at start)."""
     rows = conn.execute(f"SELECT {_COLUMNS} FROM reading WHERE rowid > ? AND read IS NULL"
                         " ORDER BY rowid", (rowid,)).fetchall()
     return [Reading.from_row(r) for r in rows]
 
 
-def by_file(conn: sqlite3.Connection, file: str) -> Reading | None:
+def by_file(conn: Connection, file: str) -> Reading | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM reading WHERE file = ?", (file,)).fetchone()
     return None if row is None else Reading.from_row(row)
 
 
-def due_not_read(conn: sqlite3.Connection, now: float) -> list[Reading]:
+def due_not_read(conn: Connection, now: float) -> list[Reading]:
     """Rows past their deadline with neither read nor not-read evidence yet."""
     rows = conn.execute(f"SELECT {_COLUMNS} FROM reading WHERE read IS NULL AND not_read IS NULL"
                         " AND deadline <= ? ORDER BY deadline", (now,)).fetchall()
     return [Reading.from_row(r) for r in rows]
 
 
-def of_recipient(conn: sqlite3.Connection, pec_id: str, recipient: str) -> Reading | None:
+def of_recipient(conn: Connection, pec_id: str, recipient: str) -> Reading | None:
     """The row of one message and recipient (the recipient's case as delivered, or any)."""
     row = conn.execute(f"SELECT {_COLUMNS} FROM reading WHERE pec_id = ?"
                        " AND lower(recipient) = lower(?)", (pec_id, recipient)).fetchone()
     return None if row is None else Reading.from_row(row)
 
 
-def for_message(conn: sqlite3.Connection, pec_id: str) -> list[Reading]:
+def for_message(conn: Connection, pec_id: str) -> list[Reading]:
     rows = conn.execute(f"SELECT {_COLUMNS} FROM reading WHERE pec_id = ? ORDER BY rowid",
                         (pec_id,)).fetchall()
     return [Reading.from_row(r) for r in rows]
@@ -118,7 +117,7 @@ class _Marker:
     receipt_id: str
     via: str | None
 
-    def __call__(self, conn: sqlite3.Connection) -> None:
+    def __call__(self, conn: Connection) -> None:
         if self.event == "read":
             cur = conn.execute(
                 "UPDATE reading SET read=?, read_via=?, read_receipt=?"
@@ -133,7 +132,7 @@ class _Marker:
             raise Stale(f"{self.pec_id} {self.recipient}: {self.event} already evidenced")
 
 
-def note_problem(conn: sqlite3.Connection, rowid: int, problem: str) -> bool:
+def note_problem(conn: Connection, rowid: int, problem: str) -> bool:
     """Remember a watch problem; False when this same problem was already noted (so the
     ledger gets one row per problem, not one per pass)."""
     cur = conn.execute("UPDATE reading SET problem=? WHERE rowid=? AND coalesce(problem, '') != ?",
@@ -143,14 +142,14 @@ def note_problem(conn: sqlite3.Connection, rowid: int, problem: str) -> bool:
 
 # --- at the sender's provider ----------------------------------------------------------------
 
-def track(conn: sqlite3.Connection, pec_id: str, recipient: str, event: Event, at: float) -> None:
+def track(conn: Connection, pec_id: str, recipient: str, event: Event, at: float) -> None:
     """The evidence came back: the first time of each kind is kept."""
     column = "read" if event == "read" else "not_read"
     conn.execute(f"UPDATE tracking SET {column}=coalesce({column}, ?)"
                  " WHERE pec_id=? AND lower(recipient)=lower(?)", (at, pec_id, recipient))
 
 
-def tracked(conn: sqlite3.Connection, pec_id: str) -> list[sqlite3.Row]:
+def tracked(conn: Connection, pec_id: str) -> list[Any]:
     """The sender-side view of one transaction, for ``pecd status``."""
     return conn.execute(
         "SELECT recipient, kind, accepted, taken, delivered, closed, outcome, read, not_read"
@@ -159,14 +158,14 @@ def tracked(conn: sqlite3.Connection, pec_id: str) -> list[sqlite3.Row]:
 
 # --- per-user default -------------------------------------------------------------------------
 
-def set_user_default(conn: sqlite3.Connection, address: str, wanted: bool | None) -> bool:
+def set_user_default(conn: Connection, address: str, wanted: bool | None) -> bool:
     """False when there is no such user."""
     cur = conn.execute("UPDATE users SET read_evidence=? WHERE address=?",
                        (None if wanted is None else int(wanted), users.normalise(address)))
     return cur.rowcount == 1
 
 
-def user_default(conn: sqlite3.Connection, address: str) -> bool | None:
+def user_default(conn: Connection, address: str) -> bool | None:
     """The user's own choice; None when unset (or no such user)."""
     row = conn.execute("SELECT read_evidence FROM users WHERE address=?",
                        (users.normalise(address),)).fetchone()
@@ -177,12 +176,12 @@ def user_default(conn: sqlite3.Connection, address: str) -> bool | None:
 
 # --- the peers' card flag ---------------------------------------------------------------------
 
-def set_provider_flag(conn: sqlite3.Connection, fingerprint: str, issues: bool) -> None:
+def set_provider_flag(conn: Connection, fingerprint: str, issues: bool) -> None:
     conn.execute("UPDATE providers SET read_evidence=? WHERE fingerprint=?",
                  (int(issues), fingerprint))
 
 
-def provider_flags(conn: sqlite3.Connection) -> dict[str, bool]:
+def provider_flags(conn: Connection) -> dict[str, bool]:
     """Fingerprint → whether that provider's card declares reading evidence."""
     return {r[0]: bool(r[1]) for r in conn.execute("SELECT fingerprint, read_evidence"
                                                     " FROM providers")}
@@ -199,7 +198,7 @@ class Settings:
     read_deadline: float | None = None  # seconds; None: [consultation] deadline
 
 
-def settings(conn: sqlite3.Connection, address: str) -> Settings:
+def settings(conn: Connection, address: str) -> Settings:
     """Defaults for an address that is not a user (the service mailbox, say)."""
     try:
         key = users.normalise(address)
@@ -213,33 +212,33 @@ def settings(conn: sqlite3.Connection, address: str) -> Settings:
                     row["read_deadline"])
 
 
-def set_read_deadline(conn: sqlite3.Connection, address: str, seconds: float | None) -> bool:
+def set_read_deadline(conn: Connection, address: str, seconds: float | None) -> bool:
     """The user's own not-read period; None returns to the provider's. False: no such user."""
     cur = conn.execute("UPDATE users SET read_deadline=? WHERE address=?",
                        (seconds, users.normalise(address)))
     return cur.rowcount == 1
 
 
-def set_postal_address(conn: sqlite3.Connection, address: str, postal: str | None) -> bool:
+def set_postal_address(conn: Connection, address: str, postal: str | None) -> bool:
     cur = conn.execute("UPDATE users SET postal_address=? WHERE address=?",
                        (postal, users.normalise(address)))
     return cur.rowcount == 1
 
 
-def set_notify(conn: sqlite3.Connection, address: str, notify: str | None) -> bool:
+def set_notify(conn: Connection, address: str, notify: str | None) -> bool:
     cur = conn.execute("UPDATE users SET notify=? WHERE address=?",
                        (None if notify is None else users.normalise(notify),
                         users.normalise(address)))
     return cur.rowcount == 1
 
 
-def set_quota(conn: sqlite3.Connection, address: str, quota: int | None) -> bool:
+def set_quota(conn: Connection, address: str, quota: int | None) -> bool:
     cur = conn.execute("UPDATE users SET quota=? WHERE address=?",
                        (quota, users.normalise(address)))
     return cur.rowcount == 1
 
 
-def set_quota_warned(conn: sqlite3.Connection, address: str, level: int) -> None:
+def set_quota_warned(conn: Connection, address: str, level: int) -> None:
     conn.execute("UPDATE users SET quota_warned=? WHERE address=?",
                  (level, users.normalise(address)))
 
@@ -261,12 +260,12 @@ class Stored:
     read_via: str | None
 
 
-def record_stored(conn: sqlite3.Connection, *, pec_id: str, recipient: str, sender: str,
+def record_stored(conn: Connection, *, pec_id: str, recipient: str, sender: str,
                   subject: str | None, delivered: float, mailbox: str, file: str) -> None:
     """A certified message stored for ``recipient``; a retried delivery changes nothing."""
     conn.execute(
-        "INSERT OR IGNORE INTO inbox (pec_id, recipient, sender, subject, delivered, mailbox,"
-        " file) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO inbox (pec_id, recipient, sender, subject, delivered, mailbox,"
+        " file) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (pec_id, users.normalise(recipient), sender, subject, delivered, mailbox, file))
 
 
@@ -275,12 +274,12 @@ _STORED = ("SELECT i.pec_id, i.recipient, i.sender, i.subject, i.delivered, i.ma
            " ON r.pec_id = i.pec_id AND lower(r.recipient) = lower(i.recipient)")
 
 
-def _stored(row: sqlite3.Row) -> Stored:
+def _stored(row: Any) -> Stored:
     return Stored(row["pec_id"], row["recipient"], row["sender"], row["subject"],
                   row["delivered"], row["mailbox"], row["file"], row["read"], row["read_via"])
 
 
-def stored_for(conn: sqlite3.Connection, recipient: str, after: tuple[float, str] | None,
+def stored_for(conn: Connection, recipient: str, after: tuple[float, str] | None,
                limit: int) -> list[Stored]:
     """The recipient's certified messages, oldest first, ``limit`` at most, continuing after
     the (delivered, pec_id) key ``after`` (keyset pagination)."""
@@ -292,7 +291,7 @@ def stored_for(conn: sqlite3.Connection, recipient: str, after: tuple[float, str
     return [_stored(r) for r in rows]
 
 
-def stored_one(conn: sqlite3.Connection, pec_id: str, recipient: str) -> Stored | None:
+def stored_one(conn: Connection, pec_id: str, recipient: str) -> Stored | None:
     """One certified message of ``recipient``; None for an unknown id and for another
     mailbox's message alike."""
     row = conn.execute(_STORED + " WHERE i.pec_id = ? AND i.recipient = ?",

@@ -7,8 +7,9 @@ nextUpdate ahead). Trusts: the database file.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
+
+from pecd.store import Connection
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,13 @@ class Copy:
     fetched: float
 
 
-def load_copies(conn: sqlite3.Connection) -> list[Copy]:
+def load_copies(conn: Connection) -> list[Copy]:
     rows = conn.execute("SELECT key, der, this_update, next_update, fetched"
                         " FROM revocation_cache").fetchall()
     return [Copy(str(r[0]), bytes(r[1]), float(r[2]), float(r[3]), float(r[4])) for r in rows]
 
 
-def store_copy(conn: sqlite3.Connection, copy: Copy) -> None:
+def store_copy(conn: Connection, copy: Copy) -> None:
     """Replace the copy in force for that source (the caller checked it is newer)."""
     conn.execute("INSERT INTO revocation_cache (key, der, this_update, next_update, fetched)"
                  " VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET der=excluded.der,"
@@ -37,21 +38,22 @@ def store_copy(conn: sqlite3.Connection, copy: Copy) -> None:
                  (copy.key, copy.der, copy.this_update, copy.next_update, copy.fetched))
 
 
-def load_unknown(conn: sqlite3.Connection) -> dict[str, float]:
+def load_unknown(conn: Connection) -> dict[str, float]:
     """Certificate fingerprint → since when its status has been unknown."""
     return {str(r[0]): float(r[1])
             for r in conn.execute("SELECT fingerprint, since FROM revocation_unknown")}
 
 
-def unknown_since(conn: sqlite3.Connection, fingerprint: str, now: float) -> float:
+def unknown_since(conn: Connection, fingerprint: str, now: float) -> float:
     """When the certificate's status was first found unknown (``now`` if it is now)."""
-    conn.execute("INSERT OR IGNORE INTO revocation_unknown (fingerprint, since) VALUES (?, ?)",
+    conn.execute("INSERT INTO revocation_unknown (fingerprint, since) VALUES (?, ?)"
+                 " ON CONFLICT DO NOTHING",
                  (fingerprint, now))
     row = conn.execute("SELECT since FROM revocation_unknown WHERE fingerprint=?",
                        (fingerprint,)).fetchone()
     return float(row[0])
 
 
-def status_known(conn: sqlite3.Connection, fingerprint: str) -> None:
+def status_known(conn: Connection, fingerprint: str) -> None:
     """The status is known again: a later outage starts its own grace period."""
     conn.execute("DELETE FROM revocation_unknown WHERE fingerprint=?", (fingerprint,))

@@ -12,9 +12,25 @@ import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from pecd.format.blob import Blob
 from pecd.store import durable
+
+
+class Bodies(Protocol):
+    """Where the queue keeps bytes too big for a row: files here (:class:`Spool`), or chunks in
+    PostgreSQL (:class:`pecd.store.chunks.ChunkSpool`) where every node reads them."""
+
+    def write_many(self, blobs: Iterable[bytes | Blob]) -> list[str]: ...
+    def link(self, name: str) -> str: ...
+    def sync_dir(self) -> None: ...
+    def read(self, name: str) -> bytes: ...
+    def open(self, name: str) -> BinaryIO: ...
+    def exists(self, name: str) -> bool: ...
+    def remove(self, names: Iterable[str]) -> None: ...
+    def orphans(self, referenced: set[str], older_than: float | None = None) -> list[str]: ...
+    def clear_tmp(self, older_than: float | None = None) -> int: ...
 
 
 class Spool:
@@ -63,6 +79,12 @@ class Spool:
     def read(self, name: str) -> bytes:
         return (self.q / name).read_bytes()
 
+    def open(self, name: str) -> BinaryIO:
+        return (self.q / name).open("rb")
+
+    def exists(self, name: str) -> bool:
+        return (self.q / name).exists()
+
     def remove(self, names: Iterable[str]) -> None:
         for name in names:
             with contextlib.suppress(FileNotFoundError):
@@ -91,3 +113,12 @@ def _older(path: Path, than: float | None) -> bool:
         return path.stat().st_mtime < than
     except FileNotFoundError:
         return False
+
+
+def open_bodies(where: Path | str, root: Path) -> Bodies:
+    """Big bodies beside the database: spool files for SQLite, chunks in PostgreSQL."""
+    if isinstance(where, str) and where.split(":", 1)[0].lower() in ("postgresql", "postgres"):
+        from pecd.store.chunks import ChunkSpool
+
+        return ChunkSpool(where)
+    return Spool(root)

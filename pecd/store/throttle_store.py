@@ -13,16 +13,16 @@ the keys (an attacker picks them; they are bound parameters, and rows expire wit
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
+from pecd.store import Connection
 from pecd.store.db import Database
 from pecd.throttle import AuthThrottle, Scope, Verdict
 
 Keys = Sequence[tuple[Scope, str]]
 
 
-def recent(conn: sqlite3.Connection, keys: Keys, since: float) -> dict[tuple[str, str], list[float]]:
+def recent(conn: Connection, keys: Keys, since: float) -> dict[tuple[str, str], list[float]]:
     """The failure times after ``since`` of each (scope, key)."""
     out: dict[tuple[str, str], list[float]] = {}
     for scope, key in keys:
@@ -32,7 +32,7 @@ def recent(conn: sqlite3.Connection, keys: Keys, since: float) -> dict[tuple[str
     return out
 
 
-def record(conn: sqlite3.Connection, keys: Keys, at: float, expired_before: float) -> None:
+def record(conn: Connection, keys: Keys, at: float, expired_before: float) -> None:
     """One failure for each (scope, key); rows older than the window go at the same time."""
     conn.execute("DELETE FROM auth_failures WHERE at <= ?", (expired_before,))
     for scope, key in keys:
@@ -40,7 +40,7 @@ def record(conn: sqlite3.Connection, keys: Keys, at: float, expired_before: floa
                      (scope, key, at))
 
 
-def clear(conn: sqlite3.Connection, scope: Scope, key: str) -> None:
+def clear(conn: Connection, scope: Scope, key: str) -> None:
     conn.execute("DELETE FROM auth_failures WHERE scope=? AND key=?", (scope, key))
 
 

@@ -16,15 +16,15 @@ this off the event loop.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from pecd.store import Conflict, Connection
 from pecd.store.db import Database
 
 _hasher = PasswordHasher()
@@ -43,7 +43,7 @@ def normalise(address: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
-def add(conn: sqlite3.Connection, address: str, password: str) -> None:
+def add(conn: Connection, address: str, password: str) -> None:
     address = normalise(address)
     if not password:
         raise UserError("empty password")
@@ -52,11 +52,11 @@ def add(conn: sqlite3.Connection, address: str, password: str) -> None:
             "INSERT INTO users (address, password_hash, created) VALUES (?, ?, ?)",
             (address, _hasher.hash(password), datetime.now(UTC).isoformat()),
         )
-    except sqlite3.IntegrityError:
+    except Conflict:
         raise UserError(f"user {address} exists") from None
 
 
-def set_password(conn: sqlite3.Connection, address: str, password: str) -> None:
+def set_password(conn: Connection, address: str, password: str) -> None:
     if not password:
         raise UserError("empty password")
     _require(conn.execute(
@@ -65,24 +65,24 @@ def set_password(conn: sqlite3.Connection, address: str, password: str) -> None:
     ), address)
 
 
-def set_disabled(conn: sqlite3.Connection, address: str, disabled: bool) -> None:
+def set_disabled(conn: Connection, address: str, disabled: bool) -> None:
     _require(conn.execute(
         "UPDATE users SET disabled=?, failures=0 WHERE address=?",
         (int(disabled), normalise(address)),
     ), address)
 
 
-def _require(cur: sqlite3.Cursor, address: str) -> None:
+def _require(cur: Any, address: str) -> None:
     if cur.rowcount == 0:
         raise UserError(f"no such user: {address}")
 
 
-def listing(conn: sqlite3.Connection) -> list[tuple[str, bool]]:
+def listing(conn: Connection) -> list[tuple[str, bool]]:
     rows = conn.execute("SELECT address, disabled FROM users ORDER BY address").fetchall()
     return [(r[0], bool(r[1])) for r in rows]
 
 
-def exists(conn: sqlite3.Connection, address: str) -> bool:
+def exists(conn: Connection, address: str) -> bool:
     """A mailbox that can receive (exists and is not disabled)."""
     try:
         address = normalise(address)
@@ -92,7 +92,7 @@ def exists(conn: sqlite3.Connection, address: str) -> bool:
     return row is not None and not row[0]
 
 
-def mailbox_state(conn: sqlite3.Connection, address: str) -> Literal["active", "disabled", "unknown"]:
+def mailbox_state(conn: Connection, address: str) -> Literal["active", "disabled", "unknown"]:
     """Whether ``address`` is an account here, and whether it may receive."""
     try:
         address = normalise(address)
@@ -104,7 +104,7 @@ def mailbox_state(conn: sqlite3.Connection, address: str) -> Literal["active", "
     return "disabled" if row[0] else "active"
 
 
-def password_hash(conn: sqlite3.Connection, address: str) -> str | None:
+def password_hash(conn: Connection, address: str) -> str | None:
     """The stored hash of an enabled account; None for unknown or disabled ones."""
     try:
         address = normalise(address)
@@ -126,7 +126,7 @@ def check(stored_hash: str | None, password: str) -> bool:
         return False
 
 
-def credentials(conn: sqlite3.Connection, address: str) -> tuple[str | None, int]:
+def credentials(conn: Connection, address: str) -> tuple[str | None, int]:
     """The stored hash of an enabled account (None for unknown or disabled ones) and its count
     of consecutive failed logins."""
     try:
@@ -141,7 +141,7 @@ def credentials(conn: sqlite3.Connection, address: str) -> tuple[str | None, int
     return str(row[0]), int(row[2])
 
 
-def record_failure(conn: sqlite3.Connection, address: str) -> int:
+def record_failure(conn: Connection, address: str) -> int:
     """One more consecutive failure; the new count (0 for an address that is no account)."""
     try:
         address = normalise(address)
@@ -152,12 +152,12 @@ def record_failure(conn: sqlite3.Connection, address: str) -> int:
     return 0 if row is None else int(row[0])
 
 
-def record_success(conn: sqlite3.Connection, address: str) -> None:
+def record_success(conn: Connection, address: str) -> None:
     conn.execute("UPDATE users SET failures=0 WHERE address=? AND failures != 0",
                  (normalise(address),))
 
 
-def locked(conn: sqlite3.Connection, address: str, lock_after: int) -> bool:
+def locked(conn: Connection, address: str, lock_after: int) -> bool:
     _, failures = credentials(conn, address)
     return failures >= lock_after
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from pecd.store import readings
+from pecd.store import Connection, providers, readings
 
 
 class IndexError_(Exception):
@@ -125,42 +124,34 @@ def parse_card(text: str) -> Provider:
     return provider
 
 
-def store(conn: sqlite3.Connection, provider: Provider) -> None:
+def store(conn: Connection, provider: Provider) -> None:
     """Insert or replace the entry for this certificate (several certificates may coexist)."""
     fp = provider.fingerprint
-    conn.execute("DELETE FROM providers WHERE fingerprint=?", (fp,))
-    conn.execute(
-        "INSERT INTO providers (fingerprint, name, host, port, service_address, cert_pem, imported)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (fp, provider.name, provider.host, provider.port, provider.service_address,
-         provider.cert_pem, datetime.now(UTC).isoformat()),
-    )
-    conn.executemany("INSERT INTO provider_domains (domain, fingerprint) VALUES (?, ?)",
-                     [(d, fp) for d in provider.domains])
+    providers.replace_card(conn, fp, provider.name, provider.host, provider.port,
+                           provider.service_address, provider.cert_pem, provider.domains,
+                           datetime.now(UTC).isoformat())
     if provider.read_evidence:
         readings.set_provider_flag(conn, fp, True)
 
 
-def remove(conn: sqlite3.Connection, fp: str) -> int:
-    return conn.execute("DELETE FROM providers WHERE fingerprint=?", (fp,)).rowcount
+def remove(conn: Connection, fp: str) -> int:
+    return providers.remove_card(conn, fp)
 
 
-def load_all(conn: sqlite3.Connection) -> list[Provider]:
+def load_all(conn: Connection) -> list[Provider]:
     """The index copy's entries first, then the cards: for routing, a card the operator imported
     wins over the authority's entry for the same domain (the card knows host and port)."""
     return [*load_copy_entries(conn), *load_cards(conn)]
 
 
-def load_cards(conn: sqlite3.Connection) -> list[Provider]:
-    domains: dict[str, list[str]] = {}
-    for d, fp in conn.execute("SELECT domain, fingerprint FROM provider_domains ORDER BY domain"):
-        domains.setdefault(fp, []).append(d)
+def load_cards(conn: Connection) -> list[Provider]:
+    rows, domains = providers.cards(conn)
     flags = readings.provider_flags(conn)
     return [
         Provider(name=r["name"], domains=tuple(domains.get(r["fingerprint"], ())), host=r["host"],
                  port=r["port"], service_address=r["service_address"], cert_pem=r["cert_pem"],
                  read_evidence=flags.get(r["fingerprint"], False))
-        for r in conn.execute("SELECT * FROM providers ORDER BY name, imported")
+        for r in rows
     ]
 
 
@@ -245,25 +236,18 @@ class CopyInfo:
     entries: int
 
 
-def store_copy(conn: sqlite3.Connection, copy: IndexCopy, at: datetime) -> None:
+def store_copy(conn: Connection, copy: IndexCopy, at: datetime) -> None:
     """Replace the index copy as a whole, inside the caller's transaction: the old entries and
     the old file go only when the new ones are written in the same commit. Refuses (IndexError_)
     a copy signed before the one in force (:func:`rollback_problem`)."""
     problem = rollback_problem(conn, copy)
     if problem:
         raise IndexError_(problem)
-    conn.execute("DELETE FROM index_entries")
-    conn.execute("DELETE FROM index_copy")
-    conn.execute(
-        "INSERT INTO index_copy (id, source, kind, raw, sha256, signer, signed_at, fetched, entries)"
-        " VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+    providers.replace_copy(
+        conn,
         (copy.source, copy.kind, copy.raw, copy.sha256, copy.signer,
          copy.signed_at.isoformat() if copy.signed_at else None, at.isoformat(),
          len(copy.providers)),
-    )
-    conn.executemany(
-        "INSERT INTO index_entries (dn, name, unit, mail_receipt, domains, cert_hashes, certs,"
-        " ldif_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [(p.dn, p.name, p.unit, p.service_address, json.dumps(list(p.domains)),
           json.dumps(list(p.cert_hashes)),
           json.dumps(([p.cert_pem] if p.cert_pem else []) + list(p.more_certs_pem)), p.ldif_url)
@@ -271,10 +255,8 @@ def store_copy(conn: sqlite3.Connection, copy: IndexCopy, at: datetime) -> None:
     )
 
 
-def copy_info(conn: sqlite3.Connection) -> CopyInfo | None:
-    row = conn.execute(
-        "SELECT source, kind, sha256, signer, signed_at, fetched, entries FROM index_copy WHERE id=1"
-    ).fetchone()
+def copy_info(conn: Connection) -> CopyInfo | None:
+    row = providers.copy_row(conn)
     if row is None:
         return None
     return CopyInfo(source=row["source"], kind=row["kind"], sha256=row["sha256"],
@@ -282,47 +264,44 @@ def copy_info(conn: sqlite3.Connection) -> CopyInfo | None:
                     entries=row["entries"])
 
 
-def rollback_problem(conn: sqlite3.Connection, copy: IndexCopy) -> str | None:
+def rollback_problem(conn: Connection, copy: IndexCopy) -> str | None:
     """Why ``copy`` must not replace the one in force: it was signed before it. An older file,
     however well signed, may still list a certificate the authority has since withdrawn; whoever
     sits between us and the URL could serve it again."""
-    row = conn.execute("SELECT signed_at FROM index_copy WHERE id=1").fetchone()
-    if row is None or row[0] is None or copy.signed_at is None:
+    signed_at = providers.copy_signed_at(conn)
+    if signed_at is None or copy.signed_at is None:
         return None
-    in_force = datetime.fromisoformat(row[0])
+    in_force = datetime.fromisoformat(signed_at)
     if copy.signed_at < in_force:
         return (f"signed {copy.signed_at.isoformat()}, before the copy in force "
                 f"(signed {in_force.isoformat()}): an old index replayed")
     return None
 
 
-def copy_raw(conn: sqlite3.Connection) -> bytes | None:
+def copy_raw(conn: Connection) -> bytes | None:
     """The signed file in force, as received (a re-check or an audit can verify it again)."""
-    row = conn.execute("SELECT raw FROM index_copy WHERE id=1").fetchone()
-    return None if row is None else bytes(row[0])
+    return providers.copy_raw(conn)
 
 
-def load_copy_entries(conn: sqlite3.Connection) -> list[Provider]:
-    providers = []
-    for r in conn.execute("SELECT * FROM index_entries ORDER BY name, dn"):
+def load_copy_entries(conn: Connection) -> list[Provider]:
+    found = []
+    for r in providers.copy_entries(conn):
         certs: list[str] = json.loads(r["certs"])
-        providers.append(Provider(
+        found.append(Provider(
             name=r["name"], domains=tuple(json.loads(r["domains"])), host="", port=DEFAULT_PORT,
             service_address=r["mail_receipt"], cert_pem=certs[0] if certs else "",
             more_certs_pem=tuple(certs[1:]), cert_hashes=tuple(json.loads(r["cert_hashes"])),
             unit=r["unit"], ldif_url=r["ldif_url"], dn=r["dn"],
         ))
-    return providers
+    return found
 
 
-def version(conn: sqlite3.Connection) -> tuple[int, str, str]:
+def version(conn: Connection) -> tuple[int, str, str]:
     """Changes whenever a card or the index copy changes: the service reloads its view then."""
-    row = conn.execute("SELECT count(*), coalesce(max(imported), '') FROM providers").fetchone()
-    copy = conn.execute("SELECT coalesce(max(fetched || sha256), '') FROM index_copy").fetchone()
-    return int(row[0]), str(row[1]), str(copy[0])
+    return providers.version(conn)
 
 
-def take_copy(conn: sqlite3.Connection, copy: IndexCopy, source: str, at: datetime) -> None:
+def take_copy(conn: Connection, copy: IndexCopy, source: str, at: datetime) -> None:
     """Put ``copy`` in force (:func:`store_copy`, which may refuse it) with its
     ``index-updated`` ledger row, in the caller's transaction. The CLI and the scheduled
     refresh both take copies through here."""
@@ -334,7 +313,7 @@ def take_copy(conn: sqlite3.Connection, copy: IndexCopy, source: str, at: dateti
         "providers": len(copy.providers), "skipped": list(copy.skipped)}), at)
 
 
-def refuse_copy(conn: sqlite3.Connection, source: str, at: datetime, reason: str) -> CopyInfo | None:
+def refuse_copy(conn: Connection, source: str, at: datetime, reason: str) -> CopyInfo | None:
     """The ``index-refused`` ledger row for a copy not taken, naming the copy that stays in
     force; returns that copy's description (None: there is none)."""
     from pecd.store.ledger import LedgerEvent, append

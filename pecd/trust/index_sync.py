@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +25,7 @@ from cryptography import x509
 
 from pecd.clock import Clock
 from pecd.config import Config, IndexSource
+from pecd.store import Connection, ledger
 from pecd.store.db import Database
 from pecd.trust import index, index_ldif, pki
 from pecd.trust.index import IndexCopy
@@ -173,9 +173,10 @@ class IndexRefresher:
             return await self._refused(where, f"unexpected error: {type(exc).__name__}: {exc}")
         at = self.clock.now()
 
-        def save(conn: sqlite3.Connection) -> tuple[list[index.Provider], bool]:
+        def save(conn: Connection) -> tuple[list[index.Provider], bool]:
             # several nodes refresh on the same schedule: the first to commit this copy takes
             # it (one index-updated row); one that fetched the same copy meanwhile only reloads
+            ledger.serialize_with_appends(conn)
             if _taken_since(index.copy_info(conn), copy.sha256, begun):
                 return index.load_all(conn), False
             index.take_copy(conn, copy, where, at)
