@@ -127,6 +127,9 @@ class Queue:
         self.spool = spool
         self.clock = clock
         self.owner = owner or nodes.new_owner()  # whose leases this queue's are (lease_owner)
+        # leases whose outcome failed to commit (the database was away): given back as soon as
+        # it answers again (:meth:`take_back`), not left to expire
+        self._unfinished: dict[int, float] = {}
         self.wakeup: dict[str, asyncio.Event] = {}
         self._commits: set[asyncio.Future[Any]] = set()
 
@@ -354,7 +357,12 @@ class Queue:
             return "fresh"
 
         names = _files(stored)
-        verdict = await self._commit(txn, names)
+        try:
+            verdict = await self._commit(txn, names)
+        except Exception:
+            if item.lease_until is not None:
+                self._unfinished[item.id] = item.lease_until
+            raise
         if verdict == "lost":  # another worker holds the item now: its outcome is the one
             self.spool.remove(names)
             return False
@@ -441,14 +449,30 @@ class Queue:
     async def take_back(self, node: nodes.Node) -> int:
         """While running: return to the queue the leases of processes of this host that died
         since (a sibling worker killed, say), so they need not wait for its restart or for
-        their expiry. How many came back (parked ones included)."""
+        their expiry, and this process's own leases whose outcome failed to commit. How many
+        came back (parked ones included)."""
         at = self.clock.now()
+        mine = 0
+        if self._unfinished:
+            unfinished = dict(self._unfinished)
+
+            def give_back(conn: Connection) -> int:
+                return sum(conn.execute(
+                    "UPDATE queue SET state='incoming', lease_until=NULL, lease_owner=NULL"
+                    " WHERE id=? AND state='active' AND lease_owner=? AND lease_until=?",
+                    (item_id, self.owner, until)).rowcount for item_id, until in unfinished.items())
+
+            mine = await self.db.transact(give_back)
+            for item_id in unfinished:
+                self._unfinished.pop(item_id, None)
+            if mine:
+                self.wake(*KINDS)
         owners = await self.db.transact(lambda conn: [r[0] for r in conn.execute(
             "SELECT DISTINCT lease_owner FROM queue WHERE state='active'").fetchall()],
             durable=False)
         gone = {o for o in owners if o != self.owner and node.dead(o)}
         if not gone:
-            return 0
+            return mine
 
         def txn(conn: Connection) -> int:
             released, held = _take_back(conn, lambda owner, until: owner in gone, at)
@@ -457,7 +481,7 @@ class Queue:
         n = await self.db.transact(txn)
         if n:
             self.wake(*KINDS)
-        return n
+        return mine + n
 
 
 def _take_back(conn: Connection, dead: Callable[[str | None, float | None], bool],
