@@ -621,10 +621,6 @@ class Database:
         lazy = not any(durable for _fn, _fut, durable in batch)
         try:
             conn.execute("BEGIN")
-            # one writing transaction at a time per database, taken first (SQLite's BEGIN
-            # IMMEDIATE): with several nodes, a batch that locked rows and then waited for the
-            # ledger's append lock while another held it and wanted those rows was a deadlock
-            ledger.serialize_with_appends(conn)
             if lazy:  # the WAL record is written, its flush not awaited (see ``transact``)
                 conn.execute("SET LOCAL synchronous_commit TO OFF")
             for fn, fut, _durable in batch:

@@ -489,17 +489,20 @@ def _take_back(conn: Connection, dead: Callable[[str | None, float | None], bool
     """Leases whose (owner, expiry) ``dead`` judges dead go back to ``incoming``, or to
     ``hold`` when worn out; (released, held)."""
     released = held = 0
-    # PostgreSQL: a row being finished right now is locked, and skipped (it is not dead)
-    for row in conn.execute("SELECT * FROM queue WHERE state='active'"
-                            + _skip_locked(conn)).fetchall():
+    # no lock on the rows looked at (PostgreSQL: live nodes' rows must not wait on this
+    # transaction); each update applies only if the lease is still the one judged dead
+    for row in conn.execute("SELECT * FROM queue WHERE state='active'").fetchall():
         if not dead(row["lease_owner"], row["lease_until"]):
             continue
         if _hold_if_worn(conn, row, at):
             held += 1
             continue
-        conn.execute("UPDATE queue SET state='incoming', lease_until=NULL, lease_owner=NULL"
-                     " WHERE id=?", (row["id"],))
-        released += 1
+        released += conn.execute(
+            "UPDATE queue SET state='incoming', lease_until=NULL, lease_owner=NULL"
+            " WHERE id=? AND state='active' AND coalesce(lease_owner, '')=?"
+            " AND coalesce(lease_until, -1)=?",
+            (row["id"], row["lease_owner"] or "",
+             -1 if row["lease_until"] is None else row["lease_until"])).rowcount
     return released, held
 
 
