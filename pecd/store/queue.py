@@ -520,9 +520,12 @@ def _hold_if_worn(conn: Connection, row: Any, at: datetime) -> bool:
 
 def defer_destination(conn: Connection, dest: str, until: float) -> None:
     """Every waiting item for ``dest`` waits at least until ``until`` (a hop that just failed)."""
+    # PostgreSQL: rows another node is leasing right now are left alone (SKIP LOCKED), not
+    # waited for: that node's transaction may be waiting for the ledger lock this one holds
     conn.execute(
         "UPDATE queue SET state='deferred', next_at=CASE WHEN next_at > ? THEN next_at ELSE ? END"
-        " WHERE dest=? AND state IN ('incoming', 'deferred')",
+        " WHERE id IN (SELECT id FROM queue WHERE dest=? AND state IN ('incoming', 'deferred')"
+        + _skip_locked(conn) + ")",
         (until, until, dest),
     )
 
