@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import sqlite3
 import zipfile
 from pathlib import Path
 
@@ -40,8 +39,8 @@ def _kind(msg: bytes) -> str:
 
 
 def test_json_message_through_the_api_arrives_with_its_receipts(
-        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
-    a, b = two_providers
+        two_providers_db: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers_db
     token = token_for(a, "alice@a.test")
     pdf = b"%PDF-1.4 contratto firmato\n"
 
@@ -135,16 +134,12 @@ def test_raw_message_is_accepted_and_a_bcc_names_the_failed_check(
 
 
 def _count(provider: ProviderDir, sql: str) -> int:
-    conn = sqlite3.connect(provider.root / "data" / "pecd.sqlite")
-    try:
-        return int(conn.execute(sql).fetchone()[0])
-    finally:
-        conn.close()
+    return int(provider.query(sql)[0][0])
 
 
 def test_idempotency_key_retry_gets_the_first_answer_and_makes_no_second_message(
-        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
-    a, b = two_providers
+        two_providers_db: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers_db
     token = token_for(a, "alice@a.test")
     key = {"Idempotency-Key": "order-4711"}
 
@@ -214,8 +209,8 @@ def test_basic_auth_with_the_mailbox_password(two_providers: tuple[ProviderDir, 
     asyncio.run(scenario())
 
 
-def test_messages_list_is_paginated(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
-    a, b = two_providers
+def test_messages_list_is_paginated(two_providers_db: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers_db
     token = token_for(a, "alice@a.test")
 
     async def scenario() -> None:
@@ -272,8 +267,8 @@ def test_verify_judges_a_receipt_without_login(two_providers: tuple[ProviderDir,
 
 
 def test_metrics_parse_and_count_messages_by_stage_and_queue_by_state(
-        two_providers: tuple[ProviderDir, ProviderDir]) -> None:
-    a, b = two_providers
+        two_providers_db: tuple[ProviderDir, ProviderDir]) -> None:
+    a, b = two_providers_db
     token = token_for(a, "alice@a.test")
 
     async def scenario() -> None:
@@ -428,8 +423,8 @@ def test_bulk_list_each_message_answered_on_its_own(
     asyncio.run(scenario())
 
 
-def test_metrics_count_anomalies_by_verdict(two_providers: tuple[ProviderDir, ProviderDir]) -> None:
-    _a, b = two_providers
+def test_metrics_count_anomalies_by_verdict(two_providers_db: tuple[ProviderDir, ProviderDir]) -> None:
+    _a, b = two_providers_db
     plain = b"From: someone@else.example\r\nTo: bob@b.test\r\nSubject: plain\r\n\r\nhi\r\n"
 
     async def scenario() -> None:

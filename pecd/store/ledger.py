@@ -723,6 +723,8 @@ def checkpoint(
     if not isinstance(token, bytes | bytearray | memoryview):
         raise LedgerInvalid("timestamper must return bytes")
     with transaction(conn):
+        if _postgres(conn):  # the write lock SQLite's BEGIN IMMEDIATE gives: the append lock
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (APPEND_LOCK,))
         # Re-read under the write lock: another process may have checkpointed meanwhile (then
         # nothing is written, and the empty transaction commits).
         last = cur.execute(
