@@ -52,7 +52,7 @@ RECIPIENT = "bob@b.test"
 SEED = int(os.environ.get("PECD_CRASH_SEED", "16"))
 _headers = BytesHeaderParser()
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 class Node:
