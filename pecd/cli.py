@@ -228,13 +228,25 @@ def own_card(cfg: Config) -> index_mod.Provider:
 
 
 @main.command()
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes; above 1, a supervisor starts them, shares the ports"
+                   " among them and restarts one that dies.")
+@click.option("--reuse-port", is_flag=True,
+              help="Share the listening ports with other pecd processes of this provider on"
+                   " this machine (SO_REUSEPORT).")
 @pass_ctx
-def serve(ctx: Context) -> None:
+def serve(ctx: Context, workers: int, reuse_port: bool) -> None:
     """Run every listener and stage until SIGTERM."""
+    config = ctx.config  # a bad configuration fails here, once, not in every worker
+    if workers > 1:
+        from pecd import supervisor
+
+        verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+        raise SystemExit(supervisor.run(ctx.config_path, workers, verbose))
     from pecd.service import serve as run
 
     try:
-        asyncio.run(run(ctx.config))
+        asyncio.run(run(config, reuse_port=reuse_port))
     except pki.PKIError as exc:  # a key or certificate that cannot be used: say which, no traceback
         raise click.ClickException(str(exc)) from None
     except Unavailable as exc:  # PostgreSQL unreachable at start: one line, non-zero exit

@@ -41,6 +41,7 @@ from pecd.store import Connection, Unavailable, ledger, users
 from pecd.store import db as db_mod
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
+from pecd.store.nodes import Node
 from pecd.store.queue import Item, Kind, Outcome, Queue, Recovery
 from pecd.store.spool import open_bodies
 from pecd.trust import index as index_mod
@@ -62,6 +63,7 @@ log = logging.getLogger("pecd")
 
 Handler = Callable[[Item], Awaitable[Outcome]]
 SIGNING_RETRY = 30.0  # seconds before an item deferred for an unavailable signing key is retried
+TAKE_BACK_EVERY = 5.0  # seconds between looks for dead sibling processes' leases
 
 
 def _index_version(conn: Connection) -> tuple[int, str, str]:
@@ -210,8 +212,10 @@ def make_issuer(config: Config, clock: Clock, timestamper: Timestamper) -> Issue
 
 
 class Service:
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    def __init__(self, config: Config, clock: Clock | None = None, reuse_port: bool = False) -> None:
+        """``reuse_port``: listen with ``SO_REUSEPORT`` (several processes serve one provider)."""
         self.config = config
+        self.reuse_port = reuse_port
         self.clock = clock or SystemClock()
         self.db = Database(config.paths.database)
         self.spool = open_bodies(config.paths.database, config.paths.spool)
@@ -262,6 +266,7 @@ class Service:
         self.webhooks = WebhookWorker(config, self.db, self.clock)
         self.ports = Ports()
         self.recovery: Recovery | None = None
+        self.node: Node | None = None
         self._servers: list[asyncio.Server] = []
         self._handlers: list[SubmissionHandler | InboundHandler] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -277,7 +282,10 @@ class Service:
         self.index.replace(self.db.transact_sync(index_mod.load_all))
 
     async def start(self, listeners: bool = True, runners: bool = True) -> None:
-        self.recovery = self.queue.recover()
+        # registered before recovery, so that a process starting beside this one keeps its leases
+        self.node = Node(self.config.paths.data_dir / "run", self.queue.owner)
+        self.recovery = self.queue.recover(self.node)
+        self.node.started()
         if runners:
             for runner in self.runners.values():
                 runner.start()
@@ -305,7 +313,7 @@ class Service:
         ]
         for name, handler, port, implicit, auth in specs:
             server = await listen(handler, cfg.listen.host, port, cfg, tls,
-                                  implicit_tls=implicit, auth=auth)
+                                  implicit_tls=implicit, auth=auth, reuse_port=self.reuse_port)
             self._servers.append(server)
             setattr(self.ports, name, server.sockets[0].getsockname()[1])
             log.info("%s listening on %s:%s", name, cfg.listen.host, getattr(self.ports, name))
@@ -315,13 +323,14 @@ class Service:
                               self.reading,
                               errors=lambda: {"tsa": errors_of(self.timestamper),
                                               "revocation": dict(self.revocation_sources.errors)})
-            self._http, self.ports.http = await httpapi.start(api, cfg)
+            self._http, self.ports.http = await httpapi.start(api, cfg, self.reuse_port)
 
     async def _housekeeping(self) -> None:
-        """Pick up operator changes to the index; checkpoint the ledger on schedule."""
+        """Pick up operator changes to the index; checkpoint the ledger on schedule; take back
+        the leases of a process of this host that died (several processes serve one provider)."""
         loop = asyncio.get_running_loop()
         index_version = await self.db.transact(_index_version)
-        last_checkpoint = self.clock.now().timestamp()
+        last_checkpoint = last_take_back = self.clock.now().timestamp()
         policy = self.config.ledger
         while True:
             await asyncio.sleep(1.0)
@@ -332,6 +341,10 @@ class Service:
                     self.index.replace(await self.db.transact(index_mod.load_all))
                     log.info("provider index reloaded")
                 now = self.clock.now().timestamp()
+                if self.node is not None and now - last_take_back >= TAKE_BACK_EVERY:
+                    last_take_back = now
+                    if await self.queue.take_back(self.node):
+                        log.info("took back the leases of a process that died")
                 pending = await self.db.transact(_rows_since_checkpoint)
                 if pending and (pending >= policy.checkpoint_rows
                                 or now - last_checkpoint >= policy.checkpoint_interval):
@@ -380,6 +393,8 @@ class Service:
         await self.connections.close()
         self.cpu.shutdown(wait=True)
         self.db.close()
+        if self.node is not None:
+            self.node.close()
 
 
 def return_big_buffers_to_the_os() -> bool:
@@ -408,10 +423,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _OWN_MAPPING_FROM = 1 << 20
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     return_big_buffers_to_the_os()
-    service = Service(config)
+    service = Service(config, reuse_port=reuse_port)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

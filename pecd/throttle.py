@@ -10,6 +10,7 @@ durable account lock lives in the users table (:mod:`pecd.store.users`).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,6 +87,18 @@ class SlidingWindow:
     def clear(self, key: str) -> None:
         self._hits.pop(key, None)
 
+    def adopt(self, key: str, hits: Iterable[float], now: float) -> None:
+        """Make ``hits`` the failure times of ``key`` (those of every node, read from the
+        database), in place of what this process saw alone."""
+        live = sorted(t for t in hits if t > now - self.window)[-self.limit:]
+        if not live:
+            self._hits.pop(key, None)
+            return
+        self._hits[key] = deque(live)
+        self._hits.move_to_end(key)
+        while len(self._hits) > self.max_keys:
+            self._hits.popitem(last=False)
+
     def __len__(self) -> int:
         return len(self._hits)
 
@@ -142,6 +155,27 @@ class AuthThrottle:
             self._reported.clear()
         self._reported.add(marker)
         return True
+
+    @property
+    def window(self) -> float:
+        return self.sources.window
+
+    def now(self) -> float:
+        return self._now()
+
+    def keys(self, account: str, address: str) -> list[tuple[Scope, str]]:
+        """The (scope, key) counts an attempt of ``account`` from ``address`` touches."""
+        return [("source", self._pair(account, address)), ("address", address),
+                ("account", account)]
+
+    def adopt(self, hits: Mapping[tuple[str, str], Iterable[float]]) -> None:
+        """Take the failure times of these (scope, key) counts as shared by every node (see
+        :class:`pecd.store.throttle_store.SharedAuthThrottle`); the check that follows judges
+        them, not just this process's own."""
+        now = self._now()
+        windows = {"source": self.sources, "address": self.addresses, "account": self.accounts}
+        for (scope, key), times in hits.items():
+            windows[scope].adopt(key, times, now)
 
     def known(self, account: str, address: str) -> bool:
         """Whether ``account`` logged in from ``address`` within ``known_for`` seconds."""

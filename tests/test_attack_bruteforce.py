@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -226,6 +227,18 @@ def a(tmp_path_factory: pytest.TempPathFactory) -> ProviderDir:
     for name in ("carol", "dave", "frank", "gina", "hal", "ivan"):
         add_user_fast(p, f"{name}@a.test", f"{name}-secret")
     return p
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counts(request: pytest.FixtureRequest) -> None:
+    """Failure counts live in the database (shared by every node) and outlive a restart: each
+    test here starts from none, as the module's one provider serves them all."""
+    if "a" in request.fixturenames:
+        p: ProviderDir = request.getfixturevalue("a")
+        conn = sqlite3.connect(p.root / "data" / "pecd.sqlite")
+        with conn:
+            conn.execute("DELETE FROM auth_failures")
+        conn.close()
 
 
 def _attempt(a: ProviderDir, port: int, user: str, password: str,

@@ -344,6 +344,35 @@ def test_serve_task_refreshes_on_schedule_and_reloads_the_live_view(
     assert any("HTTP 500" in str(r["reason"]) for r in _ledger(provider, "index-refused"))
 
 
+def test_two_nodes_refreshing_at_once_take_the_copy_once(provider: ProviderDir,
+                                                        authority: Authority) -> None:
+    """Two nodes on one database fetch the same copy at the same moment: one takes it (one
+    ``index-updated`` row), the other only reloads; neither refreshes again before it is due."""
+    with http_server() as served:
+        served.files["/i"] = (200, sign(directory(entry("Peer", ["peer.test"], hashes_=["ab" * 20])),
+                                        authority))
+        set_index_config(provider.conf, authority_cert=str(authority.cert), url=served.url + "/i")
+        cfg = load_config(provider.conf)
+
+        async def go() -> None:
+            dbs = [Database(cfg.paths.database) for _ in range(2)]  # one connection per node
+            views = [ProviderIndex(db.transact_sync(index.load_all)) for db in dbs]
+            nodes = [IndexRefresher(cfg, db, SystemClock(), view)
+                     for db, view in zip(dbs, views, strict=True)]
+            try:
+                results = await asyncio.gather(*(n.refresh_once() for n in nodes))
+                assert all(r.ok for r in results)
+                assert all(v.for_domain("peer.test") is not None for v in views)
+                assert [await n._fresh_for() > 0 for n in nodes] == [True, True]  # not due yet
+            finally:
+                for db in dbs:
+                    db.close()
+
+        asyncio.run(go())
+        assert served.hits["/i"] == 2
+    assert len(_ledger(provider, "index-updated")) == 1
+
+
 def test_service_runs_the_refresh_task(provider: ProviderDir, authority: Authority) -> None:
     with http_server() as served:
         served.files["/i"] = (200, sign(directory(entry("Peer", ["peer.test"], hashes_=["ab" * 20])),

@@ -61,7 +61,8 @@ from pecd.store import queue as queue_mod
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent, format_at
 from pecd.store.queue import NewItem, Queue
-from pecd.throttle import AuthThrottle, ConnectionLimiter
+from pecd.store.throttle_store import SharedAuthThrottle
+from pecd.throttle import ConnectionLimiter
 
 log = logging.getLogger("pecd.http")
 
@@ -243,7 +244,7 @@ class Api:
     """The routes and what they share; :func:`start` puts them on a listener."""
 
     def __init__(self, config: Config, db: Database, queue: Queue, clock: Clock, cpu: Executor,
-                 authenticate: Authenticate, throttle: AuthThrottle,
+                 authenticate: Authenticate, throttle: SharedAuthThrottle,
                  roots: list[x509.Certificate], ready: Callable[[], bool],
                  reading: ReadingWorker | None = None, errors: Errors | None = None) -> None:
         self.config = config
@@ -369,7 +370,7 @@ class Api:
         token_id = match[1] if match else ""
         owner = await self._read(lambda c: apistore.token_mailbox(c, token_id)) if match else None
         account = (owner or f"token:{token_id}").lower()
-        verdict = self.throttle.check(account, peer)
+        verdict = await self.throttle.check(account, peer)
         if not verdict.allowed:
             if verdict.first:
                 await self.queue.record([LedgerEvent(event="auth-throttled", sender=account[:320],
@@ -379,12 +380,12 @@ class Api:
                           {"Retry-After": str(max(1, round(verdict.retry_after)))})
         mailbox = await self._read(lambda c: apistore.check_token(c, token))
         if mailbox is None:
-            self.throttle.failure(account, peer)
+            await self.throttle.failure(account, peer)
             await self.queue.record([LedgerEvent(event="auth-failed", sender=account[:320],
                                                  detail={"peer": peer, "via": "http",
                                                          "token_id": token_id})])
             raise unauthorized
-        self.throttle.success(account, peer)
+        await self.throttle.success(account, peer)
         return str(mailbox)
 
     # --- send ------------------------------------------------------------------------------------
@@ -885,8 +886,10 @@ class _GatedSite(web_runner.BaseSite):
     """aiohttp's TCP site with :class:`_Gate` before each connection."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None,
-                 limiter: ConnectionLimiter, refused: Callable[[str], None]) -> None:
+                 limiter: ConnectionLimiter, refused: Callable[[str], None],
+                 reuse_port: bool = False) -> None:
         super().__init__(runner, ssl_context=ssl_context)
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.limiter = limiter
@@ -903,17 +906,18 @@ class _GatedSite(web_runner.BaseSite):
         make: Callable[[], asyncio.Protocol] = server
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Gate(make, self.limiter, self.refused), self.host, self.port,
-            ssl=self._ssl_context)
+            ssl=self._ssl_context, reuse_port=self.reuse_port or None)
 
 
-async def start(api: Api, config: Config) -> tuple[web.AppRunner, int]:
-    """The listener on ``[http]`` host and port; returns the runner (to clean up) and the port."""
+async def start(api: Api, config: Config, reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+    """The listener on ``[http]`` host and port; returns the runner (to clean up) and the port.
+    ``reuse_port``: shared with other pecd processes (``SO_REUSEPORT``)."""
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=10.0)
     await runner.setup()
     site = _GatedSite(runner, config.http.host, config.http.port or 0, server_tls(config),
                       ConnectionLimiter(config.limits.max_connections_per_address),
-                      api.connection_refused)
+                      api.connection_refused, reuse_port)
     await site.start()
     port = int(runner.addresses[0][1])
     log.info("http listening on %s:%s%s", config.http.host, port,

@@ -33,6 +33,7 @@ from pecd.format import headers
 from pecd.replies import Refusal
 from pecd.store.ledger import LedgerEvent
 from pecd.store.queue import NewItem, Queue
+from pecd.store.throttle_store import SharedAuthThrottle
 from pecd.store.users import Login
 from pecd.throttle import AuthThrottle, ConnectionLimiter, SlidingWindow
 from pecd.trust.index import ProviderIndex
@@ -582,13 +583,13 @@ class SubmissionHandler(_Base):
         super().__init__(config, queue, clock)
         self.check_password = check_password
         limits = config.limits
-        self.throttle = AuthThrottle(self.clock,
-                                     per_source=limits.auth_failures_per_source,
-                                     per_address=limits.auth_failures_per_address,
-                                     per_account=limits.auth_failures_per_account,
-                                     window=limits.auth_window,
-                                     slow_interval=limits.auth_slow_interval,
-                                     slow_max_wait=limits.auth_slow_max_wait)
+        # the counts are shared with every node on the database (pecd.store.throttle_store)
+        self.throttle = SharedAuthThrottle(AuthThrottle(
+            self.clock, per_source=limits.auth_failures_per_source,
+            per_address=limits.auth_failures_per_address,
+            per_account=limits.auth_failures_per_account, window=limits.auth_window,
+            slow_interval=limits.auth_slow_interval, slow_max_wait=limits.auth_slow_max_wait),
+            queue.db)
 
     async def authenticate(self, user: str, password: str, peer: object) -> bool:
         """True for a good login; False for a bad one; :class:`~pecd.replies.AuthThrottled`
@@ -597,7 +598,7 @@ class SubmissionHandler(_Base):
         the attempt waits its turn (see :class:`~pecd.throttle.AuthThrottle`)."""
         address = peer_address(peer)
         account = user.strip().lower()
-        verdict = self.throttle.check(account, address)
+        verdict = await self.throttle.check(account, address)
         if verdict.first:  # one ledger row per episode, not one per attempt
             what = address if verdict.scope == "address" else account[:320]
             event = "auth-throttled" if not verdict.allowed else "auth-slowed"
@@ -614,9 +615,9 @@ class SubmissionHandler(_Base):
             await asyncio.sleep(verdict.delay)
         login = await self.check_password(user, password)
         if login.ok:
-            self.throttle.success(account, address)
+            await self.throttle.success(account, address)
             return True
-        self.throttle.failure(account, address)
+        await self.throttle.failure(account, address)
         events = [LedgerEvent(event="auth-failed", sender=user[:320],
                               detail={"peer": address, "locked": login.locked})]
         if login.just_locked:
@@ -770,7 +771,10 @@ class InboundHandler(_Base):
 
 
 async def listen(handler: _Base, host: str, port: int, config: Config,
-                 tls: ssl.SSLContext, *, implicit_tls: bool, auth: bool) -> asyncio.Server:
+                 tls: ssl.SSLContext, *, implicit_tls: bool, auth: bool,
+                 reuse_port: bool = False) -> asyncio.Server:
+    """``reuse_port``: share the port with other pecd processes (``SO_REUSEPORT``; the kernel
+    spreads connections across them)."""
     loop = asyncio.get_running_loop()
     # a client that never finishes the implicit-TLS handshake is dropped like an idle one
     handshake = min(60.0, config.limits.session_timeout) if implicit_tls else None
@@ -792,4 +796,5 @@ async def listen(handler: _Base, host: str, port: int, config: Config,
             loop=loop,
         )
 
-    return await loop.create_server(factory, host, port)  # implicit TLS: PecdSMTP does it
+    # implicit TLS: PecdSMTP does it
+    return await loop.create_server(factory, host, port, reuse_port=reuse_port or None)

@@ -348,7 +348,9 @@ def fan_out(conn: Connection, now: float, batch: int = 500) -> int:
     """Turn ledger rows past the cursor into outbox deliveries for the subscriptions of their
     sender (rows about a message: with a msgid and a sender); the cursor moves in the same
     transaction, so each row is turned exactly once. Returns how many rows were read."""
-    cur = conn.execute("SELECT seq FROM webhook_cursor WHERE one = 1").fetchone()
+    # PostgreSQL: one node fans out at a time (SQLite's write lock does the same)
+    lock = " FOR UPDATE" if dialect(conn) == "postgresql" else ""
+    cur = conn.execute("SELECT seq FROM webhook_cursor WHERE one = 1" + lock).fetchone()
     if cur is None:  # no subscription was ever made
         return 0
     rows = conn.execute(
@@ -375,15 +377,25 @@ def fan_out(conn: Connection, now: float, batch: int = 500) -> int:
     return len(rows)
 
 
-def due_deliveries(conn: Connection, now: float, limit: int) -> list[Delivery]:
+def due_deliveries(conn: Connection, now: float, limit: int,
+                   lease: float = 120.0) -> list[Delivery]:
     """Per (subscription, message), only its oldest pending delivery, and only when due: a
-    message's events reach the receiver in ledger order, a failing one holding back the rest."""
+    message's events reach the receiver in ledger order, a failing one holding back the rest.
+
+    The deliveries returned are not due again for ``lease`` seconds (longer than one POST may
+    take), so another node's worker does not send them too; the sender's outcome
+    (:func:`delivered`, :func:`delivery_failed`) sets what follows, and a node that died while
+    sending leaves them due again when the lease runs out."""
     rows = conn.execute(
         "SELECT o.id, o.hook_id, w.url, w.secret, o.msgid, o.event, o.payload, o.attempts"
         " FROM webhook_outbox o JOIN webhooks w ON w.id = o.hook_id"
         " WHERE o.id IN (SELECT min(id) FROM webhook_outbox WHERE state = 'pending'"
         "                GROUP BY hook_id, msgid)"
-        " AND o.next_at <= ? ORDER BY o.id LIMIT ?", (now, limit)).fetchall()
+        " AND o.next_at <= ? ORDER BY o.id LIMIT ?"
+        + (" FOR UPDATE OF o SKIP LOCKED" if dialect(conn) == "postgresql" else ""),
+        (now, limit)).fetchall()
+    for r in rows:
+        conn.execute("UPDATE webhook_outbox SET next_at = ? WHERE id = ?", (now + lease, r[0]))
     return [Delivery(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]),
                      int(r[7])) for r in rows]
 

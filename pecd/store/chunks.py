@@ -161,13 +161,14 @@ class ChunkSpool:
         with self._connection() as conn:
             conn.executemany("DELETE FROM body_chunks WHERE name = ?", [(n,) for n in todo])
 
-    def orphans(self, referenced: set[str]) -> list[str]:
+    def orphans(self, referenced: set[str], older_than: float | None = None) -> list[str]:
+        """Always only old ones (every node writes here), whatever ``older_than`` says."""
         with self._connection() as conn:
             rows = conn.execute("SELECT name FROM body_chunks WHERE n = 0 AND created < ?",
                                 (time.time() - ORPHAN_AGE,)).fetchall()
         return [r[0] for r in rows if r[0] not in referenced]
 
-    def clear_tmp(self) -> int:
+    def clear_tmp(self, older_than: float | None = None) -> int:
         return 0
 
 

@@ -329,6 +329,28 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0014_queue_lease_owner",
+        # several processes on one database: who holds a lease (pecd.store.nodes names them), so
+        # a starting process takes back only a dead one's, and a worker whose lease was taken
+        # over commits nothing
+        """
+        ALTER TABLE queue ADD COLUMN lease_owner TEXT
+        """,
+    ),
+    (
+        "0015_throttle_shared",
+        # failed logins of every node, so the AUTH limits count across nodes (pecd.store.throttle_store)
+        """
+        CREATE TABLE auth_failures (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX auth_failures_key ON auth_failures(scope, key, at);
+        CREATE INDEX auth_failures_at ON auth_failures(at);
+        """,
+    ),
 ]
 
 # added after the mechanical mapping on PostgreSQL: SQLite's implicit ``rowid``, which some
@@ -475,6 +497,9 @@ def migrate(conn: Connection) -> None:
         if name in done:
             continue
         with ledger.transaction(conn):
+            # another process starting beside this one may have applied it meanwhile
+            if conn.execute("SELECT 1 FROM migrations WHERE name=?", (name,)).fetchone():
+                continue
             for statement in sql.split(";"):
                 if statement.strip():
                     conn.execute(statement)

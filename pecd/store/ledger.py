@@ -418,6 +418,15 @@ def append(conn: Connection, event: LedgerEvent, at: datetime) -> int:
     return append_many(conn, [(event, at)])[0]
 
 
+def serialize_with_appends(conn: Connection) -> None:
+    """Take now the lock an append would take (PostgreSQL; SQLite's write transaction already
+    serialises): what the caller reads next is what the last appender committed, and no other
+    node acts on the same reading before this transaction ends (the index refresh decides so
+    whether another node took the same copy)."""
+    if _postgres(conn):
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (APPEND_LOCK,))
+
+
 def append_many(
     conn: Connection, events: Sequence[tuple[LedgerEvent, datetime]]
 ) -> list[int]:

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Literal, TypeVar
 
 from pecd.clock import Clock
 from pecd.format.blob import Blob
-from pecd.store import Connection, dialect, ledger
+from pecd.store import Connection, dialect, ledger, nodes
 from pecd.store.db import Database
 from pecd.store.ledger import LedgerEvent
 from pecd.store.spool import Bodies
@@ -38,6 +38,9 @@ KINDS: tuple[Kind, ...] = ("submission", "inbound", "deliver", "relay", "fallbac
 # most of what a small message costs at each stage. Bigger ones stay in the spool, streamed.
 INLINE_MAX = 128 * 1024
 MAX_LEASES = 5  # leased this often with no outcome (each time the process died): park in hold
+# a spool file this old that no row names was never acknowledged, even with other processes
+# running beside the one that looks (a file being written is younger)
+ORPHAN_AGE = 3600.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Item:
     spool: str  # '' when the bytes are in the row (``body``)
     created: float
     body: bytes | None = None
+    # this lease's expiry as written when it was taken: with ``owner``, what :meth:`Queue.finish`
+    # checks to be sure the lease is still this worker's (not taken over after it expired)
+    lease_until: float | None = None
 
     @property
     def name(self) -> str:
@@ -116,10 +122,14 @@ class Recovery:
 
 
 class Queue:
-    def __init__(self, db: Database, spool: Bodies, clock: Clock) -> None:
+    def __init__(self, db: Database, spool: Bodies, clock: Clock, owner: str | None = None) -> None:
         self.db = db
         self.spool = spool
         self.clock = clock
+        self.owner = owner or nodes.new_owner()  # whose leases this queue's are (lease_owner)
+        # leases whose outcome failed to commit (the database was away): given back as soon as
+        # it answers again (:meth:`take_back`), not left to expire
+        self._unfinished: dict[int, float] = {}
         self.wakeup: dict[str, asyncio.Event] = {}
         self._commits: set[asyncio.Future[Any]] = set()
 
@@ -227,25 +237,35 @@ class Queue:
         await self.db.transact(txn)
 
     async def lease(self, kind: Kind, limit: int, lease_seconds: float = 600.0) -> list[Item]:
-        now = self.clock.now().timestamp()
+        """Up to ``limit`` items due now, leased to this queue's owner until ``lease_seconds``
+        from now. An item whose lease expired (its node died, or hangs) is taken back first:
+        another node's lease returns once it expires, never before."""
+        at = self.clock.now()
+        now = at.timestamp()
+        until = now + lease_seconds
 
         def txn(conn: Connection) -> list[Item]:
-            rows = conn.execute(
-                "SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
-                " AND next_at <= ? ORDER BY next_at, id LIMIT ?" + _skip_locked(conn),
-                (kind, now, limit),
-            ).fetchall()
+            expired = conn.execute(
+                "SELECT * FROM queue WHERE state='active' AND kind=? AND lease_until <= ?"
+                " ORDER BY id LIMIT ?" + _skip_locked(conn), (kind, now, limit)).fetchall()
+            rows = [r for r in expired if not _hold_if_worn(conn, r, at)]
+            if len(rows) < limit:
+                rows += conn.execute(
+                    "SELECT * FROM queue WHERE state IN ('incoming', 'deferred') AND kind = ?"
+                    " AND next_at <= ? ORDER BY next_at, id LIMIT ?" + _skip_locked(conn),
+                    (kind, now, limit - len(rows)),
+                ).fetchall()
             items = []
             for row in rows:
                 conn.execute(
-                    "UPDATE queue SET state='active', lease_until=?, leases=leases+1 WHERE id=?",
-                    (now + lease_seconds, row["id"]),
+                    "UPDATE queue SET state='active', lease_until=?, lease_owner=?,"
+                    " leases=leases+1 WHERE id=?", (until, self.owner, row["id"]),
                 )
-                items.append(_item(row))
+                items.append(_item(row, until))
             return items
 
         # a lease lost with the machine (power, kernel; a killed process loses nothing) costs
-        # nothing: recovery returns every lease to incoming, and MAX_LEASES counts process deaths
+        # nothing: recovery returns a dead process's leases, and MAX_LEASES counts process deaths
         return await self.db.transact(txn, durable=False)
 
     async def next_due(self, kind: Kind) -> float | None:
@@ -285,7 +305,9 @@ class Queue:
         at = self.clock.now()
         now = at.timestamp()
 
-        def txn(conn: Connection) -> Literal["fresh", "duplicate", "conflict"]:
+        def txn(conn: Connection) -> Literal["fresh", "duplicate", "conflict", "lost"]:
+            if not self._still_ours(conn, item):
+                return "lost"
             if outcome.claims is not None:
                 provider, keys = outcome.claims
                 if any(conn.execute("SELECT 1 FROM seen WHERE provider=? AND message_id=?",
@@ -335,7 +357,15 @@ class Queue:
             return "fresh"
 
         names = _files(stored)
-        verdict = await self._commit(txn, names)
+        try:
+            verdict = await self._commit(txn, names)
+        except Exception:
+            if item.lease_until is not None:
+                self._unfinished[item.id] = item.lease_until
+            raise
+        if verdict == "lost":  # another worker holds the item now: its outcome is the one
+            self.spool.remove(names)
+            return False
         if verdict != "fresh":
             self.spool.remove(names)
             self.wake(*KINDS)  # replayed replies may have been queued; a conflict is due again
@@ -345,6 +375,18 @@ class Queue:
             self.spool.remove([item.spool])
         self._notify(outcome.outputs)
         return verdict == "fresh"
+
+    def _still_ours(self, conn: Connection, item: Item) -> bool:
+        """Whether ``item`` is still leased to this queue's owner, by the lease it was given
+        (an item from elsewhere than :meth:`lease`, with no ``lease_until``, is not checked)."""
+        if item.lease_until is None:
+            return True
+        # PostgreSQL: the row stays locked until this commit, so no node takes the lease over
+        # in between; one that took it first is waited for, and then the row is not ours
+        row = conn.execute("SELECT 1 FROM queue WHERE id=? AND state='active' AND lease_owner=?"
+                           " AND lease_until=?" + _for_update(conn),
+                           (item.id, self.owner, item.lease_until)).fetchone()
+        return row is not None
 
     def _replay(self, conn: Connection, provider: str, message_id: str) -> None:
         row = conn.execute("SELECT replies FROM seen WHERE provider=? AND message_id=?",
@@ -361,23 +403,26 @@ class Queue:
         """The item's bytes as a file, to stream (blocking for a spool file: a worker thread)."""
         return io.BytesIO(item.body) if item.body is not None else self.spool.open(item.spool)
 
-    def recover(self) -> Recovery:
-        """Run once at start, before any listener: return dead leases, drop what nobody acknowledged."""
+    def recover(self, node: nodes.Node | None = None) -> Recovery:
+        """Run once at start, before any listener: take back the leases of dead processes, drop
+        what nobody acknowledged.
+
+        With ``node``, a lease is dead when it expired or its owner is a process of this host
+        that no longer runs (live nodes keep theirs), and unacknowledged spool files are removed
+        only when no other process runs on this data directory (``node.alone``; else only those
+        older than ``ORPHAN_AGE``). Without, this process is taken to be the only one."""
         at = self.clock.now()
+        now = at.timestamp()
+
+        def dead(owner: str | None, until: float | None) -> bool:
+            if owner == self.owner:
+                return False
+            if node is None or until is None or until <= now:
+                return True
+            return node.dead(owner)
 
         def txn(conn: Connection) -> Recovery:
-            held = 0
-            for row in conn.execute(
-                "SELECT id, leases FROM queue WHERE state='active' AND leases >= ?", (MAX_LEASES,)
-            ).fetchall():
-                conn.execute("UPDATE queue SET state='hold', lease_until=NULL,"
-                             " last_error='handling interrupted too often' WHERE id=?", (row[0],))
-                ledger.append(conn, LedgerEvent(event="held", detail={
-                    "queue_id": row[0], "reason": "handling interrupted too often"}), at)
-                held += 1
-            released = conn.execute(
-                "UPDATE queue SET state='incoming', lease_until=NULL WHERE state='active'"
-            ).rowcount
+            released, held = _take_back(conn, dead, at)
             corrupt = 0
             referenced = set()
             for row in conn.execute(
@@ -388,21 +433,105 @@ class Queue:
                     ledger.append(conn, LedgerEvent(event="corrupt", detail={
                         "queue_id": row[0], "reason": "spool file missing"}), at)
                     corrupt += 1
-            orphans = self.spool.orphans(referenced)
+            orphans = self.spool.orphans(referenced, None if alone else now - ORPHAN_AGE)
             self.spool.remove(orphans)
             return Recovery(released, held, corrupt, len(orphans))
 
-        self.spool.clear_tmp()
+        alone = node is None or node.alone
+        if node is not None:
+            node.sweep()
+        if alone:
+            self.spool.clear_tmp()
+        else:
+            self.spool.clear_tmp(older_than=now - ORPHAN_AGE)
         return self.db.transact_sync(txn)
+
+    async def take_back(self, node: nodes.Node) -> int:
+        """While running: return to the queue the leases of processes of this host that died
+        since (a sibling worker killed, say), so they need not wait for its restart or for
+        their expiry, and this process's own leases whose outcome failed to commit. How many
+        came back (parked ones included)."""
+        at = self.clock.now()
+        mine = 0
+        if self._unfinished:
+            unfinished = dict(self._unfinished)
+
+            def give_back(conn: Connection) -> int:
+                return sum(conn.execute(
+                    "UPDATE queue SET state='incoming', lease_until=NULL, lease_owner=NULL"
+                    " WHERE id=? AND state='active' AND lease_owner=? AND lease_until=?",
+                    (item_id, self.owner, until)).rowcount for item_id, until in unfinished.items())
+
+            mine = await self.db.transact(give_back)
+            for item_id in unfinished:
+                self._unfinished.pop(item_id, None)
+            if mine:
+                self.wake(*KINDS)
+        owners = await self.db.transact(lambda conn: [r[0] for r in conn.execute(
+            "SELECT DISTINCT lease_owner FROM queue WHERE state='active'").fetchall()],
+            durable=False)
+        gone = {o for o in owners if o != self.owner and node.dead(o)}
+        if not gone:
+            return mine
+
+        def txn(conn: Connection) -> int:
+            released, held = _take_back(conn, lambda owner, until: owner in gone, at)
+            return released + held
+
+        n = await self.db.transact(txn)
+        if n:
+            self.wake(*KINDS)
+        return mine + n
+
+
+def _take_back(conn: Connection, dead: Callable[[str | None, float | None], bool],
+               at: datetime) -> tuple[int, int]:
+    """Leases whose (owner, expiry) ``dead`` judges dead go back to ``incoming``, or to
+    ``hold`` when worn out; (released, held)."""
+    released = held = 0
+    # no lock on the rows looked at (PostgreSQL: live nodes' rows must not wait on this
+    # transaction); each update applies only if the lease is still the one judged dead
+    for row in conn.execute("SELECT * FROM queue WHERE state='active'").fetchall():
+        if not dead(row["lease_owner"], row["lease_until"]):
+            continue
+        if _hold_if_worn(conn, row, at):
+            held += 1
+            continue
+        released += conn.execute(
+            "UPDATE queue SET state='incoming', lease_until=NULL, lease_owner=NULL"
+            " WHERE id=? AND state='active' AND coalesce(lease_owner, '')=?"
+            " AND coalesce(lease_until, -1)=?",
+            (row["id"], row["lease_owner"] or "",
+             -1 if row["lease_until"] is None else row["lease_until"])).rowcount
+    return released, held
+
+
+def _hold_if_worn(conn: Connection, row: Any, at: datetime) -> bool:
+    """Park an item whose handling was cut off ``MAX_LEASES`` times (each time its process
+    died), with a ledger row; True when it was parked."""
+    if row["leases"] < MAX_LEASES:
+        return False
+    conn.execute("UPDATE queue SET state='hold', lease_until=NULL, lease_owner=NULL,"
+                 " last_error='handling interrupted too often' WHERE id=?", (row["id"],))
+    ledger.append(conn, LedgerEvent(event="held", detail={
+        "queue_id": row["id"], "reason": "handling interrupted too often"}), at)
+    return True
 
 
 def defer_destination(conn: Connection, dest: str, until: float) -> None:
     """Every waiting item for ``dest`` waits at least until ``until`` (a hop that just failed)."""
+    # PostgreSQL: rows another node is leasing right now are left alone (SKIP LOCKED), not
+    # waited for: that node's transaction may be waiting for the ledger lock this one holds
     conn.execute(
         "UPDATE queue SET state='deferred', next_at=CASE WHEN next_at > ? THEN next_at ELSE ? END"
-        " WHERE dest=? AND state IN ('incoming', 'deferred')",
+        " WHERE id IN (SELECT id FROM queue WHERE dest=? AND state IN ('incoming', 'deferred')"
+        + _skip_locked(conn) + ")",
         (until, until, dest),
     )
+
+
+def _for_update(conn: Connection) -> str:
+    return " FOR UPDATE" if dialect(conn) == "postgresql" else ""
 
 
 def _skip_locked(conn: Connection) -> str:
@@ -423,11 +552,12 @@ def _reply_item(raw: dict[str, Any]) -> NewItem:
                    data=base64.b64decode(raw["data"]), dest=raw["dest"], meta=raw["meta"])
 
 
-def _item(row: Any) -> Item:
+def _item(row: Any, lease_until: float | None = None) -> Item:
     return Item(
         id=row["id"], kind=row["kind"], mail_from=row["mail_from"],
         rcpts=tuple(json.loads(row["rcpts"])), dest=row["dest"], meta=json.loads(row["meta"]),
         attempts=row["attempts"], spool=row["spool"], created=row["created"], body=row["body"],
+        lease_until=lease_until,
     )
 
 

@@ -29,8 +29,8 @@ class Bodies(Protocol):
     def open(self, name: str) -> BinaryIO: ...
     def exists(self, name: str) -> bool: ...
     def remove(self, names: Iterable[str]) -> None: ...
-    def orphans(self, referenced: set[str]) -> list[str]: ...
-    def clear_tmp(self) -> int: ...
+    def orphans(self, referenced: set[str], older_than: float | None = None) -> list[str]: ...
+    def clear_tmp(self, older_than: float | None = None) -> int: ...
 
 
 class Spool:
@@ -90,15 +90,29 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.q / name)
 
-    def orphans(self, referenced: set[str]) -> list[str]:
-        return [p.name for p in self.q.iterdir() if p.name not in referenced]
+    def orphans(self, referenced: set[str], older_than: float | None = None) -> list[str]:
+        """Files no row names; with ``older_than`` (POSIX time), only those last written before
+        it (another process may be writing a younger one that it has not committed yet)."""
+        return [p.name for p in self.q.iterdir()
+                if p.name not in referenced and _older(p, older_than)]
 
-    def clear_tmp(self) -> int:
+    def clear_tmp(self, older_than: float | None = None) -> int:
         count = 0
         for p in self.tmp.iterdir():
-            p.unlink()
-            count += 1
+            if _older(p, older_than):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                count += 1
         return count
+
+
+def _older(path: Path, than: float | None) -> bool:
+    if than is None:
+        return True
+    try:
+        return path.stat().st_mtime < than
+    except FileNotFoundError:
+        return False
 
 
 def open_bodies(where: Path | str, root: Path) -> Bodies:

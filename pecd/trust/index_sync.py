@@ -25,7 +25,7 @@ from cryptography import x509
 
 from pecd.clock import Clock
 from pecd.config import Config, IndexSource
-from pecd.store import Connection
+from pecd.store import Connection, ledger
 from pecd.store.db import Database
 from pecd.trust import index, index_ldif, pki
 from pecd.trust.index import IndexCopy
@@ -163,6 +163,7 @@ class IndexRefresher:
         source = self.config.index
         where = source.url or ""
         loop = asyncio.get_running_loop()
+        begun = self.clock.now()
         try:
             copy = await loop.run_in_executor(None, obtain, source, self.clock)
         except IndexRefused as exc:
@@ -172,14 +173,22 @@ class IndexRefresher:
             return await self._refused(where, f"unexpected error: {type(exc).__name__}: {exc}")
         at = self.clock.now()
 
-        def save(conn: Connection) -> list[index.Provider]:
+        def save(conn: Connection) -> tuple[list[index.Provider], bool]:
+            # several nodes refresh on the same schedule: the first to commit this copy takes
+            # it (one index-updated row); one that fetched the same copy meanwhile only reloads
+            ledger.serialize_with_appends(conn)
+            if _taken_since(index.copy_info(conn), copy.sha256, begun):
+                return index.load_all(conn), False
             index.take_copy(conn, copy, where, at)
-            return index.load_all(conn)
+            return index.load_all(conn), True
 
         try:
-            self.view.replace(await self.db.transact(save))
+            providers, taken = await self.db.transact(save)
         except index.IndexError_ as exc:  # an older copy than the one in force
             return await self._refused(where, str(exc))
+        self.view.replace(providers)
+        if not taken:
+            return RefreshResult(True, f"same copy already taken by another node from {where}", copy)
         log.info("index copy replaced from %s: %d providers%s", where, len(copy.providers),
                  f", {len(copy.skipped)} entries left out" if copy.skipped else "")
         for why in copy.skipped:
@@ -194,19 +203,32 @@ class IndexRefresher:
                   f"keeping the copy of {info.fetched}" if info else "no copy in force")
         return RefreshResult(False, reason)
 
+    async def _fresh_for(self) -> float:
+        """Seconds until the copy in force (whichever node took it) is due for a refresh."""
+        info = await self.db.transact(index.copy_info)
+        if info is None or info.source.split(" ")[0] != self.config.index.url:
+            return 0.0
+        age = (self.clock.now() - datetime.fromisoformat(info.fetched)).total_seconds()
+        return self.config.index.refresh_interval - age if age >= 0 else 0.0
+
     async def run(self) -> None:
         """Refresh now, then on schedule; never ends by itself (cancelled at stop)."""
         source = self.config.index
-        info = await self.db.transact(index.copy_info)
-        if info is not None and info.source.split(" ")[0] == source.url:  # a restart: not due yet
-            age = (self.clock.now() - datetime.fromisoformat(info.fetched)).total_seconds()
-            if 0 <= age < source.refresh_interval:
-                await asyncio.sleep(source.refresh_interval - age)
         while True:
             try:
+                wait = await self._fresh_for()
+                if wait > 0:  # a restart, or another node refreshed meanwhile: due later
+                    await asyncio.sleep(wait)
+                    continue
                 result = await self.refresh_once()
                 delay = source.refresh_interval if result.ok else source.retry_interval
             except Exception:  # the database itself failed: log, retry later
                 log.exception("index refresh failed")
                 delay = source.retry_interval
             await asyncio.sleep(max(delay, 1.0))
+
+
+def _taken_since(info: index.CopyInfo | None, sha256: str, since: datetime) -> bool:
+    """Whether the copy in force is this same copy, taken after ``since`` (by another node)."""
+    return (info is not None and info.sha256 == sha256
+            and datetime.fromisoformat(info.fetched) >= since)
