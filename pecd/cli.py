@@ -4,7 +4,6 @@ messages and a non-zero exit; nothing here holds logic another caller would need
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -231,10 +230,11 @@ def own_card(cfg: Config) -> index_mod.Provider:
 @pass_ctx
 def serve(ctx: Context) -> None:
     """Run every listener and stage until SIGTERM."""
+    from pecd.edges import aio
     from pecd.service import serve as run
 
     try:
-        asyncio.run(run(ctx.config))
+        aio.run(run(ctx.config))
     except pki.PKIError as exc:  # a key or certificate that cannot be used: say which, no traceback
         raise click.ClickException(str(exc)) from None
     except Unavailable as exc:  # PostgreSQL unreachable at start: one line, non-zero exit
