@@ -4,7 +4,6 @@ messages and a non-zero exit; nothing here holds logic another caller would need
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -243,10 +242,11 @@ def serve(ctx: Context, workers: int, reuse_port: bool) -> None:
 
         verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
         raise SystemExit(supervisor.run(ctx.config_path, workers, verbose))
+    from pecd.edges import aio
     from pecd.service import serve as run
 
     try:
-        asyncio.run(run(config, reuse_port=reuse_port))
+        aio.run(run(config, reuse_port=reuse_port))
     except pki.PKIError as exc:  # a key or certificate that cannot be used: say which, no traceback
         raise click.ClickException(str(exc)) from None
     except Unavailable as exc:  # PostgreSQL unreachable at start: one line, non-zero exit

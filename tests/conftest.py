@@ -17,15 +17,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import uvloop
 from click.testing import CliRunner
 
 from pecd import config
 from pecd.cli import main as cli_main
+from pecd.edges import aio
 from pecd.service import Service
 from pecd.store import db as db_mod
 from pecd.trust import cms, smime
 
 from . import pg_support
+
+# the tests run on the loop ``pecd serve`` runs on (pecd.edges.aio; PECD_EVENT_LOOP=asyncio for
+# the standard library's): asyncio.run and new_event_loop follow the policy
+if aio.loop_factory() is uvloop.new_event_loop:
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 if TYPE_CHECKING:
     from .revocation_support import CrlServer, RevocationCA

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import BodyPartReader, ClientPayloadError, web, web_runner
 from cryptography import x509
@@ -859,9 +859,9 @@ class _Gate(asyncio.Protocol):
         if self._inner is not None:
             self._inner.data_received(data)
         elif self._transport is not None and not self._transport.is_closing():
-            assert isinstance(self._transport, asyncio.WriteTransport)
-            self._transport.write(_too_many_connections())
-            self._transport.close()
+            transport = cast(asyncio.WriteTransport, self._transport)  # uvloop's: no subclass
+            transport.write(_too_many_connections())
+            transport.close()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None

@@ -22,7 +22,7 @@ import ssl
 from asyncio import sslproto
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
@@ -283,9 +283,10 @@ class PecdSMTP(SMTP):
             self._close_with(replies.SHUTTING_DOWN)
 
     def abort(self) -> None:
-        """The grace period is over: drop the connection, whatever it was doing."""
-        if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.abort()
+        """The grace period is over: drop the connection, whatever it was doing. (uvloop's
+        transports are not subclasses of asyncio's, hence the cast rather than a check.)"""
+        if self.transport is not None:
+            cast(asyncio.WriteTransport, self.transport).abort()
 
     @property
     def handler_task(self) -> asyncio.Task[None] | None:

@@ -17,6 +17,7 @@ a child process, the print directory, and the Maildir file it prints (read only)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -89,8 +90,28 @@ async def run_command(command: str, body: bytes, timeout: float) -> int:
     proc = await asyncio.create_subprocess_shell(
         command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None
+    stdin, stderr = proc.stdin, proc.stderr
+
+    async def feed() -> None:
+        try:
+            stdin.write(body)
+            await stdin.drain()
+        # the command exited without reading it all (its exit status tells how it went):
+        # asyncio's loop says BrokenPipeError or ConnectionResetError, uvloop's RuntimeError
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            pass
+        finally:
+            with contextlib.suppress(RuntimeError):
+                stdin.close()
+
+    async def talk() -> bytes:
+        _, err = await asyncio.gather(feed(), stderr.read())
+        await proc.wait()
+        return err
+
     try:
-        _out, err = await asyncio.wait_for(proc.communicate(body), timeout)
+        err = await asyncio.wait_for(talk(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()

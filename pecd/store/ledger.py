@@ -388,6 +388,38 @@ def row_hash(prev_hash: str, row: Mapping[str, object]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + payload).hexdigest()
 
 
+_json_str: Final[Callable[[str], str]] = json.encoder.encode_basestring
+_TEXT_FIELDS: Final = ("at", "event", "msgid", "provider", "ref_msgid", "sender", "subject")
+
+
+def _plain_payload(
+    row: Mapping[str, object], recipients_json: str, related_json: str, detail_json: str
+) -> str | None:
+    """The canonical JSON ``row_hash`` hashes, written field by field from the parts already
+    in canonical form: the same text as ``canonical_json`` of the whole row (keys in sorted
+    order, strings as ``json.dumps(ensure_ascii=False)`` writes them; tests/test_ledger_payload.py
+    holds the two to identical output) without encoding the row a second time. None when a
+    field is not plainly a string or null (or ``seq`` not an int): ``row_hash`` then decides."""
+    text: dict[str, str] = {}
+    for name in _TEXT_FIELDS:
+        value = row[name]
+        if value is None:
+            text[name] = "null"
+        elif type(value) is str:
+            text[name] = _json_str(value)
+        else:
+            return None
+    seq = row["seq"]
+    if type(seq) is not int:
+        return None
+    return (
+        f'{{"at":{text["at"]},"detail":{detail_json},"event":{text["event"]},'
+        f'"msgid":{text["msgid"]},"provider":{text["provider"]},"recipients":{recipients_json},'
+        f'"ref_msgid":{text["ref_msgid"]},"related":{related_json},"sender":{text["sender"]},'
+        f'"seq":{seq!r},"subject":{text["subject"]}}}'
+    )
+
+
 def format_at(at: datetime) -> str:
     """An aware time as the ledger stores it: UTC, microseconds, fixed width, sortable as text."""
     if not isinstance(at, datetime) or at.utcoffset() is None:
@@ -465,7 +497,16 @@ def append_many(
             "related": list(event.related),
             "detail": detail,
         }
-        digest = row_hash(prev, row)
+        recipients_json = canonical_json(row["recipients"])
+        related_json = canonical_json(row["related"])
+        payload = _plain_payload(row, recipients_json, related_json, detail_json)
+        if payload is None:
+            digest = row_hash(prev, row)
+        else:
+            try:
+                digest = hashlib.sha256(prev.encode("ascii") + payload.encode("utf-8")).hexdigest()
+            except UnicodeEncodeError as exc:  # as row_hash says it
+                raise LedgerInvalid(f"row holds text that is not valid Unicode: {exc}") from exc
         rows.append(
             (
                 seq,
@@ -474,10 +515,10 @@ def append_many(
                 event.msgid,
                 event.ref_msgid,
                 event.sender,
-                canonical_json(row["recipients"]),
+                recipients_json,
                 event.subject,
                 event.provider,
-                canonical_json(row["related"]),
+                related_json,
                 detail_json,
                 prev,
                 digest,
