@@ -348,9 +348,6 @@ def test_crash_two_nodes_per_provider_sqlite(tmp_path: Path) -> None:
     _check(asyncio.run(_crash_run(tmp_path)))
 
 
-@pytest.mark.skipif(not os.environ.get("PECD_CRASH_PG"),
-                    reason="PostgreSQL crash run: set PECD_CRASH_PG=1 (its harness can stall"
-                           " after the sending phase; see the workers report)")
 def test_crash_two_nodes_per_provider_postgresql(tmp_path: Path, pg_cluster: Any) -> None:
     """The same on PostgreSQL (each provider its own database on one server), which is also
     restarted once with ``pg_ctl restart -m immediate`` and stopped once for a while: during
