@@ -95,9 +95,10 @@ class Runner:
                               events=[LedgerEvent(event="deferred", detail={
                                   "queue_id": item.id, "stage": self.kind,
                                   "reason": "signing key unavailable"})])
-        except Unavailable as exc:  # the database is away: the lease runs out, then a retry
+        except Unavailable as exc:  # the database is away: the lease comes back once it answers
             log.warning("%s stage: storage unavailable on queue item %s: %s", self.kind,
                         item.id, exc)
+            self.queue.abandon(item)
             return
         except Exception as exc:  # a stage bug parks the item; it is never dropped
             incident = uuid.uuid4().hex[:12]

@@ -20,10 +20,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from pecd.clock import ManualClock
-from pecd.service import Service
-from pecd.store import nodes
+from pecd.service import Runner, Service
+from pecd.store import Unavailable, nodes
 from pecd.store.db import Database
-from pecd.store.queue import NewItem, Outcome, Queue
+from pecd.store.queue import Item, NewItem, Outcome, Queue
 from pecd.store.spool import Spool
 
 from .conftest import ProviderDir, submit
@@ -220,6 +220,42 @@ def _events(p: ProviderDir, event: str) -> int:
         return int(conn.execute("SELECT count(*) FROM ledger WHERE event=?", (event,)).fetchone()[0])
     finally:
         conn.close()
+
+
+def test_a_lease_given_up_while_the_database_is_away_returns_before_it_expires(
+        tmp_path: Path) -> None:
+    """A stage that fails with ``Unavailable`` (PostgreSQL restarted under it) gives its item
+    up: the next take-back returns it although its owner is alive and the lease has not
+    expired (before, it waited ten minutes; the PostgreSQL crash test's drain stalled on it)."""
+    clock = ManualClock()
+    db = Database(tmp_path / "db.sqlite")
+    spool = Spool(tmp_path / "spool")
+
+    async def scenario() -> None:
+        queue = Queue(db, spool, clock)
+        node = nodes.Node(tmp_path / "run", queue.owner)
+        node.started()
+        seen: list[int] = []
+
+        async def away(item: Item) -> Outcome:
+            seen.append(item.id)
+            raise Unavailable("PostgreSQL: server closed the connection unexpectedly")
+
+        await queue.enqueue([NewItem("relay", "a@a.test", ("b@b.test",), data=b"1")])
+        runner = Runner(queue, "relay", away, 4)
+        assert await runner.run_once() == 1
+        assert await queue.lease("relay", 10) == []  # still leased to this live process
+        assert await queue.take_back(node) == 1
+        (again,) = await queue.lease("relay", 10)
+        assert again.id == seen[0]
+        assert await queue.finish(again, Outcome()) is True
+        assert await queue.take_back(node) == 0
+        node.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.close()
 
 
 def test_timeout_notices_fire_once_with_two_processes(

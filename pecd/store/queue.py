@@ -18,6 +18,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -130,6 +131,7 @@ class Queue:
         # leases whose outcome failed to commit (the database was away): given back as soon as
         # it answers again (:meth:`take_back`), not left to expire
         self._unfinished: dict[int, float] = {}
+        self._unknown_leases: set[float] = set()  # lease_until of lease calls that failed
         self.wakeup: dict[str, asyncio.Event] = {}
         self._commits: set[asyncio.Future[Any]] = set()
 
@@ -243,6 +245,8 @@ class Queue:
         at = self.clock.now()
         now = at.timestamp()
         until = now + lease_seconds
+        while until in self._unknown_leases:  # never the mark of a lease take_back returns
+            until = math.nextafter(until, math.inf)
 
         def txn(conn: Connection) -> list[Item]:
             expired = conn.execute(
@@ -266,7 +270,13 @@ class Queue:
 
         # a lease lost with the machine (power, kernel; a killed process loses nothing) costs
         # nothing: recovery returns a dead process's leases, and MAX_LEASES counts process deaths
-        return await self.db.transact(txn, durable=False)
+        try:
+            return await self.db.transact(txn, durable=False)
+        except Exception:
+            # the commit may have landed with its answer lost (PostgreSQL restarted): rows
+            # leased to this live process that it never got; take_back returns them
+            self._unknown_leases.add(until)
+            raise
 
     async def next_due(self, kind: Kind) -> float | None:
         def txn(conn: Connection) -> float | None:
@@ -360,8 +370,7 @@ class Queue:
         try:
             verdict = await self._commit(txn, names)
         except Exception:
-            if item.lease_until is not None:
-                self._unfinished[item.id] = item.lease_until
+            self.abandon(item)
             raise
         if verdict == "lost":  # another worker holds the item now: its outcome is the one
             self.spool.remove(names)
@@ -375,6 +384,15 @@ class Queue:
             self.spool.remove([item.spool])
         self._notify(outcome.outputs)
         return verdict == "fresh"
+
+    def abandon(self, item: Item) -> None:
+        """This process gives up on ``item`` with no outcome (its stage or its commit failed,
+        PostgreSQL away, say): :meth:`take_back` returns the lease once the database answers.
+
+        Not left to the lease's expiry: the owner is alive, so nothing else returns it before,
+        and the item (a certified message, a receipt) would wait ten minutes for nothing."""
+        if item.lease_until is not None:
+            self._unfinished[item.id] = item.lease_until
 
     def _still_ours(self, conn: Connection, item: Item) -> bool:
         """Whether ``item`` is still leased to this queue's owner, by the lease it was given
@@ -465,8 +483,19 @@ class Queue:
             mine = await self.db.transact(give_back)
             for item_id in unfinished:
                 self._unfinished.pop(item_id, None)
-            if mine:
-                self.wake(*KINDS)
+        if self._unknown_leases:
+            unknown = set(self._unknown_leases)
+
+            def give_back_unknown(conn: Connection) -> int:
+                return sum(conn.execute(
+                    "UPDATE queue SET state='incoming', lease_until=NULL, lease_owner=NULL"
+                    " WHERE state='active' AND lease_owner=? AND lease_until=?",
+                    (self.owner, until)).rowcount for until in unknown)
+
+            mine += await self.db.transact(give_back_unknown)
+            self._unknown_leases -= unknown
+        if mine:
+            self.wake(*KINDS)
         owners = await self.db.transact(lambda conn: [r[0] for r in conn.execute(
             "SELECT DISTINCT lease_owner FROM queue WHERE state='active'").fetchall()],
             durable=False)
