@@ -210,24 +210,20 @@ def machine_busy() -> float:
     return sum(values[:3] + values[5:7]) / CLK_TCK
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU of a process and of its live and reaped descendants (a `--workers` supervisor's
-    workers, PostgreSQL's backends)."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += proc_cpu(p, children=True)
-        todo.extend(children_of(p))
-    return total
-
-
 def tree_pids(pid: int) -> list[int]:
+    """A process and its live descendants (a `--workers` supervisor's workers, PostgreSQL's
+    backends)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
         todo.extend(children_of(p))
     return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and of its live and reaped descendants."""
+    return sum(proc_cpu(p, children=True) for p in tree_pids(pid))
 
 
 def children_of(pid: int) -> list[int]:
