@@ -551,25 +551,24 @@ class Api:
 
     # --- track -----------------------------------------------------------------------------------
 
-    async def get_message(self, request: web.Request) -> web.StreamResponse:
+    async def _sent_message(self, request: web.Request) -> tuple[str, str, Any, Any]:
+        """(mailbox, PEC id, ledger rows, tracking) of a message the logged-in mailbox sent, or
+        404."""
         mailbox = await self._login(request)
         pec_id = request.match_info["id"]
         found = await self._read(lambda c: apistore.message_events(c, pec_id, mailbox))
         if found is None:
             raise Problem(404, "Not found", "no message with that id was sent by this mailbox",
                           "not-found")
-        rows, tracked = found
+        return mailbox, pec_id, found[0], found[1]
+
+    async def get_message(self, request: web.Request) -> web.StreamResponse:
+        _mailbox, pec_id, rows, tracked = await self._sent_message(request)
         return _answer(200, _timeline(pec_id, rows, tracked))
 
     async def get_evidence(self, request: web.Request) -> web.StreamResponse:
         """The zip of :mod:`pecd.edges.evidence`: receipts, ledger rows, checkpoint, report."""
-        mailbox = await self._login(request)
-        pec_id = request.match_info["id"]
-        found = await self._read(lambda c: apistore.message_events(c, pec_id, mailbox))
-        if found is None:
-            raise Problem(404, "Not found", "no message with that id was sent by this mailbox",
-                          "not-found")
-        rows: list[dict[str, Any]] = found[0]
+        mailbox, pec_id, rows, _tracked = await self._sent_message(request)
         seqs = [int(r["seq"]) for r in rows]
         checkpoint, links = await self._read(
             lambda c: apistore.evidence_ledger(c, max(seqs), min(seqs)))
