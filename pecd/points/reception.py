@@ -278,10 +278,7 @@ class ReceptionPoint:
         assert v.parsed.certdata is not None
         at = self.clock.now()
         tx = Transaction.from_certdata(v.parsed.certdata)
-        addressed, strangers = _addressed(item.rcpts, [r.address for r in tx.recipients])
-        keys = {r: recipient_key(tx.identifier, r) for r in addressed}
-        fresh = tuple(r for r in addressed if keys[r] not in taken)
-        again = tuple(r for r in addressed if keys[r] in taken)
+        strangers, keys, fresh, again = _split(item.rcpts, tx, taken)
         outcome = self._strangers(item, data, strangers, "certified envelope", Outcome())
         if again:
             outcome.events.append(LedgerEvent(
@@ -355,10 +352,7 @@ class ReceptionPoint:
         assert v.parsed.certdata is not None
         at = self.clock.now()
         tx = Transaction.from_certdata(v.parsed.certdata)
-        addressed, strangers = _addressed(item.rcpts, [r.address for r in tx.recipients])
-        keys = {r: recipient_key(tx.identifier, r) for r in addressed}
-        fresh = tuple(r for r in addressed if keys[r] not in taken)
-        again = tuple(r for r in addressed if keys[r] in taken)
+        strangers, keys, fresh, again = _split(item.rcpts, tx, taken)
         kept = self.quarantine.store(item.name, data)
         outcome = Outcome()
         if strangers:
@@ -425,6 +419,17 @@ def _addressee(cd: daticert.CertData, config: Config) -> str:
     if cd.type in ("presa-in-carico", "rilevazione-virus"):
         return config.service_address
     return cd.sender
+
+
+def _split(rcpts: Sequence[str], tx: Transaction, taken: Mapping[str, list[NewItem]]
+           ) -> tuple[tuple[str, ...], dict[str, str], tuple[str, ...], tuple[str, ...]]:
+    """An envelope's SMTP recipients as (strangers, each addressed one's dedup key, those not
+    seen before, those already taken)."""
+    addressed, strangers = _addressed(rcpts, [r.address for r in tx.recipients])
+    keys = {r: recipient_key(tx.identifier, r) for r in addressed}
+    fresh = tuple(r for r in addressed if keys[r] not in taken)
+    again = tuple(r for r in addressed if keys[r] in taken)
+    return strangers, keys, fresh, again
 
 
 def _addressed(rcpts: Sequence[str], certified: Sequence[str]
